@@ -1,0 +1,47 @@
+# robustq: `make book` and `make test` each set everything up on a fresh machine.
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+FMNIST_DIR := $(or $(ROBUSTQ_DATA),/usr/share/datasets/fashion-mnist)
+export ROBUSTQ_CACHE ?= $(CURDIR)/.cache/robustq
+export PYTHONHASHSEED := 0
+
+.PHONY: setup data book test bench clean
+
+setup: $(STAMP) data  ## venv with pinned deps, the dataset
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[book,test]'
+	@touch $@
+
+data:  ## Fashion-MNIST: the Debian package when root with apt, else instructions
+	@if [ -f "$(FMNIST_DIR)/t10k-labels-idx1-ubyte.gz" ]; then exit 0; fi; \
+	if [ -z "$${ROBUSTQ_DATA:-}" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "Installing Fashion-MNIST (Debian package dataset-fashion-mnist)"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; }; \
+	else \
+	  echo "Fashion-MNIST not found in $(FMNIST_DIR)." >&2; \
+	  echo "Fix: 'sudo apt-get install dataset-fashion-mnist', or set ROBUSTQ_DATA to a folder holding" >&2; \
+	  echo "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz" >&2; \
+	  exit 1; \
+	fi
+
+book: setup  ## execute every notebook (profile book) and build the HTML book
+	$(PY) book/execute.py --profile book
+	$(VENV)/bin/jupyter-book build book --warningiserror --nitpick --keep-going
+	$(PY) book/check_offline.py book/_build/html
+	@echo "Book: $(CURDIR)/book/_build/html/index.html"
+
+test: setup  ## unit, property and doctests; notebooks under the smoke profile
+	ROBUSTQ_PROFILE=smoke $(PY) -m pytest --nbval-lax tests robustq notebooks
+
+bench: setup  ## speed ratios (printed, not asserted)
+	@for script in benchmarks/*.py; do echo "== $$script"; $(PY) $$script; done
+
+clean:  ## remove build outputs and the experiment cache (keeps the venv)
+	rm -rf book/_build book/notebooks book/status.md .cache

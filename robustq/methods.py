@@ -1,0 +1,411 @@
+"""The method registry: a name → what that method changes in training.
+
+A method is built from *parts*. Each part is a frozen dataclass whose fields are its typed
+hyperparameters (defaults and provenance in the docstring) and which may
+
+* ``prepare`` the model before training (SatNL reparametrization, QAT quantizers),
+* add a ``penalty`` to the loss (SymReg, KURE, SinReQ, oscillation, gradient-ℓ1),
+* wrap the optimizer (SAM/ASAM),
+* ``finalize`` the model after training into plain weights (fold SatNL, drop QAT quantizers).
+
+``make("symreg_satnl_asam", lam=0.1)`` builds the parts of a registered method and routes each
+keyword to every part that has a field of that name (so ``bit_width`` reaches both the QAT
+quantizer and the SinReQ grid of ``sinreq_dorefa``). Layer rules follow each paper and are listed
+per part.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from robustq import qat, regularizers, sam, satnl
+from robustq.quant import validate_bit_width
+from robustq.train import Extensions, StepContext
+
+WEIGHTED = (nn.Conv2d, nn.Linear)
+
+# --- layer selection -----------------------------------------------------------------------------
+
+
+def weighted_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every conv and linear layer, in module order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, WEIGHTED)]
+
+
+def is_depthwise(module: nn.Module) -> bool:
+    return isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
+
+
+def stem_and_classifier(model: nn.Module) -> tuple[str, str | None]:
+    """Names of the first conv (the stem) and the last linear layer (the classifier)."""
+    layers = weighted_layers(model)
+    convs = [name for name, m in layers if isinstance(m, nn.Conv2d)]
+    linears = [name for name, m in layers if isinstance(m, nn.Linear)]
+    return convs[0], (linears[-1] if linears else None)
+
+
+def latent_weight(module: nn.Module) -> torch.Tensor:
+    """The trained tensor behind ``module.weight``: the parametrization's original if any."""
+    if torch.nn.utils.parametrize.is_parametrized(module, "weight"):
+        return module.parametrizations.weight.original
+    return module.weight
+
+
+# --- parts ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Part:
+    """Base of every method part: typed, validated hyperparameters and no-op hooks."""
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            _check_type(type(self).__name__, f.name, getattr(self, f.name), hints[f.name])
+        for name in ("lam", "lam_w", "lam_a", "rho", "eta", "alpha_mult", "ramp"):
+            if hasattr(self, name):
+                _check_nonnegative(type(self).__name__, name, getattr(self, name))
+        if hasattr(self, "bit_width"):
+            validate_bit_width(self.bit_width)
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def penalty(self, model: nn.Module, context: StepContext) -> torch.Tensor | None:
+        return None
+
+    def wrap_optimizer(self, params, optimizer):
+        return None
+
+    def finalize(self, model: nn.Module) -> nn.Module:
+        return model
+
+    capture_activations: typing.ClassVar[bool] = False
+
+
+@dataclass(frozen=True)
+class SymReg(Part):
+    """Symmetry regularization (Park, Jang & Park, ECCV 2022, arXiv 2208.00338), reconstructed:
+    ``lam * mean_layers sym_reg(W_l)`` with the order-statistic penalty of
+    :func:`robustq.regularizers.sym_reg` [recon]. Layers: every conv and linear weight except
+    depthwise convs, where the paper reports it hurts [summary]. ``lam`` is not given by the
+    sources [recon]: the chapters sweep it. Acts on the effective weight (after SatNL)."""
+
+    lam: float = 1.0
+    pairing: str = "1:1"
+    scope: str = "layer"
+    normalize: bool = True
+    skip_depthwise: bool = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_choice("pairing", self.pairing, regularizers.SYM_PAIRINGS)
+        _check_choice("scope", self.scope, regularizers.SYM_SCOPES)
+
+    def penalty(self, model, context):
+        layers = [m for _, m in weighted_layers(model) if not (self.skip_depthwise and is_depthwise(m))]
+        terms = [regularizers.sym_reg(m.weight, self.pairing, self.scope, self.normalize) for m in layers]
+        return self.lam * torch.stack(terms).mean()
+
+
+@dataclass(frozen=True)
+class SatNL(Part):
+    """Saturating nonlinearity on the weights (Park et al. 2022): ``W = f(theta)`` with a tanh form
+    of :mod:`robustq.satnl` [recon]; folded into plain weights after training. Layers: every conv
+    and linear weight."""
+
+    form: str = "scaled_tanh"
+    alpha_mult: float = satnl.DEFAULT_ALPHA_MULT
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_choice("form", self.form, satnl.SATNL_FORMS)
+
+    def prepare(self, model):
+        return satnl.apply_satnl(model, form=self.form, alpha_mult=self.alpha_mult)
+
+    def finalize(self, model):
+        return satnl.remove_satnl(model)
+
+
+@dataclass(frozen=True)
+class SAM(Part):
+    """SAM (Foret et al., ICLR 2021, arXiv 2010.01412, eq. 2): ``eps = rho g / ||g||``, wrapping the
+    base optimizer. ``rho = 0.05``, the paper's CIFAR default."""
+
+    rho: float = 0.05
+
+    def wrap_optimizer(self, params, optimizer):
+        return sam.SAM(params, optimizer, rho=self.rho, adaptive=False)
+
+
+@dataclass(frozen=True)
+class ASAM(Part):
+    """ASAM (Kwon et al., ICML 2021, arXiv 2102.11600, eq. 9): ``eps = rho T^2 g / ||T g||`` with
+    ``T = |w| + eta``, as combined with SatNL by Park et al. [summary]. ``rho = 0.5``,
+    ``eta = 0.01``, the ASAM paper's CIFAR values."""
+
+    rho: float = 0.5
+    eta: float = 0.01
+
+    def wrap_optimizer(self, params, optimizer):
+        return sam.SAM(params, optimizer, rho=self.rho, adaptive=True, eta=self.eta)
+
+
+@dataclass(frozen=True)
+class KURE(Part):
+    """KURE (Shkolnik et al., NeurIPS 2020, arXiv 2002.07686, eq. 3-4) [code]:
+    ``lam * (1/L) sum_l (Kurt(W_l) - target)^2`` over every conv weight except the first conv;
+    the FC layer, BatchNorm and biases are excluded, as in the released code. ``lam = 1.0``."""
+
+    lam: float = 1.0
+    target: float = 1.8
+
+    def penalty(self, model, context):
+        stem, _ = stem_and_classifier(model)
+        layers = [m for name, m in weighted_layers(model) if isinstance(m, nn.Conv2d) and name != stem]
+        return self.lam * torch.stack([regularizers.kure(m.weight, self.target) for m in layers]).mean()
+
+
+@dataclass(frozen=True)
+class SinReQ(Part):
+    """SinReQ (Elthakeb et al., arXiv 1905.01416) [code]:
+    ``lam(epoch) * sum_layers mean sin^2(pi (w + shift) / Delta)`` on the latent (shadow) weights,
+    with the released code's schedule ``lam(epoch) = lam * 0.5 (1 + tanh((epoch - 0.2 E) / ramp))``.
+    Layers: every conv and linear except the stem conv and the classifier. ``lam`` is our default:
+    the committed scripts set it to 0 (methods.md §8)."""
+
+    lam: float = 1.0
+    bit_width: int = 4
+    grid: str = "wrpn"
+    ramp: float = 20.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_choice("grid", self.grid, regularizers.SINREQ_GRIDS)
+
+    def penalty(self, model, context):
+        excluded = set(stem_and_classifier(model))
+        layers = [m for name, m in weighted_layers(model) if name not in excluded]
+        strength = self.lam * regularizers.sinreq_lambda(context.epoch, context.epochs, self.ramp)
+        terms = [regularizers.sinreq(latent_weight(m), self.bit_width, self.grid) for m in layers]
+        return strength * torch.stack(terms).sum()
+
+
+@dataclass(frozen=True)
+class Oscillation(Part):
+    """Oscillation-inducing regularization (Wenshøj, Pepin & Selvan, arXiv 2502.00490) [code]:
+    ``lam * sum_layers mean (q(w)^2 - w^2)`` with the symmetric per-tensor max-abs quantizer at
+    ``bit_width``. Layers: every module with a ``.weight`` (BatchNorm included), as in the released
+    code, minus the qualified names in ``exclude``. ``lam = 14`` is the released MLP example's."""
+
+    lam: float = 14.0
+    bit_width: int = 4
+    detach_scale: bool = True
+    exclude: tuple[str, ...] = ()
+
+    def penalty(self, model, context):
+        weights = [
+            m.weight for name, m in model.named_modules()
+            if isinstance(getattr(m, "weight", None), torch.Tensor) and name not in self.exclude
+        ]
+        terms = [regularizers.oscillation(w, self.bit_width, self.detach_scale) for w in weights]
+        return self.lam * torch.stack(terms).sum()
+
+
+@dataclass(frozen=True)
+class GradL1(Part):
+    """Gradient-ℓ1 regularization (Alizadeh et al., ICLR 2020, arXiv 2002.07520, eq. 7), our
+    reconstruction [recon]: ``lam_w sum_l ||dL/dW_l||_1 + lam_a sum_l ||dL/da_l||_1`` by double
+    backprop, ``a_l`` the input of each conv/linear. Gradients are of the batch-mean loss, so each
+    activation term is the mean over samples of the per-sample ℓ1 norm. No penalty during the first
+    ``warmup_epochs`` (a warm start). Strengths are not given for our setting: chapters sweep them."""
+
+    lam_w: float = 0.01
+    lam_a: float = 0.01
+    warmup_epochs: int = 0
+
+    capture_activations: typing.ClassVar[bool] = True
+
+    def penalty(self, model, context):
+        if context.epoch < self.warmup_epochs:
+            return None
+        weights = [m.weight for _, m in weighted_layers(model)]
+        acts = [a for a in context.activations if a.requires_grad]
+        scales = [self.lam_w] * len(weights) + [self.lam_a] * len(acts)
+        return regularizers.grad_l1(context.loss, weights + acts, scales=scales)
+
+
+@dataclass(frozen=True)
+class QAT(Part):
+    """Weight-only quantization-aware training (:func:`robustq.qat.prepare_qat`): ``ste``
+    (straight-through, Bengio et al. 2013), ``lsq`` (Esser et al., arXiv 1902.08153), ``dorefa``
+    (Zhou et al., arXiv 1606.06160) or ``wrpn`` (Mishra et al., arXiv 1709.01134) at ``bit_width``,
+    on every conv and linear. After training the quantizers are removed and the weights they saw
+    before rounding are kept, so the model can be evaluated at any bit-width (cross-bit)."""
+
+    quantizer: str = "ste"
+    bit_width: int = 4
+    per_channel: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_choice("quantizer", self.quantizer, qat.QUANTIZERS)
+
+    def prepare(self, model):
+        return qat.prepare_qat(model, self.quantizer, self.bit_width, per_channel=self.per_channel)
+
+    def finalize(self, model):
+        return qat.remove_qat(model)
+
+
+# --- methods -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered method: its name and its parts, applied in order."""
+
+    name: str
+    parts: tuple[Part, ...]
+
+    def params(self) -> dict[str, typing.Any]:
+        """Every hyperparameter with its value (defaults included)."""
+        merged: dict[str, typing.Any] = {}
+        for part in self.parts:
+            merged.update({k: _jsonable(v) for k, v in dataclasses.asdict(part).items()})
+        return merged
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        for part in self.parts:
+            model = part.prepare(model)
+        return model
+
+    def finalize(self, model: nn.Module) -> nn.Module:
+        for part in reversed(self.parts):
+            model = part.finalize(model)
+        return model
+
+    def extensions(self, model: nn.Module) -> Extensions:
+        penalties = [p for p in self.parts if type(p).penalty is not Part.penalty]
+        wrappers = [p for p in self.parts if type(p).wrap_optimizer is not Part.wrap_optimizer]
+        return Extensions(
+            penalty=_sum_penalties(penalties) if penalties else None,
+            capture_activations=any(p.capture_activations for p in self.parts),
+            wrap_optimizer=wrappers[0].wrap_optimizer if wrappers else None,
+        )
+
+
+def _sum_penalties(parts: Sequence[Part]) -> Callable[[nn.Module, StepContext], torch.Tensor]:
+    def penalty(model: nn.Module, context: StepContext) -> torch.Tensor:
+        terms = [t for t in (p.penalty(model, context) for p in parts) if t is not None]
+        return torch.stack(terms).sum() if terms else context.loss.new_zeros(())
+
+    return penalty
+
+
+# name -> parts, each a part class with the settings that define the method (not overridable)
+REGISTRY: dict[str, tuple[tuple[type[Part], dict], ...]] = {
+    "baseline": (),
+    "symreg": ((SymReg, {}),),
+    "satnl": ((SatNL, {}),),
+    "symreg_satnl": ((SymReg, {}), (SatNL, {})),
+    "sam": ((SAM, {}),),
+    "asam": ((ASAM, {}),),
+    "satnl_asam": ((SatNL, {}), (ASAM, {})),
+    "symreg_satnl_asam": ((SymReg, {}), (SatNL, {}), (ASAM, {})),
+    "kure": ((KURE, {}),),
+    "grad_l1": ((GradL1, {}),),
+    "sinreq_dorefa": ((QAT, {"quantizer": "dorefa"}), (SinReQ, {"grid": "dorefa"})),
+    "sinreq_wrpn": ((QAT, {"quantizer": "wrpn"}), (SinReQ, {"grid": "wrpn"})),
+    "dorefa": ((QAT, {"quantizer": "dorefa"}),),
+    "wrpn": ((QAT, {"quantizer": "wrpn"}),),
+    "oscillation": ((Oscillation, {}),),
+    "qat_ste": ((QAT, {"quantizer": "ste"}),),
+    "qat_lsq": ((QAT, {"quantizer": "lsq"}),),
+}
+
+
+def available() -> tuple[str, ...]:
+    """Names of the registered methods."""
+    return tuple(REGISTRY)
+
+
+def make(name: str, **params: typing.Any) -> Method:
+    """Build method ``name`` with ``params`` routed to every part that has a field of that name.
+
+    >>> make("sinreq_wrpn", bit_width=3).params()["bit_width"]
+    3
+    """
+    if name not in REGISTRY:
+        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(available())}")
+    recipe = REGISTRY[name]
+    accepted = {f.name for cls, fixed in recipe for f in dataclasses.fields(cls) if f.name not in fixed}
+    unknown = sorted(set(params) - accepted)
+    if unknown:
+        raise ValueError(
+            f"method {name!r} has no hyperparameter {', '.join(map(repr, unknown))}; "
+            f"its hyperparameters are: {', '.join(sorted(accepted)) or 'none'}"
+        )
+    parts = []
+    for cls, fixed in recipe:
+        own = {f.name for f in dataclasses.fields(cls)}
+        parts.append(cls(**fixed, **{k: v for k, v in params.items() if k in own and k not in fixed}))
+    return Method(name, tuple(parts))
+
+
+def describe(name: str) -> list[dict[str, typing.Any]]:
+    """One row per hyperparameter of method ``name``: part, name, type, default (a name shared by
+    two parts, such as ``bit_width``, is listed once)."""
+    rows, seen = [], set()
+    for part, (_, fixed) in zip(make(name).parts, REGISTRY[name]):
+        hints = typing.get_type_hints(type(part))
+        for f in dataclasses.fields(part):
+            if f.name in seen or f.name in fixed:
+                continue
+            seen.add(f.name)
+            rows.append({"part": type(part).__name__, "name": f.name, "type": _type_name(hints[f.name]),
+                         "value": getattr(part, f.name)})
+    return rows
+
+
+# --- validation ----------------------------------------------------------------------------------
+
+
+def _check_type(owner: str, name: str, value, expected) -> None:
+    origin = typing.get_origin(expected)
+    if expected is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif expected is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif origin is tuple:
+        ok = isinstance(value, tuple) and all(isinstance(v, str) for v in value)
+    else:
+        ok = isinstance(value, expected)
+    if not ok:
+        raise ValueError(f"{owner}.{name} must be of type {_type_name(expected)}, got {value!r}")
+
+
+def _check_nonnegative(owner: str, name: str, value: float) -> None:
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{owner}.{name} must be a finite number >= 0, got {value!r}")
+
+
+def _check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
+
+
+def _type_name(expected) -> str:
+    return getattr(expected, "__name__", str(expected))
+
+
+def _jsonable(value):
+    return list(value) if isinstance(value, tuple) else value

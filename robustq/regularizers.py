@@ -1,0 +1,205 @@
+"""Training-time regularizers for quantization robustness: tensors in, scalar tensor out.
+
+Each function penalises one tensor (or, for ``grad_l1``, a list of tensors); which layers get a
+penalty and with what strength is decided elsewhere (the registry), not here. Every penalty is
+differentiable with respect to its input, and the smooth ones (``sym_reg``, ``kure``, ``sinreq``)
+run in pure torch so that they pass ``torch.autograd.gradcheck`` in float64.
+
+Provenance tags follow ``docs/methods.md``: [paper], [code], [summary], [recon]. A docstring
+marked [recon] describes our reconstruction, not the authors' published formula. Each docstring
+states the formula it implements in full and points to the section of ``docs/methods.md`` that
+records its source; paper equation numbers are cited only where we could check them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+
+from robustq.quant import qrange, round_ste, validate_bit_width
+
+SYM_PAIRINGS = ("1:1", "2:2")
+SYM_SCOPES = ("layer", "channel")
+SINREQ_GRIDS = ("wrpn", "dorefa")
+KURTOSIS_OF_UNIFORM = 1.8
+SYM_REG_EPS = 1e-12
+
+
+# --- SymReg (Park, Jang & Park, ECCV 2022, arXiv 2208.00338) -------------------------------------
+
+
+def sym_reg(
+    w: torch.Tensor,
+    pairing: str = "1:1",
+    scope: str = "layer",
+    normalize: bool = True,
+) -> torch.Tensor:
+    """Order-statistic symmetry penalty, SymReg of Park, Jang & Park (ECCV 2022, arXiv 2208.00338).
+
+    [summary] SymReg pushes each layer's weight distribution towards symmetry about zero, so that
+    an odd quantizer leaves the mean of the weights (and so the expected output) unchanged; it has
+    a 1:1 and a cheaper 2:2 variant and needs a sort. The formula itself is **our reconstruction**
+    [recon] (methods.md §1; the paper's equations were not available to us). With the weights
+    sorted, ``w_(1) <= ... <= w_(N)``:
+
+    * ``pairing="1:1"``: ``(1/N) sum_{k <= N//2} (w_(k) + w_(N+1-k))^2``
+    * ``pairing="2:2"``: ``(1/N) sum_{k <= N//4} (w_(2k-1) + w_(2k) + w_(N+1-2k) + w_(N+2-2k))^2``
+
+    Both are zero iff the order statistics mirror (for 2:2: in pairs). ``scope="layer"`` treats
+    the whole tensor as one sample; ``scope="channel"`` computes the penalty per output channel
+    (rows of ``w.reshape(w.shape[0], -1)``) and averages it. ``normalize=True`` [recon] divides each
+    sample's penalty by its variance (population variance, plus ``1e-12``) so that the strength
+    ``lambda`` does not depend on the scale of the weights. With an odd number of weights the
+    median is left unpaired; with 2:2 the middle ``N mod 4`` weights are.
+    """
+    _check_choice("pairing", pairing, SYM_PAIRINGS)
+    _check_choice("scope", scope, SYM_SCOPES)
+    rows = _as_rows(w, scope)
+    ordered = torch.sort(rows, dim=1).values
+    tail_sums = _mirrored_tail_sums(ordered, group=1 if pairing == "1:1" else 2)
+    penalty = tail_sums.pow(2).sum(dim=1) / rows.shape[1]
+    if normalize:
+        penalty = penalty / (rows.var(dim=1, unbiased=False) + SYM_REG_EPS)
+    return penalty.mean()
+
+
+def _as_rows(w: torch.Tensor, scope: str) -> torch.Tensor:
+    if w.numel() == 0:
+        raise ValueError("w must not be empty")
+    if scope == "layer":
+        return w.reshape(1, -1)
+    if w.dim() == 0:
+        raise ValueError("scope='channel' needs a tensor with an output-channel axis, got a scalar")
+    return w.reshape(w.shape[0], -1)
+
+
+def _mirrored_tail_sums(ordered: torch.Tensor, group: int) -> torch.Tensor:
+    """Row-wise sums of the k-th lowest group of ``group`` order statistics and its mirror image
+    among the highest: ``group=1`` pairs w_(k) with w_(N+1-k)."""
+    n_rows, n = ordered.shape
+    n_pairs = n // (2 * group)
+    width = n_pairs * group
+    low = ordered[:, :width].reshape(n_rows, n_pairs, group).sum(dim=2)
+    high = ordered[:, n - width :].reshape(n_rows, n_pairs, group).sum(dim=2).flip(1)
+    return low + high
+
+
+# --- KURE (Shkolnik et al., NeurIPS 2020, arXiv 2002.07686) ---------------------------------------
+
+
+def kure(w: torch.Tensor, target: float = KURTOSIS_OF_UNIFORM) -> torch.Tensor:
+    """Kurtosis regularization, KURE (Shkolnik et al., NeurIPS 2020, arXiv 2002.07686; methods.md §5).
+
+    [code] ``(mean(((w - mu) / sigma)^4) - target)^2`` with ``sigma`` the unbiased standard
+    deviation, as in the released code; ``target=1.8`` is the kurtosis of a uniform law. The
+    paper's average over layers (``1/L sum_l``) is the caller's job.
+    """
+    if w.numel() < 2:
+        raise ValueError(f"kure needs at least 2 weights to estimate a kurtosis, got {w.numel()}")
+    flat = w.reshape(-1)
+    standardized = (flat - flat.mean()) / flat.std()
+    return (standardized.pow(4).mean() - target).pow(2)
+
+
+# --- SinReQ (Elthakeb et al., arXiv 1905.01416) --------------------------------------------------
+
+
+def sinreq_grid(bit_width: int, grid: str = "wrpn") -> tuple[float, float]:
+    """Step ``delta`` and ``shift`` of SinReQ's sinusoid (Elthakeb et al., arXiv 1905.01416; methods.md §3),
+    as in the released code [code]: WRPN ``delta = 1/(2^(k-1) - 1)``, shift 0; DoReFa
+    ``delta = 2/(2^k - 1)``, shift ``delta/2`` (zeros on DoReFa's levels ``2i/(2^k - 1) - 1``)."""
+    bit_width = validate_bit_width(bit_width)
+    _check_choice("grid", grid, SINREQ_GRIDS)
+    if grid == "wrpn":
+        return 1.0 / (2 ** (bit_width - 1) - 1), 0.0
+    step = 2.0 / (2**bit_width - 1)
+    return step, step / 2
+
+
+def sinreq(w: torch.Tensor, bit_width: int, grid: str = "wrpn") -> torch.Tensor:
+    """Sinusoidal quantization regularizer, SinReQ (Elthakeb et al., arXiv 1905.01416; methods.md §3).
+
+    [code] ``mean(sin^2(pi (w + shift) / delta))`` with ``delta, shift`` from ``sinreq_grid``:
+    zero on the quantization grid, one half-way between levels. As in the released code, the
+    DoReFa sinusoid acts on the **raw** weights, although DoReFa's grid lives in the
+    tanh-normalised domain (methods.md §3 and §8); we copy that behaviour rather than fix it.
+    The sum over layers and the strength (see ``sinreq_lambda``) are the caller's job.
+    """
+    step, shift = sinreq_grid(bit_width, grid)
+    return torch.sin(math.pi * (w + shift) / step).pow(2).mean()
+
+
+def sinreq_lambda(epoch: float, epochs: int, ramp: float = 20.0) -> float:
+    """SinReQ's strength schedule ``0.5 (1 + tanh((epoch - 0.2 E) / ramp))``
+    (Elthakeb et al., arXiv 1905.01416; [code]: the released code, with ``ramp = 20``).
+
+    The released code trains for hundreds of epochs, where a ramp of 20 epochs is short; for a
+    run of a few epochs pass a smaller ``ramp`` (e.g. ``0.1 * epochs``) so that the strength
+    actually rises from ~0 to ~1 within the run. ``ramp=20`` reproduces the code exactly.
+    """
+    if epochs <= 0:
+        raise ValueError(f"epochs must be a positive number of epochs, got {epochs!r}")
+    if not ramp > 0:
+        raise ValueError(f"ramp must be > 0 (in epochs), got {ramp!r}")
+    return 0.5 * (1.0 + math.tanh((epoch - 0.2 * epochs) / ramp))
+
+
+# --- Oscillation-inducing regularizer (Wenshøj, Pepin & Selvan, arXiv 2502.00490) ----------------
+
+
+def oscillation(w: torch.Tensor, bit_width: int, detach_scale: bool = True) -> torch.Tensor:
+    """Oscillation-inducing regularizer of Wenshøj, Pepin & Selvan (2025, arXiv 2502.00490; methods.md §4).
+
+    [code] ``mean(q(w)^2 - w^2)`` with the symmetric per-tensor max-abs quantizer
+    ``s = max|w| / (2^(b-1) - 1)``, ``q(w) = s * round(w / s)`` and a straight-through round.
+    With ``detach_scale=True`` (our default) the gradient is exactly ``2 (q(w) - w) / N``, the
+    push away from the nearest level that the paper describes. ``detach_scale=False`` reproduces
+    the released code, where the scale is not detached, so the gradient also flows through
+    ``s = max|w| / (2^(b-1)-1)`` into the largest weight (methods.md §8).
+    """
+    _, qmax = qrange(bit_width)
+    if w.numel() == 0:
+        raise ValueError("w must not be empty")
+    scale = (w.abs().max() / qmax).clamp_min(torch.finfo(w.dtype).tiny)
+    if detach_scale:
+        scale = scale.detach()
+    quantized = scale * round_ste(w / scale)
+    return (quantized.pow(2) - w.pow(2)).mean()
+
+
+# --- Gradient L1 (Alizadeh et al., ICLR 2020, arXiv 2002.07520) ----------------------------------
+
+
+def grad_l1(loss: torch.Tensor, tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Gradient-L1 penalty ``sum_t ||dL/dt||_1`` of Alizadeh et al. (ICLR 2020, arXiv 2002.07520;
+    methods.md §2).
+
+    [paper] The first-order loss change under an l_inf-bounded quantization perturbation is
+    bounded by ``(delta/2) ||grad L||_1``. [recon] The gradients come from double backprop
+    (``torch.autograd.grad(..., create_graph=True)``), so the result is differentiable with
+    respect to the model parameters. ``tensors`` may be weights or activations captured with
+    forward hooks (non-leaf tensors of the same graph). Tensors that do not require grad or that
+    ``loss`` does not depend on contribute 0. No rescaling is applied: with a batch-mean loss the
+    activation gradients scale as 1/batch, a choice the caller reports (methods.md §8).
+    """
+    tensors = list(tensors)
+    if not tensors:
+        raise ValueError("tensors must hold at least one tensor, got an empty sequence")
+    if loss.numel() != 1:
+        raise ValueError(f"loss must be a scalar, got a tensor of shape {tuple(loss.shape)}")
+    differentiable = [t for t in tensors if t.requires_grad]
+    if not differentiable or not loss.requires_grad:
+        return loss.new_zeros(())
+    grads = torch.autograd.grad(loss, differentiable, create_graph=True, allow_unused=True)
+    total = loss.new_zeros(())
+    for grad in grads:
+        if grad is not None:
+            total = total + grad.abs().sum()
+    return total
+
+
+def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")

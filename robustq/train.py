@@ -1,0 +1,337 @@
+"""The one training loop every method uses.
+
+A method changes training only through :class:`Extensions`: extra loss terms (computed from the
+model, and for gradient-ℓ1 from the task loss and captured activations) and an optimizer wrapper
+(SAM/ASAM). Reparametrizations (SatNL) and QAT quantizers are registered on the model before it
+reaches this loop, so the loop sees ordinary parameters. The terms are added in exactly one place,
+:func:`_objective`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from robustq.data import BatchLoader, Dataset, Split
+
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("onecycle", "cosine", "constant")
+EVAL_BATCH_SIZE = 1024
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped because the loss became NaN or infinite."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation recipe shared by every method (SGD with Nesterov momentum by default)."""
+
+    epochs: int
+    batch_size: int = 256
+    lr: float = 0.1
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "onecycle"
+    label_smoothing: float = 0.0
+    augment: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.epochs, int) or self.epochs < 1:
+            raise ValueError(f"epochs must be a positive int, got {self.epochs!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
+        for name in ("lr", "weight_decay", "momentum", "label_smoothing"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.label_smoothing >= 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
+
+
+@dataclass
+class StepContext:
+    """What a penalty may look at: the task loss, captured layer inputs, and training progress."""
+
+    loss: torch.Tensor
+    activations: list[torch.Tensor]
+    epoch: int
+    epochs: int
+
+
+@dataclass
+class Extensions:
+    """How a method changes the loop. ``penalty`` returns the extra loss (already weighted);
+    ``capture_activations`` records the input of every conv/linear for it; ``wrap_optimizer``
+    turns the base optimizer into a two-step one (SAM/ASAM)."""
+
+    penalty: Callable[[nn.Module, StepContext], torch.Tensor] | None = None
+    capture_activations: bool = False
+    wrap_optimizer: Callable[[list[nn.Parameter], torch.optim.Optimizer], object] | None = None
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    history: list[dict] = field(default_factory=list)
+    wall_time_s: float = 0.0
+    images_per_s: float = 0.0
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def train(
+    model: nn.Module,
+    data: Dataset,
+    config: TrainConfig,
+    extensions: Extensions | None = None,
+    *,
+    checkpoint: Path | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    desc: str = "train",
+) -> TrainResult:
+    """Train ``model`` on ``data.train`` with ``config``; resume from ``checkpoint`` if it holds an
+    earlier epoch of the same run, and save one after every epoch (atomically)."""
+    extensions = extensions or Extensions()
+    device = torch.device(device) if device is not None else default_device()
+    model.to(device)
+    loader = _train_loader(data, config, device)
+    optimizer = _make_optimizer(model, config)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    stepper = extensions.wrap_optimizer(trainable, optimizer) if extensions.wrap_optimizer else None
+    scheduler = _make_scheduler(optimizer, config, len(loader))
+    history, start_epoch = _resume(checkpoint, model, optimizer, scheduler, device)
+    val_loader = _eval_loader(data.val, data, device) if data.val is not None else None
+
+    bar = _progress_bar(config, len(loader), start_epoch, progress, desc)
+    for epoch in range(start_epoch, config.epochs):
+        loader.set_epoch(epoch)
+        stats = _train_epoch(model, loader, optimizer, stepper, scheduler, extensions, epoch, config, bar)
+        if val_loader is not None:
+            stats["val_acc"] = evaluate(model, val_loader)
+        history.append(stats)
+        if checkpoint is not None:
+            _save_checkpoint(checkpoint, model, optimizer, scheduler, history)
+    bar.close()
+    model.eval()
+    wall = sum(h["wall_time_s"] for h in history)
+    images = sum(h["images"] for h in history)
+    return TrainResult(model, history, wall, images / wall if wall > 0 else 0.0)
+
+
+def _train_epoch(model, loader, optimizer, stepper, scheduler, extensions, epoch, config, bar) -> dict:
+    model.train()
+    captured: list[torch.Tensor] = []
+    handles = _capture_inputs(model, captured) if extensions.capture_activations else []
+    loss_sum = torch.zeros((), device=next(model.parameters()).device)
+    correct = torch.zeros((), dtype=torch.long, device=loss_sum.device)
+    seen, start = 0, time.perf_counter()
+    try:
+        for step, (x, y) in enumerate(loader):
+            loss, logits = _step(model, x, y, optimizer, stepper, extensions, captured, epoch, config)
+            _guard_finite(loss, epoch, step)
+            scheduler.step()
+            loss_sum += loss.detach() * len(y)
+            correct += (logits.argmax(1) == y).sum()
+            seen += len(y)
+            bar.update(1)
+            if step % 20 == 0:
+                bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}", refresh=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    wall = time.perf_counter() - start
+    return {
+        "epoch": epoch + 1,
+        "loss": float(loss_sum) / seen,
+        "train_acc": float(correct) / seen,
+        "wall_time_s": wall,
+        "images": seen,
+        "images_per_s": seen / wall,
+    }
+
+
+def _step(model, x, y, optimizer, stepper, extensions, captured, epoch, config):
+    """One optimisation step; with SAM/ASAM the objective is evaluated twice."""
+    loss, logits = _objective(model, x, y, extensions, captured, epoch, config)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if stepper is None:
+        optimizer.step()
+        return loss, logits
+    stepper.first_step()
+    optimizer.zero_grad(set_to_none=True)
+    _objective(model, x, y, extensions, captured, epoch, config)[0].backward()
+    stepper.second_step()
+    return loss, logits
+
+
+def _objective(model, x, y, extensions, captured, epoch, config):
+    """Task loss plus the method's penalty: the single place where methods add loss terms."""
+    captured.clear()
+    logits = model(x)
+    loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
+    if extensions.penalty is not None:
+        context = StepContext(loss=loss, activations=list(captured), epoch=epoch, epochs=config.epochs)
+        loss = loss + extensions.penalty(model, context)
+    return loss, logits
+
+
+def _capture_inputs(model: nn.Module, captured: list[torch.Tensor]) -> list:
+    def hook(_module, inputs):
+        captured.append(inputs[0])
+
+    return [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+def _guard_finite(loss: torch.Tensor, epoch: int, step: int) -> None:
+    if not torch.isfinite(loss):
+        raise NonFiniteLossError(
+            f"loss became {loss.item()} at epoch {epoch + 1}, step {step}; "
+            "lower the learning rate or the regularization strength (lam)"
+        )
+
+
+# --- construction --------------------------------------------------------------------------------
+
+
+def _train_loader(data: Dataset, config: TrainConfig, device) -> BatchLoader:
+    return BatchLoader(
+        data.train, config.batch_size, mean=data.mean, std=data.std, shuffle=True,
+        augment=config.augment, crop_padding=data.crop_padding, flip=data.flip,
+        drop_last=True, seed=config.seed, device=device,
+    )
+
+
+def _eval_loader(split: Split, data: Dataset, device) -> BatchLoader:
+    return BatchLoader(split, EVAL_BATCH_SIZE, mean=data.mean, std=data.std, device=device)
+
+
+def _decay_groups(model: nn.Module) -> list[dict]:
+    """Weight decay on conv/linear weights only, not on BatchNorm parameters, biases or scales."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.dim() > 1 else no_decay).append(param)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    groups = _decay_groups(model)
+    if config.optimizer == "adam":
+        return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(
+        groups, lr=config.lr, momentum=config.momentum, nesterov=config.momentum > 0,
+        weight_decay=config.weight_decay,
+    )
+
+
+def _make_scheduler(optimizer, config: TrainConfig, steps_per_epoch: int):
+    total = config.epochs * steps_per_epoch
+    if config.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total)
+    if config.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _step: 1.0)
+
+
+def _progress_bar(config: TrainConfig, steps_per_epoch: int, start_epoch: int, enabled: bool, desc: str):
+    # One bar per run, refreshed at most every few seconds, so an executed notebook keeps a short log.
+    return tqdm(
+        total=config.epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch, desc=desc,
+        disable=not enabled, mininterval=5.0, ncols=90, file=sys.stdout, unit="step",
+        bar_format="{desc}: {percentage:3.0f}%|{bar:20}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]",
+    )
+
+
+# --- evaluation ----------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, loader: BatchLoader) -> float:
+    """Top-1 accuracy in [0, 1] of ``model`` (in eval mode) over ``loader``."""
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    for x, y in loader:
+        correct += int((model(x).argmax(1) == y).sum())
+        total += len(y)
+    model.train(was_training)
+    return correct / total
+
+
+def test_accuracy(model: nn.Module, data: Dataset, device=None) -> float:
+    """Accuracy on ``data.test``, evaluated in large batches."""
+    device = device or next(model.parameters()).device
+    return evaluate(model, _eval_loader(data.test, data, device))
+
+
+test_accuracy.__test__ = False  # not a pytest test despite its name
+
+
+# --- checkpoints ---------------------------------------------------------------------------------
+
+
+def _save_checkpoint(path: Path, model, optimizer, scheduler, history) -> None:
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "history": history,
+    }
+    save_atomic(state, path)
+
+
+def save_atomic(obj, path: Path) -> None:
+    """``torch.save`` to a temporary file in the same folder, then rename: never half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _resume(path: Path | None, model, optimizer, scheduler, device) -> tuple[list[dict], int]:
+    if path is None or not Path(path).exists():
+        return [], 0
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as error:  # a truncated or corrupt file: start over rather than crash
+        print(f"ignoring unreadable checkpoint {path} ({type(error).__name__}: {error}); training from scratch")
+        return [], 0
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return list(state["history"]), len(state["history"])
+
+
+def history_frame(history: list[dict]):
+    """The per-epoch history as a pandas DataFrame."""
+    import pandas as pd
+
+    return pd.DataFrame(history)
+
+
+__all__ = [
+    "Extensions", "NonFiniteLossError", "StepContext", "TrainConfig", "TrainResult", "evaluate",
+    "save_atomic", "test_accuracy", "train", "history_frame", "default_device",
+]

@@ -1,0 +1,303 @@
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from robustq.quant import QuantSpec, quantize
+from robustq.regularizers import grad_l1, kure, oscillation, sinreq, sinreq_grid, sinreq_lambda, sym_reg
+
+BIT_WIDTHS = range(2, 9)
+
+
+def _generator(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# --- SymReg ---------------------------------------------------------------------------------------
+
+
+def naive_sym_reg(w, pairing, scope, normalize):
+    """The formula of the docstring, written as loops over sorted Python lists."""
+    rows = [w.reshape(-1).tolist()] if scope == "layer" else w.reshape(w.shape[0], -1).tolist()
+    penalties = []
+    for row in rows:
+        s, n = sorted(row), len(row)
+        if pairing == "1:1":
+            total = sum((s[k - 1] + s[n - k]) ** 2 for k in range(1, n // 2 + 1))
+        else:
+            total = sum(
+                (s[2 * k - 2] + s[2 * k - 1] + s[n - 2 * k] + s[n + 1 - 2 * k]) ** 2 for k in range(1, n // 4 + 1)
+            )
+        penalty = total / n
+        if normalize:
+            mean = sum(row) / n
+            penalty /= sum((x - mean) ** 2 for x in row) / n + 1e-12
+        penalties.append(penalty)
+    return sum(penalties) / len(penalties)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(1, 4),
+    n=st.integers(1, 23),
+    pairing=st.sampled_from(["1:1", "2:2"]),
+    scope=st.sampled_from(["layer", "channel"]),
+    normalize=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_sym_reg_matches_naive_formula(rows, n, pairing, scope, normalize, seed):
+    w = torch.randn(rows, n, dtype=torch.float64, generator=_generator(seed)).exp()  # skewed
+    expected = naive_sym_reg(w, pairing, scope, normalize)
+    assert sym_reg(w, pairing, scope, normalize).item() == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+def test_sym_reg_known_value():
+    w = torch.tensor([0.0, 1.0, 2.0, 5.0])
+    # pairs (0 + 5) and (1 + 2): (25 + 9) / 4
+    assert sym_reg(w, normalize=False).item() == pytest.approx(34 / 4)
+    # one 2:2 group: (0 + 1 + 2 + 5)^2 / 4
+    assert sym_reg(w, pairing="2:2", normalize=False).item() == pytest.approx(64 / 4)
+
+
+@pytest.mark.parametrize("pairing", ["1:1", "2:2"])
+@pytest.mark.parametrize("scope", ["layer", "channel"])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_sym_reg_zero_on_mirrored_and_positive_on_skewed(pairing, scope, normalize):
+    half = torch.rand(6, 20, generator=_generator(1))
+    mirrored = torch.cat([half, -half], dim=1)[:, torch.randperm(40, generator=_generator(2))]
+    assert sym_reg(mirrored, pairing, scope, normalize).item() == 0.0
+    skewed = torch.empty(6, 40).exponential_(generator=_generator(3))
+    assert sym_reg(skewed, pairing, scope, normalize).item() > 0.01
+
+
+def test_sym_reg_normalized_is_scale_free():
+    w = torch.randn(8, 27, dtype=torch.float64, generator=_generator(4)).exp()
+    for scope in ("layer", "channel"):
+        assert torch.allclose(sym_reg(100.0 * w, scope=scope), sym_reg(w, scope=scope))
+        assert not torch.allclose(
+            sym_reg(100.0 * w, scope=scope, normalize=False), sym_reg(w, scope=scope, normalize=False)
+        )
+
+
+@pytest.mark.parametrize("pairing", ["1:1", "2:2"])
+@pytest.mark.parametrize("scope", ["layer", "channel"])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_sym_reg_gradcheck(pairing, scope, normalize):
+    w = torch.randn(3, 9, dtype=torch.float64, generator=_generator(5)).exp().requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: sym_reg(t, pairing, scope, normalize), (w,))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"pairing": "3:3"}, r"pairing must be one of \('1:1', '2:2'\), got '3:3'"),
+        ({"scope": "row"}, r"scope must be one of \('layer', 'channel'\), got 'row'"),
+    ],
+)
+def test_sym_reg_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        sym_reg(torch.randn(10), **kwargs)
+
+
+def test_sym_reg_rejects_empty_and_scalar_channel():
+    with pytest.raises(ValueError, match="empty"):
+        sym_reg(torch.empty(0))
+    with pytest.raises(ValueError, match="channel"):
+        sym_reg(torch.tensor(1.0), scope="channel")
+
+
+# --- KURE -----------------------------------------------------------------------------------------
+
+
+def test_kure_uniform_is_near_zero_and_gaussian_near_closed_form():
+    uniform = torch.rand(1_000_000, generator=_generator(6), dtype=torch.float64) * 2 - 1
+    assert kure(uniform).item() < 1e-3
+    gaussian = torch.randn(1_000_000, generator=_generator(7), dtype=torch.float64)
+    assert kure(gaussian).item() == pytest.approx((3 - 1.8) ** 2, abs=0.03)
+
+
+def test_kure_uses_unbiased_std():
+    # std([-1, 1]) = sqrt(2) unbiased, so the standardized values are +-1/sqrt(2): kurtosis 1/4.
+    assert kure(torch.tensor([-1.0, 1.0]), target=0.0).item() == pytest.approx(0.25**2)
+
+
+def test_kure_gradcheck():
+    w = torch.randn(40, dtype=torch.float64, generator=_generator(8)).requires_grad_()
+    assert torch.autograd.gradcheck(kure, (w,))
+
+
+def test_kure_rejects_single_weight():
+    with pytest.raises(ValueError, match="at least 2 weights"):
+        kure(torch.tensor([1.0]))
+
+
+# --- SinReQ ---------------------------------------------------------------------------------------
+
+
+def _levels(bit_width, grid):
+    if grid == "wrpn":
+        n = 2 ** (bit_width - 1) - 1
+        return torch.arange(-n, n + 1, dtype=torch.float64) / n
+    n = 2**bit_width - 1
+    return 2 * torch.arange(n + 1, dtype=torch.float64) / n - 1
+
+
+@pytest.mark.parametrize("grid", ["wrpn", "dorefa"])
+@pytest.mark.parametrize("bit_width", BIT_WIDTHS)
+def test_sinreq_zero_on_grid_and_one_at_half_steps(grid, bit_width):
+    levels = _levels(bit_width, grid)
+    step, _ = sinreq_grid(bit_width, grid)
+    assert step == pytest.approx((levels[1] - levels[0]).item())
+    assert sinreq(levels, bit_width, grid).item() == pytest.approx(0.0, abs=1e-20)
+    assert sinreq(levels[:-1] + step / 2, bit_width, grid).item() == pytest.approx(1.0, abs=1e-12)
+
+
+def test_sinreq_dorefa_acts_on_raw_weights_with_half_step_shift():
+    step, shift = sinreq_grid(3, "dorefa")
+    assert (step, shift) == pytest.approx((2 / 7, 1 / 7))
+    assert sinreq(torch.tensor([0.0], dtype=torch.float64), 3, "dorefa").item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("grid", ["wrpn", "dorefa"])
+def test_sinreq_gradcheck(grid):
+    w = torch.randn(30, dtype=torch.float64, generator=_generator(9)).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: sinreq(t, 3, grid), (w,))
+
+
+def test_sinreq_rejects_bad_arguments():
+    with pytest.raises(ValueError, match=r"grid must be one of \('wrpn', 'dorefa'\), got 'lsq'"):
+        sinreq(torch.randn(4), 4, grid="lsq")
+    with pytest.raises(ValueError, match="bit_width"):
+        sinreq(torch.randn(4), 1)
+    with pytest.raises(ValueError, match="bit_width"):
+        sinreq(torch.randn(4), True)
+
+
+def test_sinreq_lambda_schedule():
+    assert sinreq_lambda(40, 200) == pytest.approx(0.5)
+    assert sinreq_lambda(0, 200) == pytest.approx(0.5 * (1 + math.tanh(-2)))
+    assert sinreq_lambda(0, 10, ramp=0.5) < 0.02 and sinreq_lambda(9, 10, ramp=0.5) > 0.98
+    values = [sinreq_lambda(e, 30, ramp=3.0) for e in range(30)]
+    assert values == sorted(values)
+
+
+@pytest.mark.parametrize("kwargs, match", [({"epochs": 0}, "epochs must be"), ({"ramp": -1.0}, "ramp must be")])
+def test_sinreq_lambda_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        sinreq_lambda(**{"epoch": 1, "epochs": 10, **kwargs})
+
+
+# --- Oscillation ----------------------------------------------------------------------------------
+
+
+def _maxabs_quantize(w, bit_width):
+    qmax = 2 ** (bit_width - 1) - 1
+    scale = w.abs().max() / qmax
+    return scale * torch.round(w / scale), scale
+
+
+@pytest.mark.parametrize("bit_width", BIT_WIDTHS)
+def test_oscillation_value_and_gradient_with_detached_scale(bit_width):
+    w = torch.randn(5, 7, generator=_generator(bit_width)).requires_grad_()
+    penalty = oscillation(w, bit_width)
+    penalty.backward()
+    q, _ = _maxabs_quantize(w.detach(), bit_width)
+    assert torch.allclose(penalty, (q**2 - w.detach() ** 2).mean())
+    assert torch.allclose(w.grad, 2 * (q - w.detach()) / w.numel(), atol=1e-7)
+    shared = quantize(w.detach(), QuantSpec(bit_width))
+    assert torch.allclose(q, shared, atol=1e-6)
+
+
+def test_oscillation_released_code_gradient_flows_through_scale():
+    bit_width, w = 3, torch.randn(20, dtype=torch.float64, generator=_generator(10)).requires_grad_()
+    oscillation(w, bit_width, detach_scale=False).backward()
+    q, scale = _maxabs_quantize(w.detach(), bit_width)
+    codes = torch.round(w.detach() / scale)
+    d_penalty_d_scale = (2 * q * (codes - w.detach() / scale)).mean()
+    expected = 2 * (q - w.detach()) / w.numel()
+    top = w.detach().abs().argmax()
+    expected[top] += d_penalty_d_scale * torch.sign(w.detach()[top]) / (2 ** (bit_width - 1) - 1)
+    assert torch.allclose(w.grad, expected)
+    assert not torch.allclose(w.grad, 2 * (q - w.detach()) / w.numel())
+
+
+def test_oscillation_of_zeros_is_zero():
+    assert oscillation(torch.zeros(4), 4).item() == 0.0
+
+
+def test_oscillation_rejects_bad_bit_width():
+    with pytest.raises(ValueError, match="bit_width"):
+        oscillation(torch.randn(4), 17)
+
+
+# --- Gradient L1 ----------------------------------------------------------------------------------
+
+
+def _mlp_loss(w1, b1, w2, b2, x, y):
+    hidden = torch.tanh(x @ w1.T + b1)
+    return 0.5 * ((hidden @ w2.T + b2 - y) ** 2).mean()
+
+
+def _mlp_tensors(seed=11):
+    g = _generator(seed)
+    shapes = [(5, 3), (5,), (2, 5), (2,)]
+    params = [torch.randn(s, dtype=torch.float64, generator=g).requires_grad_() for s in shapes]
+    x = torch.randn(4, 3, dtype=torch.float64, generator=g)
+    y = torch.randn(4, 2, dtype=torch.float64, generator=g)
+    return params, x, y
+
+
+def test_grad_l1_equals_explicit_sum_of_abs_grads():
+    params, x, y = _mlp_tensors()
+    loss = _mlp_loss(*params, x, y)
+    explicit = sum(g.abs().sum() for g in torch.autograd.grad(loss, params, retain_graph=True))
+    assert torch.allclose(grad_l1(loss, params), explicit)
+
+
+def test_grad_l1_is_differentiable_wrt_parameters():
+    params, x, y = _mlp_tensors()
+    w1, b1, w2, b2 = params
+
+    def penalty(first_weight):
+        return grad_l1(_mlp_loss(first_weight, b1, w2, b2, x, y), [first_weight, w2])
+
+    assert torch.autograd.gradcheck(penalty, (w1,))
+    penalty(w1).backward()
+    assert w1.grad is not None and b1.grad is not None and w2.grad.abs().sum() > 0
+
+
+def test_grad_l1_on_activations_captured_by_hook():
+    torch.manual_seed(12)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    captured = []
+    model[1].register_forward_hook(lambda module, inputs, output: captured.append(output))
+    x, y = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 2, dtype=torch.float64)
+    out = model(x)
+    loss = 0.5 * ((out - y) ** 2).sum()
+    explicit = ((out - y) @ model[2].weight).abs().sum()
+    penalty = grad_l1(loss, captured)
+    assert torch.allclose(penalty, explicit)
+    penalty.backward()
+    assert model[0].weight.grad is not None
+
+
+def test_grad_l1_unused_and_frozen_tensors_contribute_zero():
+    params, x, y = _mlp_tensors()
+    loss = _mlp_loss(*params, x, y)
+    unused = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    frozen = torch.randn(3, dtype=torch.float64)
+    assert torch.allclose(grad_l1(loss, params + [unused, frozen]), grad_l1(loss, params))
+    assert grad_l1(loss, [unused]).item() == 0.0
+    assert grad_l1(loss, [frozen]).item() == 0.0
+
+
+def test_grad_l1_rejects_bad_arguments():
+    params, x, y = _mlp_tensors()
+    loss = _mlp_loss(*params, x, y)
+    with pytest.raises(ValueError, match="at least one tensor"):
+        grad_l1(loss, [])
+    with pytest.raises(ValueError, match="loss must be a scalar"):
+        grad_l1(torch.stack([loss, loss]), params)
