@@ -94,7 +94,7 @@ SYNTHETIC_IMAGE_SIZE = 16
 SYNTHETIC_NUM_CLASSES = 10
 SYNTHETIC_SEED = 1234  # fixed: the synthetic data is a dataset, not a per-run draw
 SYNTHETIC_TEMPLATE_GRID = 4  # templates are 4x4 random grids, upsampled: smooth, distinct blobs
-SYNTHETIC_NOISE_STD = 0.25
+SYNTHETIC_NOISE_STD = 0.2
 
 _DOWNLOAD_CHUNK_BYTES = 1 << 20
 
@@ -488,8 +488,8 @@ def _stream_to_file(url: str, handle, timeout: float) -> str:
 def download_cifar10(
     root: str | os.PathLike | None = None,
     *,
-    url: str = CIFAR10_URL,
-    md5: str = CIFAR10_MD5,
+    url: str | None = None,
+    md5: str | None = None,
     timeout: float = 60.0,
 ) -> Path:
     """Download ``cifar-10-binary.tar.gz`` into ``root`` and return its path.
@@ -497,7 +497,10 @@ def download_cifar10(
     The file is written to a temporary file in the same folder, its md5 checked, then moved into
     place with ``os.replace``, so a failed or interrupted download never leaves a partial archive.
     An archive already present with the right md5 is kept as is. Failure raises ``DownloadError``.
+    ``url`` and ``md5`` default to the official ``CIFAR10_URL`` and ``CIFAR10_MD5``.
     """
+    url = CIFAR10_URL if url is None else url
+    md5 = CIFAR10_MD5 if md5 is None else md5
     folder = cifar10_folder(root)
     target = folder / CIFAR10_ARCHIVE
     if target.is_file() and _md5_of_file(target) == md5:
@@ -762,6 +765,8 @@ class BatchLoader:
         device: str | torch.device = "cpu",
     ) -> None:
         self.batch_size = _check_positive_int("batch_size", batch_size)
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be an int >= 0, got {seed!r}; pass e.g. seed=0")
         if len(split) == 0:
             raise ValueError("split is empty; pass a split with at least one sample")
         if isinstance(crop_padding, bool) or not isinstance(crop_padding, int) or crop_padding < 0:

@@ -197,14 +197,17 @@ def quantize(x: torch.Tensor, spec: QuantSpec, axis: int = 0) -> torch.Tensor:
 
 
 def _as_groups(x: torch.Tensor, per_channel: bool, axis: int) -> torch.Tensor:
-    """A 2-D view: one row per group sharing a scale (one row for per-tensor)."""
+    """A contiguous 2-D copy or view: one row per group sharing a scale (one row for per-tensor).
+
+    Contiguous because torch sums a strided row in another order than a contiguous one: without it
+    a channel's ``aciq`` scale could sit 1 ulp from the per-tensor scale of the same values."""
     if x.numel() == 0:
         raise ValueError("cannot quantize an empty tensor")
     if not per_channel:
-        return x.reshape(1, -1)
+        return x.reshape(1, -1).contiguous()
     if x.dim() == 0 or not -x.dim() <= axis < x.dim():
         raise ValueError(f"axis={axis} is out of range for a tensor of shape {tuple(x.shape)}")
-    return x.movedim(axis, 0).reshape(x.shape[axis], -1)
+    return x.movedim(axis, 0).reshape(x.shape[axis], -1).contiguous()
 
 
 def _qparam_shape(x: torch.Tensor, per_channel: bool, axis: int) -> tuple[int, ...]:
@@ -234,17 +237,22 @@ def _symmetric_bound(groups: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     _check_finite(absmax)
     if spec.policy == "minmax":
         return absmax
+    if spec.policy == "mse":
+        return absmax * _mse_clip_ratio(groups, spec, lambda r: (-r * absmax, r * absmax))
     if spec.policy == "percentile":
-        return _quantile(groups.abs(), spec.percentile / 100.0)
-    if spec.policy == "aciq":
+        bound = _quantile(groups.abs(), spec.percentile / 100.0)
+    else:
         spread = _aciq_spread(groups - groups.mean(dim=1, keepdim=True), spec.aciq_prior)
-        return torch.minimum(aciq_alpha(spec.bit_width, spec.aciq_prior) * spread, absmax)
-    return absmax * _mse_clip_ratio(groups, spec, lambda r: (-r * absmax, r * absmax))
+        bound = torch.minimum(aciq_alpha(spec.bit_width, spec.aciq_prior) * spread, absmax)
+    # A zero clip for a group that is not all zero (percentile on a mostly-zero group, aciq on a
+    # constant one) would send all of it to ~0; such a group keeps its min-max range.
+    return torch.where(bound > 0, bound, absmax)
 
 
 def _asymmetric_bounds(groups: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     lo, hi = groups.amin(dim=1), groups.amax(dim=1)
     _check_finite(torch.stack([lo, hi]))
+    minmax_lo, minmax_hi = lo.clamp(max=0), hi.clamp(min=0)
     if spec.policy == "percentile":
         q = spec.percentile / 100.0
         lo, hi = _quantile(groups, 1.0 - q), _quantile(groups, q)
@@ -255,7 +263,9 @@ def _asymmetric_bounds(groups: torch.Tensor, spec: QuantSpec) -> tuple[torch.Ten
     elif spec.policy == "mse":
         ratio = _mse_clip_ratio(groups, spec, lambda r: (r * lo.clamp(max=0), r * hi.clamp(min=0)))
         lo, hi = ratio * lo, ratio * hi
-    return lo.clamp(max=0), hi.clamp(min=0)
+    lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+    collapsed = lo == hi  # a zero range for a group that may not be all zero: keep its min-max range
+    return torch.where(collapsed, minmax_lo, lo), torch.where(collapsed, minmax_hi, hi)
 
 
 def _quantile(groups: torch.Tensor, q: float) -> torch.Tensor:
@@ -280,8 +290,13 @@ def _mse_clip_ratio(groups, spec, bounds_at) -> torch.Tensor:
     best_ratio = torch.ones_like(best_err)
     for ratio in mse_grid().tolist():
         lo, hi = bounds_at(ratio)
-        scale = _safe_scale((hi - lo) / (qmax - qmin), groups.dtype)
-        zero_point = torch.clamp(qmin - torch.round(lo / scale), qmin, qmax).to(torch.int32)
+        # The same scale and zero point as choose_qparams, so the grid searched is the grid used.
+        if spec.symmetric:
+            scale = _safe_scale(hi / qmax, groups.dtype)
+            zero_point = torch.zeros_like(scale, dtype=torch.int32)
+        else:
+            scale = _safe_scale((hi - lo) / (qmax - qmin), groups.dtype)
+            zero_point = torch.clamp(qmin - torch.round(lo / scale), qmin, qmax).to(torch.int32)
         err = (fake_quant(groups, scale[:, None], zero_point[:, None], qmin, qmax) - groups).pow(2).mean(dim=1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
@@ -296,7 +311,7 @@ def _aciq_spread(centered: torch.Tensor, prior: str) -> torch.Tensor:
     return centered.pow(2).mean(dim=1).sqrt()
 
 
-@lru_cache(maxsize=None)
+@lru_cache(maxsize=None, typed=True)
 def aciq_alpha(bit_width: int, prior: str = "laplace") -> float:
     """Optimal clip ``alpha`` in units of the prior's spread (Banner et al., ACIQ, arXiv 1810.05723,
     eq. 5 for Laplace(b=1), its Gaussian analogue for sigma=1).

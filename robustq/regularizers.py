@@ -14,7 +14,7 @@ records its source; paper equation numbers are cited only where we could check t
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 
@@ -53,6 +53,12 @@ def sym_reg(
     sample's penalty by its variance (population variance, plus ``1e-12``) so that the strength
     ``lambda`` does not depend on the scale of the weights. With an odd number of weights the
     median is left unpaired; with 2:2 the middle ``N mod 4`` weights are.
+
+    >>> w = torch.tensor([0.0, 1.0, 2.0, 5.0])
+    >>> sym_reg(w, normalize=False)  # ((0 + 5)^2 + (1 + 2)^2) / 4
+    tensor(8.5000)
+    >>> sym_reg(torch.tensor([-2.0, -1.0, 1.0, 2.0]))
+    tensor(0.)
     """
     _check_choice("pairing", pairing, SYM_PAIRINGS)
     _check_choice("scope", scope, SYM_SCOPES)
@@ -138,6 +144,9 @@ def sinreq_lambda(epoch: float, epochs: int, ramp: float = 20.0) -> float:
     The released code trains for hundreds of epochs, where a ramp of 20 epochs is short; for a
     run of a few epochs pass a smaller ``ramp`` (e.g. ``0.1 * epochs``) so that the strength
     actually rises from ~0 to ~1 within the run. ``ramp=20`` reproduces the code exactly.
+
+    >>> sinreq_lambda(epoch=40, epochs=200)
+    0.5
     """
     if epochs <= 0:
         raise ValueError(f"epochs must be a positive number of epochs, got {epochs!r}")
@@ -172,16 +181,22 @@ def oscillation(w: torch.Tensor, bit_width: int, detach_scale: bool = True) -> t
 # --- Gradient L1 (Alizadeh et al., ICLR 2020, arXiv 2002.07520) ----------------------------------
 
 
-def grad_l1(loss: torch.Tensor, tensors: Iterable[torch.Tensor]) -> torch.Tensor:
-    """Gradient-L1 penalty ``sum_t ||dL/dt||_1`` of Alizadeh et al. (ICLR 2020, arXiv 2002.07520;
-    methods.md §2).
+def grad_l1(
+    loss: torch.Tensor,
+    tensors: Iterable[torch.Tensor],
+    scales: Sequence[float] | None = None,
+) -> torch.Tensor:
+    """Gradient-L1 penalty ``sum_t scale_t ||dL/dt||_1`` of Alizadeh et al. (ICLR 2020,
+    arXiv 2002.07520; methods.md §2).
 
     [paper] The first-order loss change under an l_inf-bounded quantization perturbation is
     bounded by ``(delta/2) ||grad L||_1``. [recon] The gradients come from double backprop
     (``torch.autograd.grad(..., create_graph=True)``), so the result is differentiable with
     respect to the model parameters. ``tensors`` may be weights or activations captured with
-    forward hooks (non-leaf tensors of the same graph). Tensors that do not require grad or that
-    ``loss`` does not depend on contribute 0. No rescaling is applied: with a batch-mean loss the
+    forward hooks (non-leaf tensors of the same graph). ``scales`` (default all 1) weights each
+    tensor's term, e.g. ``lambda_w`` for weights and ``lambda_a`` for activations; tensors with
+    scale 0 are not differentiated at all. Tensors that do not require grad or that ``loss`` does
+    not depend on contribute 0. No batch rescaling is applied: with a batch-mean loss the
     activation gradients scale as 1/batch, a choice the caller reports (methods.md §8).
     """
     tensors = list(tensors)
@@ -189,14 +204,19 @@ def grad_l1(loss: torch.Tensor, tensors: Iterable[torch.Tensor]) -> torch.Tensor
         raise ValueError("tensors must hold at least one tensor, got an empty sequence")
     if loss.numel() != 1:
         raise ValueError(f"loss must be a scalar, got a tensor of shape {tuple(loss.shape)}")
-    differentiable = [t for t in tensors if t.requires_grad]
-    if not differentiable or not loss.requires_grad:
-        return loss.new_zeros(())
-    grads = torch.autograd.grad(loss, differentiable, create_graph=True, allow_unused=True)
+    scales = [1.0] * len(tensors) if scales is None else [float(x) for x in scales]
+    if len(scales) != len(tensors):
+        raise ValueError(f"scales must have one entry per tensor ({len(tensors)}), got {len(scales)}")
+    if any(not x >= 0 for x in scales):
+        raise ValueError(f"scales must be >= 0, got {scales}")
+    pairs = [(t, x) for t, x in zip(tensors, scales) if t.requires_grad and x != 0]
     total = loss.new_zeros(())
-    for grad in grads:
+    if not pairs or not loss.requires_grad:
+        return total
+    grads = torch.autograd.grad(loss, [t for t, _ in pairs], create_graph=True, allow_unused=True)
+    for grad, (_, scale) in zip(grads, pairs):
         if grad is not None:
-            total = total + grad.abs().sum()
+            total = total + scale * grad.abs().sum()
     return total
 
 

@@ -48,7 +48,8 @@ class SAM:
     ) -> None:
         if not isinstance(base_optimizer, torch.optim.Optimizer):
             raise TypeError(
-                f"base_optimizer must be a torch.optim.Optimizer instance, got {type(base_optimizer).__name__}"
+                "base_optimizer must be a torch.optim.Optimizer instance, "
+                f"got {type(base_optimizer).__name__}"
             )
         rho = DEFAULT_RHO["asam" if adaptive else "sam"] if rho is None else rho
         if not rho >= 0:

@@ -78,7 +78,8 @@ class SaturatingWeight(nn.Module):
         return bound * torch.atanh((weight / bound).clamp(-below_one, below_one))
 
     def extra_repr(self) -> str:
-        return f"form={self.form!r}" + (f", alpha={self.alpha.item():.4g}" if self.form == "scaled_tanh" else "")
+        alpha = f", alpha={self.alpha.item():.4g}" if self.form == "scaled_tanh" else ""
+        return f"form={self.form!r}{alpha}"
 
 
 def apply_satnl(
@@ -96,7 +97,8 @@ def apply_satnl(
     now, from the weights at apply time. The layer's current weights are kept (see
     ``SaturatingWeight.right_inverse``). Modifies ``model`` in place and returns it. Raises
     ``ValueError`` if SatNL is already applied or a target weight already has another
-    parametrization (e.g. a QAT quantizer, which must come after SatNL, not before).
+    parametrization (e.g. a QAT quantizer): SatNL and QAT never share a weight. To combine them,
+    fold SatNL first (``remove_satnl``) or keep their layers disjoint (``include``/``exclude``).
     """
     if form not in SATNL_FORMS:
         raise ValueError(f"form must be one of {SATNL_FORMS}, got {form!r}")
@@ -108,11 +110,14 @@ def apply_satnl(
     for name, layer in targets.items():
         if parametrize.is_parametrized(layer, "weight"):
             raise ValueError(
-                f"layer {name!r} already has a weight parametrization; apply SatNL before any "
-                "other parametrization (e.g. before prepare_qat)"
+                f"layer {name!r} already has a weight parametrization (e.g. a QAT quantizer); "
+                "remove it first (remove_qat) or leave the layer out with include=..."
             )
     # Build every parametrization before registering any, so that a failure leaves the model untouched.
-    satnls = {name: SaturatingWeight(form, _alpha_for(name, layer, form, alpha_mult)) for name, layer in targets.items()}
+    satnls = {
+        name: SaturatingWeight(form, _alpha_for(name, layer, form, alpha_mult))
+        for name, layer in targets.items()
+    }
     for name, layer in targets.items():
         parametrize.register_parametrization(layer, "weight", satnls[name])
     return model

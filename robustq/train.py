@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from robustq.data import BatchLoader, Dataset, Split
 
@@ -129,6 +129,8 @@ def train(
         if val_loader is not None:
             stats["val_acc"] = evaluate(model, val_loader)
         history.append(stats)
+        if progress:
+            _log_epoch(stats, config.epochs, desc, bar)
         if checkpoint is not None:
             _save_checkpoint(checkpoint, model, optimizer, scheduler, history)
     bar.close()
@@ -155,7 +157,7 @@ def _train_epoch(model, loader, optimizer, stepper, scheduler, extensions, epoch
             seen += len(y)
             bar.update(1)
             if step % 20 == 0:
-                bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}", refresh=False)
+                bar.set_postfix_str(f"loss {loss.item():.3f}", refresh=False)
     finally:
         for handle in handles:
             handle.remove()
@@ -255,12 +257,23 @@ def _make_scheduler(optimizer, config: TrainConfig, steps_per_epoch: int):
 
 
 def _progress_bar(config: TrainConfig, steps_per_epoch: int, start_epoch: int, enabled: bool, desc: str):
-    # One bar per run, refreshed at most every few seconds, so an executed notebook keeps a short log.
+    # A saved notebook keeps every refresh of a bar as a line of its own, so off a terminal the
+    # bar is off and _log_epoch prints one line per epoch instead.
     return tqdm(
         total=config.epochs * steps_per_epoch, initial=start_epoch * steps_per_epoch, desc=desc,
-        disable=not enabled, mininterval=5.0, ncols=90, file=sys.stdout, unit="step",
-        bar_format="{desc}: {percentage:3.0f}%|{bar:20}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]",
+        disable=not (enabled and sys.stdout.isatty()), ncols=78, file=sys.stdout, unit="step",
+        bar_format="{desc}: {percentage:3.0f}%|{bar:16}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]",
     )
+
+
+def _log_epoch(stats: dict, epochs: int, desc: str, bar) -> None:
+    if bar.disable:
+        val = f", val acc {stats['val_acc']:.1%}" if "val_acc" in stats else ""
+        print(
+            f"{desc}: epoch {stats['epoch']}/{epochs}  loss {stats['loss']:.3f}, train acc "
+            f"{stats['train_acc']:.1%}{val}  [{stats['wall_time_s']:.0f} s, {stats['images_per_s']:.0f} img/s]",
+            flush=True,
+        )
 
 
 # --- evaluation ----------------------------------------------------------------------------------

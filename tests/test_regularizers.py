@@ -29,7 +29,8 @@ def naive_sym_reg(w, pairing, scope, normalize):
             total = sum((s[k - 1] + s[n - k]) ** 2 for k in range(1, n // 2 + 1))
         else:
             total = sum(
-                (s[2 * k - 2] + s[2 * k - 1] + s[n - 2 * k] + s[n + 1 - 2 * k]) ** 2 for k in range(1, n // 4 + 1)
+                (s[2 * k - 2] + s[2 * k - 1] + s[n - 2 * k] + s[n + 1 - 2 * k]) ** 2
+                for k in range(1, n // 4 + 1)
             )
         penalty = total / n
         if normalize:
@@ -184,7 +185,10 @@ def test_sinreq_lambda_schedule():
     assert values == sorted(values)
 
 
-@pytest.mark.parametrize("kwargs, match", [({"epochs": 0}, "epochs must be"), ({"ramp": -1.0}, "ramp must be")])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"epochs": 0}, "epochs must be"), ({"ramp": -1.0}, r"ramp must be > 0 \(in epochs\), got -1.0")],
+)
 def test_sinreq_lambda_rejects_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         sinreq_lambda(**{"epoch": 1, "epochs": 10, **kwargs})
@@ -301,3 +305,26 @@ def test_grad_l1_rejects_bad_arguments():
         grad_l1(loss, [])
     with pytest.raises(ValueError, match="loss must be a scalar"):
         grad_l1(torch.stack([loss, loss]), params)
+
+
+def test_grad_l1_scales_weight_each_tensor():
+    params, x, y = _mlp_tensors()
+    loss = _mlp_loss(*params, x, y)
+    grads = torch.autograd.grad(loss, params, retain_graph=True)
+    scales = [2.0, 0.0, 0.5, 1.0]
+    expected = sum(s * g.abs().sum() for s, g in zip(scales, grads))
+    assert torch.allclose(grad_l1(loss, params, scales=scales), expected)
+    assert grad_l1(loss, params, scales=[0.0] * 4).item() == 0.0
+
+
+@pytest.mark.parametrize(
+    "scales, match",
+    [
+        ([1.0], r"scales must have one entry per tensor \(4\), got 1"),
+        ([1.0, -1.0, 1.0, 1.0], "scales must be >= 0"),
+    ],
+)
+def test_grad_l1_rejects_bad_scales(scales, match):
+    params, x, y = _mlp_tensors()
+    with pytest.raises(ValueError, match=match):
+        grad_l1(_mlp_loss(*params, x, y), params, scales=scales)

@@ -71,7 +71,8 @@ def test_asam_perturbation_matches_formula_on_tiny_tensors():
     norm = torch.sqrt(((t_w * w.grad) ** 2).sum() + ((t_b * b.grad) ** 2).sum())
     assert torch.allclose(sam.perturbations[w], 0.5 * t_w**2 * w.grad / norm)
     assert torch.allclose(sam.perturbations[b], 0.5 * t_b**2 * b.grad / norm)
-    assert torch.allclose(w.detach(), torch.tensor([1.0, -2.0, 0.5, 0.0], dtype=torch.float64) + sam.perturbations[w])
+    start = torch.tensor([1.0, -2.0, 0.5, 0.0], dtype=torch.float64)
+    assert torch.allclose(w.detach(), start + sam.perturbations[w])
 
 
 def test_sam_step_on_quadratic_uses_perturbed_gradient_and_moves_to_minimum():
@@ -118,10 +119,12 @@ def test_delegates_param_groups_state_dict_and_scheduler():
     state = sam.state_dict()
     assert state["state"] and state == base.state_dict()
     fresh_model = tiny_model()
-    fresh = make_sam(fresh_model.parameters(), torch.optim.SGD(fresh_model.parameters(), lr=0.1, momentum=0.9))
+    fresh_base = torch.optim.SGD(fresh_model.parameters(), lr=0.1, momentum=0.9)
+    fresh = make_sam(fresh_model.parameters(), fresh_base)
     fresh.load_state_dict(state)
     assert fresh.param_groups[0]["lr"] == sam.param_groups[0]["lr"]
-    assert torch.equal(fresh.base_optimizer.state_dict()["state"][0]["momentum_buffer"], state["state"][0]["momentum_buffer"])
+    loaded = fresh.base_optimizer.state_dict()["state"][0]["momentum_buffer"]
+    assert torch.equal(loaded, state["state"][0]["momentum_buffer"])
 
 
 def test_zero_grad_delegates():

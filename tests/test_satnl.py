@@ -86,7 +86,8 @@ def test_forms_are_bounded(form, scale, seed):
 def test_right_inverse_round_trip(form):
     satnl = SaturatingWeight(form, alpha=0.5 if form == "scaled_tanh" else None)
     bound = 0.5 if form == "scaled_tanh" else 1.0
-    w = bound * (torch.rand(100, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) * 1.9 - 0.95)
+    uniform = torch.rand(100, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    w = bound * (1.9 * uniform - 0.95)
     assert torch.allclose(satnl(satnl.right_inverse(w)), w)
     theta = torch.randn(100, dtype=torch.float64)
     assert torch.allclose(satnl.right_inverse(satnl(theta)), theta)
@@ -140,7 +141,10 @@ def test_apply_satnl_refuses_twice_and_other_parametrizations():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"form": "sigmoid"}, r"form must be one of \('tanh', 'scaled_tanh', 'normalized_tanh'\), got 'sigmoid'"),
+        (
+            {"form": "sigmoid"},
+            r"form must be one of \('tanh', 'scaled_tanh', 'normalized_tanh'\), got 'sigmoid'",
+        ),
         ({"alpha_mult": 0.0}, r"alpha_mult must be > 0, got 0.0"),
         ({"alpha_mult": -1.0}, r"alpha_mult must be > 0, got -1.0"),
         ({"include": ["1", "nope"]}, r"include names modules that are not Conv2d/Linear.*\['1', 'nope'\]"),

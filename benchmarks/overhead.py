@@ -1,0 +1,70 @@
+"""Training-time overhead of each method: step time / baseline step time on the book `cnn`.
+
+Claim (issue targets): SymReg <= 1.15x, SatNL <= 1.05x, KURE <= 1.05x, SinReQ <= 1.05x (measured
+against its QAT quantizer alone), oscillation <= 1.10x, SAM/ASAM <= 2.1x, gradient-l1 <= 3.5x. The
+SymReg paper reports +2.53% training time for its methods (MobileNet-V2, ImageNet, GPU).
+
+Each method trains one epoch of a 7,680-image Fashion-MNIST subset (batch 256) through the same
+`robustq.train.train` loop; rounds are interleaved across methods and the median of ROUNDS is kept,
+so slow drifts of the machine hit every method alike. CPU, default torch threads.
+
+    .venv/bin/python benchmarks/overhead.py
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from robustq import methods, models
+from robustq.data import load_dataset
+from robustq.train import TrainConfig, train
+
+SUBSET, BATCH, ROUNDS = 7_680, 256, 3
+# method -> (reference method, target ratio)
+TARGETS = {
+    "symreg": ("baseline", 1.15),
+    "satnl": ("baseline", 1.05),
+    "kure": ("baseline", 1.05),
+    "sinreq_wrpn": ("wrpn", 1.05),
+    "oscillation": ("baseline", 1.10),
+    "sam": ("baseline", 2.1),
+    "asam": ("baseline", 2.1),
+    "satnl_asam": ("baseline", 2.1),
+    "grad_l1": ("baseline", 3.5),
+    "qat_ste": ("baseline", None),
+    "qat_lsq": ("baseline", None),
+    "wrpn": ("baseline", None),
+}
+
+
+def epoch_time(name: str, data) -> float:
+    torch.manual_seed(0)
+    method = methods.make(name)
+    model = method.prepare(models.make_model("cnn", 1, 10))
+    start = time.perf_counter()
+    train(model, data, TrainConfig(epochs=1, batch_size=BATCH, lr=0.01), method.extensions(model), progress=False)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    data = load_dataset("fashion-mnist", train_size=SUBSET)
+    names = ["baseline", *TARGETS]
+    epoch_time("baseline", data)  # warm-up
+    times = {name: [] for name in names}
+    for _ in range(ROUNDS):
+        for name in names:
+            times[name].append(epoch_time(name, data))
+    median = {name: statistics.median(t) for name, t in times.items()}
+    print(f"{'method':14s} {'s/epoch':>8s} {'vs':>9s} {'ratio':>6s} {'target':>7s}")
+    print(f"{'baseline':14s} {median['baseline']:8.2f}")
+    for name, (reference, target) in TARGETS.items():
+        ratio = median[name] / median[reference]
+        verdict = "" if target is None else f"<= {target:.2f} {'PASS' if ratio <= target else 'MISS'}"
+        print(f"{name:14s} {median[name]:8.2f} {reference:>9s} {ratio:6.2f} {verdict}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+"""Shared fixtures: an isolated experiment cache per test and small datasets."""
+
+import pytest
+import torch
+
+from robustq.data import load_dataset
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path, monkeypatch):
+    """Every test gets its own experiment cache and the smoke profile unless it says otherwise."""
+    monkeypatch.setenv("ROBUSTQ_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("ROBUSTQ_PROFILE", "smoke")
+    torch.manual_seed(0)
+    return tmp_path / "cache"
+
+
+@pytest.fixture(scope="session")
+def synthetic():
+    return load_dataset("synthetic")
+
+
+@pytest.fixture(scope="session")
+def fmnist_small():
+    return load_dataset("fashion-mnist", train_size=2048, seed=0)

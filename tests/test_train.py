@@ -1,0 +1,94 @@
+import pytest
+import torch
+
+from robustq import models
+from robustq.train import Extensions, NonFiniteLossError, TrainConfig, _decay_groups, train
+
+
+def _fresh_model(seed, data):
+    torch.manual_seed(seed)
+    return models.make_model("cnn", data.in_channels, data.num_classes)
+
+
+def _weights(model):
+    return torch.cat([p.detach().flatten() for p in model.state_dict().values() if p.is_floating_point()])
+
+
+def test_same_seed_gives_identical_weights_and_another_seed_differs(fmnist_small):
+    config = TrainConfig(epochs=1, batch_size=128, seed=0)
+    a = train(_fresh_model(0, fmnist_small), fmnist_small, config, progress=False).model
+    b = train(_fresh_model(0, fmnist_small), fmnist_small, config, progress=False).model
+    c = train(_fresh_model(1, fmnist_small), fmnist_small, TrainConfig(epochs=1, batch_size=128, seed=1), progress=False).model
+    assert torch.equal(_weights(a), _weights(b))
+    assert not torch.equal(_weights(a), _weights(c))
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_resume_after_interruption_matches_an_uninterrupted_run(synthetic, tmp_path):
+    config = TrainConfig(epochs=2, batch_size=128, seed=0)
+    reference = train(_fresh_model(0, synthetic), synthetic, config, progress=False)
+
+    def interrupt_in_second_epoch(model, context):
+        if context.epoch == 1:
+            raise _Interrupt
+        return context.loss.new_zeros(())
+
+    checkpoint = tmp_path / "ckpt.pt"
+    with pytest.raises(_Interrupt):
+        train(_fresh_model(0, synthetic), synthetic, config, Extensions(penalty=interrupt_in_second_epoch),
+              checkpoint=checkpoint, progress=False)
+    assert checkpoint.exists()
+    resumed = train(_fresh_model(5, synthetic), synthetic, config, checkpoint=checkpoint, progress=False)
+    assert len(resumed.history) == 2
+    assert torch.equal(_weights(resumed.model), _weights(reference.model))
+
+
+def test_corrupt_checkpoint_is_reported_and_training_starts_over(synthetic, tmp_path, capsys):
+    checkpoint = tmp_path / "ckpt.pt"
+    checkpoint.write_bytes(b"not a checkpoint")
+    result = train(_fresh_model(0, synthetic), synthetic, TrainConfig(epochs=1, batch_size=256), checkpoint=checkpoint, progress=False)
+    assert "ignoring unreadable checkpoint" in capsys.readouterr().out
+    assert len(result.history) == 1
+
+
+def test_non_finite_loss_stops_with_the_step_and_value(synthetic):
+    def nan_penalty(model, context):
+        return context.loss.new_tensor(float("nan"))
+
+    with pytest.raises(NonFiniteLossError, match=r"loss became nan at epoch 1, step 0.*lower the learning rate"):
+        train(_fresh_model(0, synthetic), synthetic, TrainConfig(epochs=1), Extensions(penalty=nan_penalty), progress=False)
+
+
+def test_history_records_loss_accuracy_time_and_throughput(synthetic):
+    result = train(_fresh_model(0, synthetic), synthetic, TrainConfig(epochs=2, batch_size=128, lr=0.05), progress=False)
+    assert [h["epoch"] for h in result.history] == [1, 2]
+    assert set(result.history[0]) >= {"loss", "train_acc", "wall_time_s", "images_per_s"}
+    assert result.history[1]["loss"] < result.history[0]["loss"]
+    assert result.images_per_s > 0 and not result.model.training
+
+
+def test_weight_decay_skips_batchnorm_and_biases():
+    model = models.make_model("cnn", 1, 10)
+    decay, no_decay = _decay_groups(model)
+    assert all(p.dim() > 1 for p in decay["params"])
+    bn_params = {id(p) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d) for p in m.parameters()}
+    assert bn_params <= {id(p) for p in no_decay["params"]} and no_decay["weight_decay"] == 0.0
+
+
+def test_adam_and_cosine_are_available(synthetic):
+    config = TrainConfig(epochs=1, optimizer="adam", lr=1e-3, schedule="cosine")
+    assert train(_fresh_model(0, synthetic), synthetic, config, progress=False).history[0]["loss"] > 0
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"epochs": 0}, "epochs"), ({"epochs": 1, "lr": -0.1}, "lr"), ({"epochs": 1, "optimizer": "rmsprop"}, "optimizer"),
+     ({"epochs": 1, "schedule": "step"}, "schedule"), ({"epochs": 1, "batch_size": 0}, "batch_size"),
+     ({"epochs": 1, "label_smoothing": 1.0}, "label_smoothing"), ({"epochs": 1, "weight_decay": float("nan")}, "weight_decay")],
+)
+def test_bad_train_config_names_the_field(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**kwargs)
