@@ -91,7 +91,8 @@ def main() -> None:
             rows.append((f"{policy} {granularity} vs minmax", ours, theirs, f"{ours / theirs:.1f}x", "-", ""))
 
     print(f"robustq.quant benchmark: x {tuple(SHAPE)} float32 ({x.numel():,} elements), {BIT_WIDTH}-bit")
-    print(f"torch {torch.__version__}, {threads} threads, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}")
+    print(f"torch {torch.__version__}, {threads} threads, {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, "
+          f"load average {os.getloadavg()[0]:.1f} (other jobs on the cores inflate times, less so the ratios)")
     print(f"median of {REPEATS} calls after {WARMUP} warm-up calls ({POLICY_REPEATS} after 1 for the policies)")
     print(f"outputs bit-identical to torch's: {'yes' if same else 'NO, the ratios compare different work'}\n")
     header = ("comparison", "ours (ms)", "ref (ms)", "ratio", "target", "")

@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from robustq.reparam import register_weight_parametrizations
+
 from robustq.quant import QuantSpec, quantize, round_ste, validate_bit_width
 
 QUANTIZERS = ("ste", "lsq", "dorefa", "wrpn")
@@ -158,20 +160,11 @@ def prepare_qat(
     _check_quantizer_args(quantizer, per_channel)
     if has_qat(model):
         raise ValueError("QAT is already prepared on this model; call remove_qat first")
-    targets = _target_layers(model, exclude)
-    for name, layer in targets.items():
-        if parametrize.is_parametrized(layer, "weight"):
-            raise ValueError(
-                f"layer {name!r} already has a weight parametrization (e.g. SatNL); fold it first "
-                "(remove_satnl) or put the layer in exclude"
-            )
-    # Build every quantizer before registering any, so that a failure leaves the model untouched.
-    quantizers = {
-        name: make_weight_quantizer(quantizer, bit_width, layer.weight, per_channel)
-        for name, layer in targets.items()
-    }
-    for name, layer in targets.items():
-        parametrize.register_parametrization(layer, "weight", quantizers[name])
+    register_weight_parametrizations(
+        _target_layers(model, exclude),
+        lambda _name, layer: make_weight_quantizer(quantizer, bit_width, layer.weight, per_channel),
+        fix="e.g. SatNL: fold it first (remove_satnl) or put the layer in exclude",
+    )
     return model
 
 

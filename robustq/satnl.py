@@ -22,6 +22,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from robustq.reparam import register_weight_parametrizations
+
 SATNL_FORMS = ("tanh", "scaled_tanh", "normalized_tanh")
 SATNL_LAYER_TYPES = (nn.Conv2d, nn.Linear)
 # Three standard deviations of the initial weights: beyond every weight of PyTorch's default
@@ -106,20 +108,11 @@ def apply_satnl(
         raise ValueError(f"alpha_mult must be > 0, got {alpha_mult!r}")
     if has_satnl(model):
         raise ValueError("SatNL is already applied to this model; call remove_satnl first")
-    targets = _target_layers(model, include)
-    for name, layer in targets.items():
-        if parametrize.is_parametrized(layer, "weight"):
-            raise ValueError(
-                f"layer {name!r} already has a weight parametrization (e.g. a QAT quantizer); "
-                "remove it first (remove_qat) or leave the layer out with include=..."
-            )
-    # Build every parametrization before registering any, so that a failure leaves the model untouched.
-    satnls = {
-        name: SaturatingWeight(form, _alpha_for(name, layer, form, alpha_mult))
-        for name, layer in targets.items()
-    }
-    for name, layer in targets.items():
-        parametrize.register_parametrization(layer, "weight", satnls[name])
+    register_weight_parametrizations(
+        _target_layers(model, include),
+        lambda name, layer: SaturatingWeight(form, _alpha_for(name, layer, form, alpha_mult)),
+        fix="e.g. a QAT quantizer: remove it first (remove_qat) or leave the layer out with include=...",
+    )
     return model
 
 

@@ -200,7 +200,7 @@ def test_prepare_qat_refuses_twice_and_satnl():
     with pytest.raises(ValueError, match="already has a weight parametrization"):
         apply_satnl(model)
     with_satnl = apply_satnl(small_cnn())
-    with pytest.raises(ValueError, match=r"layer '0' already has a weight parametrization \(e.g. SatNL\)"):
+    with pytest.raises(ValueError, match=r"layer '0' already has a weight parametrization; e.g. SatNL: fold it first"):
         prepare_qat(with_satnl)
     assert not has_qat(with_satnl)
     prepare_qat(apply_satnl(small_cnn(), include=["0"]), exclude=["0"])  # documented way to combine

@@ -1,0 +1,489 @@
+"""Measurements behind the chapters: layer-wise error propagation and weight clipping curves.
+
+Two analyses of Park, Jang & Park (ECCV 2022, arXiv 2208.00338), as listed in methods.md ("Analyses
+to reproduce", [recon]; the paper's own protocol is known only from a third-party summary):
+
+* **error propagation** (insight 1, Fig. 1 [summary]): per conv/linear layer, the KL divergence
+  between the output distributions of the float and the quantized network, the per-channel mean
+  shift ``|E[y_q] - E[y]| / std(y)`` and the relative MSE; with every layer quantized (the error
+  that reached the layer) or one layer at a time (the error the layer adds itself). The analytic
+  link of the mean shift to the weight error, ``E[dy_c] = sum_i dW_ci E[x_i]`` [recon], is
+  :func:`shift_prediction`.
+* **range clamping** (insight 2 [summary]): weight MSE against the clip ratio ``r`` of a symmetric
+  (or asymmetric) grid, its argmin ``r*(b)``, and accuracy per range policy (:func:`policy_grid`).
+
+Functions take models and tensors and return tidy ``pandas`` frames (one row per observation).
+Every model is BN-folded first (:func:`robustq.ptq.fold_bn`, methods.md §0).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable, Sequence
+
+import pandas as pd
+import torch
+from torch import nn
+
+from robustq import ptq, quant
+from robustq.data import Dataset
+from robustq.quant import QuantSpec
+
+KL_MAX_BINS = 256
+KL_EPS = 1e-6  # additive smoothing, per bin, of both histograms' probabilities
+KL_MAX_SAMPLES = 2**20
+STD_EPS = 1e-8
+MODES = ("all", "single")
+
+
+# --- layer outputs -------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def layer_io(model: nn.Module, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``(inputs, outputs)`` of every conv and linear layer of ``model`` on ``x``, keyed by the
+    layer's qualified name in module order. Outputs are cloned before the next in-place ReLU can
+    overwrite them. The model is run as it is (fold it first if it has BatchNorm)."""
+    inputs: dict[str, torch.Tensor] = {}
+    outputs: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def store(_module, args, out):
+            inputs[name] = args[0].detach().clone()
+            outputs[name] = out.detach().clone()
+
+        return store
+
+    handles = [module.register_forward_hook(hook(name)) for name, module in ptq.weighted_layers(model)]
+    try:
+        model.eval()(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return inputs, outputs
+
+
+def layer_outputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Output of every conv and linear layer of ``model`` on ``x`` (see :func:`layer_io`)."""
+    return layer_io(model, x)[1]
+
+
+# --- metrics -------------------------------------------------------------------------------------
+
+
+def kl_divergence(
+    p_samples: torch.Tensor,
+    q_samples: torch.Tensor,
+    bins: int | None = None,
+    eps: float = KL_EPS,
+    max_samples: int | None = KL_MAX_SAMPLES,
+) -> float:
+    """``KL(P || Q) = sum_k p_k log(p_k / q_k)`` between the histograms of two samples.
+
+    ``P`` is the float layer's output, ``Q`` the quantized one's (methods.md, insight 1 [summary]:
+    "KL divergence between each layer's output distribution before and after quantization"). Both
+    use the same ``bins`` equal-width bins spanning the range of ``p_samples`` (default
+    ``min(256, ceil(sqrt(n)))`` for ``n`` float samples, so that small samples are not spread over
+    mostly empty bins); values of
+    ``q_samples`` outside that range are counted in the first or last bin, so no mass is lost.
+    Smoothing: ``eps`` is added to every bin probability of both histograms, which are then
+    renormalised, so the KL is finite when ``Q`` has empty bins. Identical samples give exactly 0.
+    Samples are paired (``q_samples[i]`` is the quantized ``p_samples[i]``); above ``max_samples``
+    values, a fixed evenly strided subset of the same positions is used in both, to bound the cost.
+    """
+    p = p_samples.detach().reshape(-1).float()
+    q = q_samples.detach().reshape(-1).float()
+    if p.shape != q.shape:
+        raise ValueError(f"p_samples and q_samples must have as many values, got {p.numel()} and {q.numel()}")
+    if max_samples is not None and p.numel() > max_samples:
+        stride = math.ceil(p.numel() / max_samples)
+        p, q = p[::stride], q[::stride]
+    bins = min(KL_MAX_BINS, math.ceil(math.sqrt(p.numel()))) if bins is None else bins
+    lo, hi = float(p.min()), float(p.max())
+    if not hi > lo:  # a constant output: one bin
+        hi = lo + 1.0
+    p_hist = _histogram(p, lo, hi, bins)
+    q_hist = _histogram(q.clamp(lo, hi), lo, hi, bins)
+    p_prob = _smooth(p_hist, eps)
+    q_prob = _smooth(q_hist, eps)
+    return float((p_prob * (p_prob / q_prob).log()).sum().clamp_min(0.0))
+
+
+def _histogram(x: torch.Tensor, lo: float, hi: float, bins: int) -> torch.Tensor:
+    return torch.histc(x, bins=bins, min=lo, max=hi).double()  # x is inside [lo, hi]
+
+
+def _smooth(hist: torch.Tensor, eps: float) -> torch.Tensor:
+    prob = hist / hist.sum() + eps
+    return prob / prob.sum()
+
+
+def _channel_stats(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std of a ``[N, C, ...]`` tensor over batch and spatial positions."""
+    dims = [0] + list(range(2, y.dim()))
+    std, mean = torch.std_mean(y.detach(), dim=dims, unbiased=False)
+    return mean.double(), std.double()
+
+
+def _channel_mean(y: torch.Tensor) -> torch.Tensor:
+    return y.detach().mean(dim=[0] + list(range(2, y.dim()))).double()
+
+
+def mean_shift(y_fp: torch.Tensor, y_q: torch.Tensor, reduce: bool = True) -> torch.Tensor | float:
+    """Per-channel mean shift ``|E[y_q,c] - E[y_c]| / std(y_c)`` (methods.md, analyses [recon]).
+
+    Channels are on axis 1; means and the float output's std are over batch and spatial positions.
+    A channel with (near) zero float std is left out (it carries no signal to shift). Returns the
+    average over channels (``reduce=True``) or the per-channel tensor.
+    """
+    _, std_fp = _channel_stats(y_fp)
+    delta = _channel_mean(y_q.detach() - y_fp.detach())
+    live = std_fp > STD_EPS
+    shift = torch.where(live, delta.abs() / std_fp.clamp_min(STD_EPS), torch.nan)
+    return float(shift[live].mean()) if reduce else shift
+
+
+def relative_mse(y_fp: torch.Tensor, y_q: torch.Tensor) -> float:
+    """``||y_q - y||^2 / ||y||^2``."""
+    y_fp, y_q = y_fp.detach(), y_q.detach()
+    return float((y_q - y_fp).pow(2).sum().double() / y_fp.pow(2).sum().double().clamp_min(1e-300))
+
+
+# --- quantizing some layers ----------------------------------------------------------------------
+
+
+@torch.no_grad()
+def quantize_layers(model: nn.Module, w_spec: QuantSpec, names: Iterable[str] | None = None) -> nn.Module:
+    """A copy of (an already folded) ``model`` with the weights of the layers in ``names`` (all
+    conv/linear layers if ``None``) fake-quantized by :func:`robustq.quant.quantize` (per output
+    channel along axis 0 when ``w_spec.per_channel``). Biases stay in float."""
+    quantized = copy.deepcopy(model).eval()
+    wanted = None if names is None else set(names)
+    for name, module in ptq.weighted_layers(quantized):
+        if wanted is None or name in wanted:
+            module.weight.copy_(quant.quantize(module.weight, w_spec, axis=0))
+    return quantized
+
+
+def _metrics(y_fp: torch.Tensor, y_q: torch.Tensor, bins: int | None, eps: float) -> dict[str, float]:
+    return {
+        "kl": kl_divergence(y_fp, y_q, bins, eps),
+        "mean_shift": mean_shift(y_fp, y_q),
+        "rel_mse": relative_mse(y_fp, y_q),
+    }
+
+
+@torch.no_grad()
+def error_propagation(
+    model: nn.Module,
+    x: torch.Tensor,
+    w_spec: QuantSpec,
+    mode: str = "all",
+    *,
+    bins: int | None = None,
+    eps: float = KL_EPS,
+    fold: bool = True,
+) -> pd.DataFrame:
+    """Layer-wise error of weight quantization on the batch ``x`` (Park et al. 2022, insight 1 and
+    Fig. 1 [summary]; metrics of methods.md "Analyses to reproduce" [recon]).
+
+    ``mode="all"``: every conv/linear weight quantized with ``w_spec``; each layer's output carries
+    the error propagated from the layers below plus its own. ``mode="single"``: each layer alone is
+    quantized and fed the float network's input to that layer, so its output carries only its own
+    (local) error; this equals quantizing that one layer and running the whole network.
+
+    One row per layer: ``depth`` (1 = first conv), ``layer``, ``kl`` (:func:`kl_divergence`),
+    ``mean_shift`` (:func:`mean_shift`, averaged over channels), ``rel_mse``
+    (:func:`relative_mse`), ``mode``, and ``flips``: the share of the images of ``x`` whose
+    predicted class differs from the float network's (a network-level number, repeated on each row
+    of mode ``"all"``, NaN for ``"single"``). ``model`` is BN-folded first unless ``fold=False``.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    folded = ptq.fold_bn(model) if fold else model.eval()
+    return _propagation(folded, x, _FloatPass(folded, x), w_spec, mode, bins, eps)
+
+
+def propagation_grid(
+    model: nn.Module,
+    x: torch.Tensor,
+    w_specs: Iterable[QuantSpec],
+    modes: Sequence[str] = MODES,
+    *,
+    bins: int | None = None,
+    eps: float = KL_EPS,
+) -> pd.DataFrame:
+    """:func:`error_propagation` for every weight spec and mode, folding the model and running the
+    float network once. Adds the columns ``w_bits``, ``symmetric``, ``per_channel``, ``policy``."""
+    folded = ptq.fold_bn(model)
+    reference = _FloatPass(folded, x)
+    frames = []
+    for spec in w_specs:
+        for mode in modes:
+            frame = _propagation(folded, x, reference, spec, mode, bins, eps)
+            frames.append(frame.assign(w_bits=spec.bit_width, symmetric=spec.symmetric,
+                                       per_channel=spec.per_channel, policy=spec.policy))
+    return pd.concat(frames, ignore_index=True)
+
+
+class _FloatPass:
+    """Inputs, outputs and logits of the float (folded) network on ``x``, computed once."""
+
+    def __init__(self, folded: nn.Module, x: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.inputs, self.outputs = layer_io(folded, x)
+            self.logits = folded(x)
+
+
+def _propagation(folded, x, reference: _FloatPass, w_spec, mode, bins, eps) -> pd.DataFrame:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    quantized = quantize_layers(folded, w_spec)
+    flips = math.nan
+    with torch.no_grad():
+        if mode == "all":
+            _, y_q = layer_io(quantized, x)
+            flips = float((quantized(x).argmax(1) != reference.logits.argmax(1)).double().mean())
+        else:
+            modules = dict(ptq.weighted_layers(quantized))
+            y_q = {name: modules[name](reference.inputs[name]) for name in reference.outputs}
+    rows = [
+        {"depth": depth, "layer": name, **_metrics(reference.outputs[name], y_q[name], bins, eps),
+         "mode": mode, "flips": flips}
+        for depth, name in enumerate(reference.outputs, start=1)
+    ]
+    return pd.DataFrame(rows)
+
+
+# --- the analytic link: weight error mean -> output shift ----------------------------------------
+
+
+@torch.no_grad()
+def weight_error_mean(model: nn.Module, w_spec: QuantSpec, *, fold: bool = True) -> pd.DataFrame:
+    """Per layer and output channel ``c``, the mean over the fan-in of the weight-quantization error
+    ``dW = q(W) - W`` (``dw_mean``), the channel's weight std (``w_std``) and fan-in ``n``.
+
+    [recon] (methods.md §1): ``E[dy_c] ~ N mean(dW_c) E[x]``; for a row whose weights are symmetric
+    about 0 and an odd quantizer, ``mean(dW_c) = 0`` whatever the step. The layer-level mean of
+    ``dW`` is the mean of ``dw_mean`` over channels (all rows have the same fan-in).
+    """
+    folded = ptq.fold_bn(model) if fold else model.eval()
+    frames = []
+    for depth, (name, module) in enumerate(ptq.weighted_layers(folded), start=1):
+        w = module.weight.detach()
+        dw = (quant.quantize(w, w_spec, axis=0) - w).double().reshape(w.shape[0], -1)
+        w_rows = w.double().reshape(w.shape[0], -1)
+        frames.append(pd.DataFrame({
+            "depth": depth, "layer": name, "channel": range(w.shape[0]), "n": w_rows.shape[1],
+            "dw_mean": dw.mean(dim=1).numpy(), "w_mean": w_rows.mean(dim=1).numpy(),
+            "w_std": w_rows.std(dim=1, unbiased=False).numpy(),
+        }))
+    return pd.concat(frames, ignore_index=True)
+
+
+@torch.no_grad()
+def shift_prediction(model: nn.Module, x: torch.Tensor, w_spec: QuantSpec, *, fold: bool = True) -> pd.DataFrame:
+    """The analytic link between weight error and output shift, per layer and output channel.
+
+    With the float input ``x`` of a layer and its weight error ``dW`` (the layer alone quantized):
+
+    * ``measured``: ``E[y_q,c] - E[y_c]``, the mean of the output change over batch and positions;
+    * ``predicted``: ``sum_i dW_ci E[x_i]`` with ``E[x_i]`` the mean of input channel ``i`` over
+      batch and positions (a conv sums its kernel: the prediction ignores where in the image the
+      input is large, and zero padding);
+    * ``predicted_scalar``: ``n mean(dW_c) E[x]``, the one-number form of methods.md §1 [recon],
+      ``E[x]`` the mean of the whole input.
+
+    All three are divided by ``std(y_c)``, like :func:`mean_shift` (but signed). One row per
+    (layer, channel) with ``depth``, ``layer``, ``channel``, ``dw_mean`` and the three values.
+    """
+    folded = ptq.fold_bn(model) if fold else model.eval()
+    inputs, y_fp = layer_io(folded, x)
+    quantized = dict(ptq.weighted_layers(quantize_layers(folded, w_spec)))
+    frames = []
+    for depth, (name, module) in enumerate(ptq.weighted_layers(folded), start=1):
+        if isinstance(module, nn.Conv2d) and module.groups != 1:
+            raise ValueError(f"shift_prediction does not handle grouped convs ({name!r})")
+        x_in = inputs[name]
+        dw = quantized[name].weight.detach().double() - module.weight.detach().double()
+        _, std_fp = _channel_stats(y_fp[name])
+        measured = _channel_mean(quantized[name](x_in) - y_fp[name])
+        dw_in = dw.reshape(dw.shape[0], dw.shape[1], -1).sum(dim=2)  # [C_out, C_in]: kernel summed
+        predicted = dw_in @ _channel_mean(x_in)
+        dw_rows = dw.reshape(dw.shape[0], -1)
+        scalar = dw_rows.shape[1] * dw_rows.mean(dim=1) * float(x_in.double().mean())
+        live = std_fp > STD_EPS
+        std = std_fp[live]
+        frames.append(pd.DataFrame({
+            "depth": depth, "layer": name, "channel": torch.nonzero(live).flatten().numpy(),
+            "dw_mean": dw_rows.mean(dim=1)[live].numpy(),
+            "measured": (measured[live] / std).numpy(),
+            "predicted": (predicted[live] / std).numpy(),
+            "predicted_scalar": (scalar[live] / std).numpy(),
+        }))
+    return pd.concat(frames, ignore_index=True)
+
+
+# --- weight symmetry diagnostics -----------------------------------------------------------------
+
+
+@torch.no_grad()
+def weight_symmetry(model: nn.Module, *, fold: bool = True) -> pd.DataFrame:
+    """Per conv/linear layer, how symmetric the weights are about zero: the normalised SymReg
+    penalty of the whole tensor (``sym_reg``, :func:`robustq.regularizers.sym_reg`, 1:1 pairing,
+    layer scope: the quantity the ``symreg`` method penalises), the same averaged over output
+    channels (``sym_reg_channel``), the skewness, and ``mean / std`` of the weights. ``fold=True``
+    measures the BN-folded weights that get quantized; ``fold=False`` the trained conv weights."""
+    from robustq.regularizers import sym_reg
+
+    net = ptq.fold_bn(model) if fold else ptq.materialize(model)
+    rows = []
+    for depth, (name, module) in enumerate(ptq.weighted_layers(net), start=1):
+        w = module.weight.detach().double()
+        flat = w.reshape(-1)
+        centered = flat - flat.mean()
+        std = centered.pow(2).mean().sqrt()
+        rows.append({
+            "depth": depth, "layer": name,
+            "sym_reg": float(sym_reg(w, "1:1", "layer")),
+            "sym_reg_channel": float(sym_reg(w, "1:1", "channel")),
+            "skewness": float(centered.pow(3).mean() / std.pow(3)),
+            "mean_over_std": float(flat.mean() / std),
+        })
+    return pd.DataFrame(rows)
+
+
+# --- clipping curves -----------------------------------------------------------------------------
+
+
+def default_ratios(low: float = 0.1) -> list[float]:
+    """The clip ratios of the ``mse`` range policy's search (:func:`robustq.quant.mse_grid`) from
+    ``low`` to 1, so that an argmin on them is the clip the policy would pick (when >= ``low``)."""
+    return [r for r in quant.mse_grid().tolist() if r >= low - 1e-12]
+
+
+@torch.no_grad()
+def clip_curve(
+    w: torch.Tensor,
+    bit_widths: Sequence[int] = (2, 3, 4, 6, 8),
+    ratios: Sequence[float] | None = None,
+    symmetric: bool = True,
+) -> pd.DataFrame:
+    """Quantization MSE of the tensor ``w`` against the clip ratio ``r`` (Park et al. 2022,
+    insight 2 [summary]; the sweep of methods.md "Analyses to reproduce" [recon]).
+
+    Symmetric narrow-range grid clipping at ``t = r max|w|``: ``s = t / (2^(b-1) - 1)``. Asymmetric:
+    the range ``[r min(w, 0), r max(w, 0)]`` over ``2^b`` codes. This is the arithmetic of the ``mse``
+    range policy of :mod:`robustq.quant` (per tensor), so the argmin is the policy's choice.
+    One row per ``(bit_width, r)``: ``mse`` and ``rel_mse = mse / mean(w^2)``, and
+    ``clipped`` (the fraction of weights beyond the clip). ``ratios`` default: :func:`default_ratios`.
+    """
+    ratios = default_ratios() if ratios is None else list(ratios)
+    flat = w.detach().reshape(1, -1).float()
+    power = float(flat.double().pow(2).mean())
+    r = torch.tensor(ratios, dtype=torch.float64).to(flat.dtype)
+    absmax, lo, hi = flat.abs().amax(), flat.amin().clamp(max=0), flat.amax().clamp(min=0)
+    frames = []
+    for bit_width in bit_widths:
+        spec = QuantSpec(bit_width, symmetric=symmetric)
+        qmin, qmax = spec.qrange
+        if symmetric:
+            top = r * absmax
+            scale = torch.clamp(top / qmax, min=torch.finfo(flat.dtype).tiny)
+            zero_point = torch.zeros_like(scale, dtype=torch.int32)
+            clipped = (flat.abs() > top[:, None]).double().mean(dim=1)
+        else:
+            low, top = r * lo, r * hi
+            scale = torch.clamp((top - low) / (qmax - qmin), min=torch.finfo(flat.dtype).tiny)
+            zero_point = torch.clamp(qmin - torch.round(low / scale), qmin, qmax).to(torch.int32)
+            clipped = ((flat < low[:, None]) | (flat > top[:, None])).double().mean(dim=1)
+        expanded = flat.expand(len(ratios), -1)
+        err = (quant.fake_quant(expanded, scale[:, None], zero_point[:, None], qmin, qmax) - expanded).pow(2).mean(dim=1)
+        frames.append(pd.DataFrame({
+            "bit_width": bit_width, "r": ratios, "mse": err.double().numpy(),
+            "rel_mse": (err.double() / max(power, 1e-300)).numpy(), "clipped": clipped.numpy(),
+        }))
+    return pd.concat(frames, ignore_index=True)
+
+
+def optimal_ratio(curves: pd.DataFrame, by: Sequence[str] | None = None) -> pd.DataFrame:
+    """The row of least ``mse`` (first on ties, as the ``mse`` policy) of each curve in ``curves``.
+
+    ``by`` names the columns that identify one curve; default: every column except ``r``, ``mse``,
+    ``rel_mse`` and ``clipped``. Adds ``minmax_excess = mse(r=1) / mse(r*)`` when ``r = 1`` is on
+    the curve: how much more error the min-max range has than the best clip.
+    """
+    value_columns = {"r", "mse", "rel_mse", "clipped"}
+    by = [c for c in curves.columns if c not in value_columns] if by is None else list(by)
+    ordered = curves.sort_values(by + ["r"], kind="stable")
+    best = ordered.loc[ordered.groupby(by, sort=False)["mse"].idxmin()]
+    at_one = ordered[ordered["r"] == 1.0].set_index(by)["mse"] if (ordered["r"] == 1.0).any() else None
+    best = best.reset_index(drop=True)
+    if at_one is not None:
+        keys = pd.MultiIndex.from_frame(best[by]) if len(by) > 1 else pd.Index(best[by[0]])
+        best["minmax_excess"] = at_one.reindex(keys).to_numpy() / best["mse"].clip(lower=1e-300).to_numpy()
+    return best
+
+
+def model_clip_curves(
+    model: nn.Module,
+    bit_widths: Sequence[int] = (2, 3, 4, 6, 8),
+    ratios: Sequence[float] | None = None,
+    symmetric: bool = True,
+    *,
+    fold: bool = True,
+) -> pd.DataFrame:
+    """:func:`clip_curve` of every conv/linear weight of the (BN-folded) model, with ``depth`` and
+    ``layer`` columns."""
+    folded = ptq.fold_bn(model) if fold else ptq.materialize(model)
+    frames = [
+        clip_curve(module.weight, bit_widths, ratios, symmetric).assign(depth=depth, layer=name)
+        for depth, (name, module) in enumerate(ptq.weighted_layers(folded), start=1)
+    ]
+    columns = ["depth", "layer", "bit_width", "r", "mse", "rel_mse", "clipped"]
+    return pd.concat(frames, ignore_index=True)[columns]
+
+
+# --- accuracy per range policy -------------------------------------------------------------------
+
+
+def policy_grid(
+    model: nn.Module,
+    data: Dataset,
+    policies: Sequence[str] = quant.POLICIES,
+    bit_widths: Sequence[int] = (8, 4, 3, 2),
+    a_bits: Sequence[int | None] = (None, 8),
+    **kwargs,
+) -> pd.DataFrame:
+    """Test accuracy of ``model`` PTQ'd under each range policy x weight bit-width x activation
+    setting: :func:`robustq.ptq.bit_sweep` with ``policy=policies`` (symmetric per-tensor weights
+    unless ``kwargs`` say otherwise). Adds ``drop = fp_acc - acc``."""
+    frame = ptq.bit_sweep(model, data, w_bits=bit_widths, a_bits=a_bits, policy=policies, **kwargs)
+    return frame.assign(drop=frame["fp_acc"] - frame["acc"])
+
+
+def policy_spread(grid: pd.DataFrame, by: Sequence[str] = ("w_bits", "a_bits")) -> pd.DataFrame:
+    """Per group of ``grid`` (a :func:`policy_grid` frame, possibly with a ``model`` column), the
+    best and worst accuracy over range policies and their difference ``spread``: how much the
+    choice of range policy matters."""
+    by = list(by)
+    stats = grid.groupby(by)["acc"].agg(best="max", worst="min").reset_index()
+    return stats.assign(spread=stats["best"] - stats["worst"])
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman rank correlation (average ranks on ties); NaN when either side is constant."""
+    rx = pd.Series(list(x)).rank().to_numpy()
+    ry = pd.Series(list(y)).rank().to_numpy()
+    rx, ry = rx - rx.mean(), ry - ry.mean()
+    denom = math.sqrt(float((rx**2).sum() * (ry**2).sum()))
+    return float((rx * ry).sum() / denom) if denom > 0 else math.nan
+
+
+__all__ = [
+    "layer_io", "layer_outputs", "kl_divergence", "mean_shift", "relative_mse", "quantize_layers",
+    "error_propagation", "network_error", "weight_error_mean", "shift_prediction", "weight_symmetry",
+    "default_ratios", "clip_curve", "optimal_ratio", "model_clip_curves", "policy_grid",
+    "policy_spread", "spearman",
+]

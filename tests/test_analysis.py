@@ -1,0 +1,200 @@
+import math
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from robustq import analysis, models, ptq, quant
+from robustq.quant import QuantSpec
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    torch.manual_seed(0)
+    model = models.make_model("cnn", 1, 10).eval()
+    generator = torch.Generator().manual_seed(1)
+    for m in model.modules():  # non-trivial BN statistics, so folding matters
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=generator) * 0.2)
+            m.running_var.copy_(torch.rand(m.num_features, generator=generator) + 0.5)
+    return model
+
+
+@pytest.fixture(scope="module")
+def images():
+    return torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(2))
+
+
+def test_kl_of_identical_samples_is_zero_and_positive_when_shifted():
+    y = torch.randn(20_000, generator=torch.Generator().manual_seed(0))
+    assert analysis.kl_divergence(y, y.clone()) == 0.0
+    assert analysis.kl_divergence(y, y + 0.5) > 0.05
+    assert analysis.kl_divergence(y, y + 0.5) > analysis.kl_divergence(y, y + 0.1) > 0
+
+
+def test_kl_keeps_mass_outside_the_float_range():
+    # Q entirely beyond P's range lands in the last bin instead of vanishing.
+    p = torch.linspace(0, 1, 1000)
+    assert analysis.kl_divergence(p, p + 10.0) > 1.0
+
+
+def test_mean_shift_and_relative_mse_on_known_changes():
+    generator = torch.Generator().manual_seed(0)
+    y = torch.randn(64, 3, 5, 5, generator=generator) * torch.tensor([1.0, 2.0, 4.0]).view(1, 3, 1, 1)
+    shifted = y + torch.tensor([0.5, 0.5, 0.5]).view(1, 3, 1, 1)
+    per_channel = analysis.mean_shift(y, shifted, reduce=False)
+    std = y.double().transpose(0, 1).reshape(3, -1).std(dim=1, unbiased=False)
+    torch.testing.assert_close(per_channel, 0.5 / std)
+    assert analysis.mean_shift(y, y) == 0.0
+    assert analysis.relative_mse(y, 1.1 * y) == pytest.approx(0.01, rel=1e-6)
+
+
+def test_zero_mean_weight_error_gives_no_mean_shift():
+    """A linear layer with mirrored weights in every row, quantized by an odd (symmetric
+    narrow-range) quantizer: each row's error has zero mean, so on inputs with a common positive
+    mean the output mean does not move, while an asymmetric quantizer shifts it."""
+    generator = torch.Generator().manual_seed(0)
+    half = torch.randn(16, 64, generator=generator)
+    layer = nn.Linear(128, 16, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.cat([half, -half], dim=1))
+    x = torch.rand(4096, 128, generator=generator) + 0.5  # positive inputs, like after a ReLU
+    sym = analysis.weight_error_mean(layer, QuantSpec(3), fold=False)
+    asym = analysis.weight_error_mean(layer, QuantSpec(3, symmetric=False), fold=False)
+    assert sym["dw_mean"].abs().max() < 1e-7
+    assert asym["dw_mean"].abs().max() > 1e-3
+    y = layer(x)
+    quantized = analysis.quantize_layers(layer, QuantSpec(3))
+    # x has the same mean in every input, so sum_i dW_ci E[x_i] = 0 up to the sampling noise of x
+    assert analysis.mean_shift(y, quantized(x)) < 0.02
+    asym_layer = analysis.quantize_layers(layer, QuantSpec(3, symmetric=False))
+    assert analysis.mean_shift(y, asym_layer(x)) > 5 * analysis.mean_shift(y, quantized(x))
+
+
+def test_shift_prediction_is_exact_for_a_linear_layer_on_its_mean_input():
+    generator = torch.Generator().manual_seed(0)
+    net = nn.Sequential(nn.Linear(20, 8))
+    x = torch.rand(512, 20, generator=generator)
+    frame = analysis.shift_prediction(net, x, QuantSpec(3, symmetric=False), fold=False)
+    assert len(frame) == 8
+    # for a linear layer E[dW x] = dW E[x] exactly
+    torch.testing.assert_close(
+        torch.tensor(frame["predicted"].to_numpy()), torch.tensor(frame["measured"].to_numpy()), atol=1e-9, rtol=1e-6
+    )
+
+
+def test_shift_prediction_tracks_the_measured_shift_in_a_cnn(cnn, images):
+    frame = analysis.shift_prediction(cnn, images, QuantSpec(3, symmetric=False))
+    assert set(frame["depth"]) == set(range(1, 7))
+    assert frame[["measured", "predicted", "predicted_scalar"]].notna().all().all()
+    assert frame["measured"].corr(frame["predicted"]) > 0.8
+
+
+def test_clip_curve_matches_a_direct_computation_on_a_gaussian_sample():
+    w = torch.randn(4000, generator=torch.Generator().manual_seed(0))
+    ratios = [0.1, 0.25, 0.5, 0.75, 1.0]
+    curve = analysis.clip_curve(w, bit_widths=(2, 4), ratios=ratios)
+    assert len(curve) == 2 * len(ratios)
+    for row in curve.itertuples():
+        qmax = 2 ** (row.bit_width - 1) - 1
+        t = row.r * w.abs().max().item()
+        s = t / qmax
+        direct = (torch.clamp(torch.round(w.double() / s), -qmax, qmax) * s - w.double()).pow(2).mean().item()
+        assert row.mse == pytest.approx(direct, rel=1e-4)
+        assert row.rel_mse == pytest.approx(direct / w.double().pow(2).mean().item(), rel=1e-4)
+        assert row.clipped == pytest.approx(float((w.abs() > t).double().mean()), abs=1e-3)
+    asym = analysis.clip_curve(w, bit_widths=(3,), ratios=[1.0], symmetric=False)
+    direct = (quant.quantize(w, QuantSpec(3, symmetric=False)) - w).pow(2).mean().item()
+    assert asym["mse"].iloc[0] == pytest.approx(direct, rel=1e-6)
+
+
+def test_optimal_ratio_picks_the_first_argmin_and_reports_minmax_excess():
+    curves = pd.DataFrame({
+        "layer": ["a"] * 4 + ["b"] * 3,
+        "r": [0.25, 0.5, 0.75, 1.0, 0.5, 0.75, 1.0],
+        "mse": [4.0, 1.0, 1.0, 2.0, 3.0, 3.0, 1.5],
+    })
+    best = analysis.optimal_ratio(curves).set_index("layer")
+    assert best.loc["a", "r"] == 0.5 and best.loc["b", "r"] == 1.0
+    assert best.loc["a", "minmax_excess"] == 2.0 and best.loc["b", "minmax_excess"] == 1.0
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_optimal_ratio_agrees_with_the_mse_range_policy(symmetric):
+    w = torch.distributions.Laplace(0.0, 1.0).sample((5000,))
+    for bit_width in (2, 4):
+        curve = analysis.clip_curve(w, (bit_width,), ratios=quant.mse_grid().tolist(), symmetric=symmetric)
+        r_star = analysis.optimal_ratio(curve)["r"].item()
+        spec = QuantSpec(bit_width, symmetric=symmetric, policy="mse")
+        chosen = quant.quantize(w, spec)
+        at_r_star = analysis.clip_curve(w, (bit_width,), ratios=[r_star], symmetric=symmetric)["mse"].item()
+        assert (chosen - w).pow(2).mean().item() == pytest.approx(at_r_star, rel=1e-6)
+
+
+def test_error_propagation_one_row_per_layer_and_no_error_at_16_bits(cnn, images):
+    n_layers = len(ptq.weighted_layers(ptq.fold_bn(cnn)))
+    grid = analysis.propagation_grid(cnn, images, [QuantSpec(3), QuantSpec(16)])
+    assert len(grid) == 2 * 2 * n_layers
+    for (bits, mode), frame in grid.groupby(["w_bits", "mode"]):
+        assert list(frame["depth"]) == list(range(1, n_layers + 1))
+        assert frame[["kl", "mean_shift", "rel_mse"]].map(math.isfinite).all().all()
+        if bits == 3:
+            assert (frame["rel_mse"] > 1e-4).all()
+        else:
+            assert frame["rel_mse"].max() < 1e-7
+            assert frame["mean_shift"].max() < 1e-3
+            assert frame["kl"].max() < 1e-3
+    # the first layer sees the float input in both modes: local error = propagated error there
+    first = grid[(grid["w_bits"] == 3) & (grid["depth"] == 1)].set_index("mode")["rel_mse"]
+    assert first["all"] == pytest.approx(first["single"], rel=1e-5)
+    # error_propagation is the grid's row block for one spec and mode
+    one = analysis.error_propagation(cnn, images, QuantSpec(3), mode="all")
+    expected = grid[(grid["w_bits"] == 3) & (grid["mode"] == "all")].reset_index(drop=True)
+    pd.testing.assert_frame_equal(one, expected[one.columns])
+    with pytest.raises(ValueError, match="mode"):
+        analysis.error_propagation(cnn, images, QuantSpec(4), mode="some")
+
+
+def test_single_mode_equals_quantizing_one_layer_and_running_the_network(cnn, images):
+    folded = ptq.fold_bn(cnn)
+    name = ptq.weighted_layers(folded)[3][0]
+    y_fp = analysis.layer_outputs(folded, images)[name]
+    y_q = analysis.layer_outputs(analysis.quantize_layers(folded, QuantSpec(3), [name]), images)[name]
+    single = analysis.error_propagation(cnn, images, QuantSpec(3), mode="single")
+    assert single["rel_mse"].iloc[3] == pytest.approx(analysis.relative_mse(y_fp, y_q), rel=1e-5)
+
+
+def test_layer_outputs_are_not_overwritten_by_inplace_relu(cnn, images):
+    folded = ptq.fold_bn(cnn)
+    outputs = analysis.layer_outputs(folded, images)
+    first = ptq.weighted_layers(folded)[0][1]
+    torch.testing.assert_close(outputs[ptq.weighted_layers(folded)[0][0]], first(images))
+    assert (outputs[ptq.weighted_layers(folded)[0][0]] < 0).any()  # pre-activation, not ReLU'd
+
+
+def test_weight_symmetry_is_zero_for_mirrored_weights():
+    layer = nn.Linear(6, 2, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0, -1.0, 2.0, -2.0, 0.5, -0.5], [3.0, 1.0, -1.0, -3.0, 0.0, 0.0]]))
+    frame = analysis.weight_symmetry(nn.Sequential(layer), fold=False)
+    assert frame["sym_reg"].item() == pytest.approx(0.0, abs=1e-12)
+    assert frame["skewness"].item() == pytest.approx(0.0, abs=1e-12)
+    with torch.no_grad():
+        layer.weight.copy_(layer.weight.abs())
+    assert analysis.weight_symmetry(nn.Sequential(layer), fold=False)["sym_reg"].item() > 0.5
+
+
+def test_policy_grid_and_spread(synthetic):
+    model = models.make_model("cnn", 1, 10)
+    grid = analysis.policy_grid(model, synthetic, policies=("minmax", "mse"), bit_widths=(4,), a_bits=(None,))
+    assert len(grid) == 2 and set(grid["policy"]) == {"minmax", "mse"}
+    assert (grid["drop"] == grid["fp_acc"] - grid["acc"]).all()
+    spread = analysis.policy_spread(grid)
+    assert spread["spread"].item() == pytest.approx(grid["acc"].max() - grid["acc"].min())
+
+
+def test_spearman():
+    assert analysis.spearman([1, 2, 3, 4], [10, 20, 30, 45]) == pytest.approx(1.0)
+    assert analysis.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
+    assert math.isnan(analysis.spearman([1, 2, 3], [1, 1, 1]))

@@ -1,0 +1,136 @@
+"""Conventions every chapter notebook keeps in git (checked statically, nothing is executed).
+
+Stripped outputs, one papermill ``parameters`` cell holding ``profile``, the python3 kernel, no
+training loop and no package installation inside a notebook, ``NN_snake_case.ipynb`` names.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
+NAME = re.compile(r"\d{2}_[a-z0-9]+(_[a-z0-9]+)*\.ipynb")
+PROFILE_ASSIGNMENT = re.compile(r"^profile\s*=", re.MULTILINE)
+# Training belongs in robustq.train; a notebook that steps an optimizer is training in a cell.
+TRAINING = re.compile(r"\.backward\(|optimizer\.step\(")
+INSTALL = re.compile(r"(^|[\s;])[!%]\s*pip\b|\bpip3?\s+install\b|\bconda\s+install\b|\bmamba\s+install\b", re.MULTILINE)
+
+
+def problems(path: Path) -> list[str]:
+    """Every way the notebook at ``path`` breaks the conventions, as readable lines (none: it is fine)."""
+    found = []
+    if not NAME.fullmatch(path.name):
+        found.append(f"file name {path.name!r} is not NN_snake_case.ipynb")
+    try:
+        nb = nbformat.read(path, as_version=4)
+        nbformat.validate(nb)
+    except Exception as error:  # unreadable JSON, wrong schema: report, do not crash the check
+        return found + [f"not a valid notebook: {type(error).__name__}: {str(error)[:200]}"]
+
+    kernel = nb.metadata.get("kernelspec", {}).get("name")
+    if kernel != "python3":
+        found.append(f"kernelspec is {kernel!r}, not 'python3'")
+
+    parameter_cells = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    if len(parameter_cells) != 1:
+        found.append(f"{len(parameter_cells)} cells tagged 'parameters' (need exactly one)")
+    elif parameter_cells[0].cell_type != "code" or not PROFILE_ASSIGNMENT.search(parameter_cells[0].source):
+        found.append("the 'parameters' cell does not assign `profile`")
+
+    for index, cell in enumerate(nb.cells):
+        if cell.cell_type != "code":
+            continue
+        where = f"cell {index}"
+        if cell.get("outputs"):
+            found.append(f"{where} has outputs (strip them before committing)")
+        if cell.get("execution_count") is not None:
+            found.append(f"{where} has execution_count {cell.execution_count} (strip it)")
+        if match := TRAINING.search(cell.source):
+            found.append(f"{where} looks like a training loop ({match.group(0)!r}); train through robustq")
+        if match := INSTALL.search(cell.source):
+            found.append(f"{where} installs packages ({match.group(0).strip()!r}); dependencies go in pyproject.toml")
+    return found
+
+
+def test_there_are_notebooks():
+    assert NOTEBOOKS, "no notebooks/*.ipynb found"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
+def test_notebook_keeps_the_conventions(path):
+    assert problems(path) == []
+
+
+def write(nb, path: Path) -> Path:
+    nbformat.write(nb, path)
+    return path
+
+
+def good_notebook():
+    parameters = new_code_cell('profile = None  # "smoke", "book" or "paper"\nseed = 0')
+    parameters.metadata["tags"] = ["parameters"]
+    nb = new_notebook(cells=[new_markdown_cell("# Title"), parameters, new_code_cell("x = 1")])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    return nb
+
+
+def test_checker_accepts_a_good_notebook(tmp_path):
+    assert problems(write(good_notebook(), tmp_path / "07_good_chapter.ipynb")) == []
+
+
+def test_checker_rejects_a_bad_notebook(tmp_path):
+    nb = good_notebook()
+    nb.metadata["kernelspec"]["name"] = "ir"
+    executed = new_code_cell("print(1)", execution_count=3)
+    executed.outputs = [nbformat.v4.new_output("stream", name="stdout", text="1\n")]
+    second_parameters = new_code_cell("seed = 1")
+    second_parameters.metadata["tags"] = ["parameters"]
+    nb.cells += [
+        executed,
+        second_parameters,
+        new_code_cell("for batch in data:\n    loss = model(batch)\n    loss.backward()\n    optimizer.step()"),
+        new_code_cell("!pip install torch"),
+        new_code_cell("%pip install seaborn"),
+        new_code_cell("import subprocess; subprocess.run('conda install numpy', shell=True)"),
+    ]
+    found = "\n".join(problems(write(nb, tmp_path / "Bad Chapter.ipynb")))
+    for expected in [
+        "file name 'Bad Chapter.ipynb'",
+        "kernelspec is 'ir'",
+        "2 cells tagged 'parameters'",
+        "cell 3 has outputs",
+        "cell 3 has execution_count 3",
+        "cell 5 looks like a training loop ('.backward(')",
+        "cell 6 installs packages ('!pip')",
+        "cell 7 installs packages ('%pip')",
+        "cell 8 installs packages ('conda install')",
+    ]:
+        assert expected in found, f"missing {expected!r} in:\n{found}"
+
+
+@pytest.mark.parametrize(
+    "source, expected",
+    [("seed = 0", "does not assign `profile`"), ("optimizer.step()", "training loop")],
+)
+def test_checker_rejects_single_faults(tmp_path, source, expected):
+    nb = good_notebook()
+    if "profile" in expected:
+        nb.cells[1].source = source
+    else:
+        nb.cells.append(new_code_cell(source))
+    assert any(expected in line for line in problems(write(nb, tmp_path / "01_fault.ipynb")))
+
+
+def test_checker_reports_unreadable_files(tmp_path):
+    path = tmp_path / "02_broken.ipynb"
+    path.write_text("{not json")
+    assert any("not a valid notebook" in line for line in problems(path))
+    missing_parameters = good_notebook()
+    missing_parameters.cells[1].metadata["tags"] = []
+    assert any("0 cells tagged 'parameters'" in line
+               for line in problems(write(missing_parameters, tmp_path / "03_no_parameters.ipynb")))
