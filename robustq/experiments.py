@@ -214,10 +214,10 @@ def _load_entry(entry: Path, exp: Experiment, device) -> Result | None:
         return None
     try:
         record = json.loads((entry / "result.json").read_text())
-        state = torch.load(entry / "model.pt", map_location=device or "cpu", weights_only=True)
-        data_shape = _data_shape(exp.dataset)
-        model = models.make_model(exp.model, *data_shape)
+        state = torch.load(entry / "model.pt", map_location="cpu", weights_only=True)
+        model = models.make_model(exp.model, *_data_shape(exp.dataset))
         model.load_state_dict(state)
+        model.to(device or "cpu")
         if record["config"] != exp.config():
             raise ValueError("its configuration does not match the experiment")
     except Exception as error:  # any unreadable entry is retrained, never trusted
