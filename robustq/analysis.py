@@ -202,7 +202,7 @@ def error_propagation(
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     folded = ptq.fold_bn(model) if fold else model.eval()
-    return _propagation(folded, x, _FloatPass(folded, x), w_spec, mode, bins, eps)
+    return _propagation(folded, x, _FloatPass(folded, x), w_spec, mode, bins, eps).drop(columns="acc")
 
 
 def propagation_grid(
@@ -211,20 +211,26 @@ def propagation_grid(
     w_specs: Iterable[QuantSpec],
     modes: Sequence[str] = MODES,
     *,
+    labels: torch.Tensor | None = None,
     bins: int | None = None,
     eps: float = KL_EPS,
 ) -> pd.DataFrame:
     """:func:`error_propagation` for every weight spec and mode, folding the model and running the
-    float network once. Adds the columns ``w_bits``, ``symmetric``, ``per_channel``, ``policy``."""
+    float network once. Adds the columns ``w_bits``, ``symmetric``, ``per_channel``, ``policy``;
+    with the ``labels`` of ``x`` also ``acc`` (top-1 accuracy on ``x`` of the network with every
+    layer quantized, NaN for mode ``"single"``) and ``fp_acc`` (of the float network)."""
     folded = ptq.fold_bn(model)
     reference = _FloatPass(folded, x)
     frames = []
     for spec in w_specs:
         for mode in modes:
-            frame = _propagation(folded, x, reference, spec, mode, bins, eps)
+            frame = _propagation(folded, x, reference, spec, mode, bins, eps, labels)
             frames.append(frame.assign(w_bits=spec.bit_width, symmetric=spec.symmetric,
                                        per_channel=spec.per_channel, policy=spec.policy))
-    return pd.concat(frames, ignore_index=True)
+    frame = pd.concat(frames, ignore_index=True)
+    if labels is None:
+        return frame.drop(columns="acc")
+    return frame.assign(fp_acc=float((reference.logits.argmax(1) == labels).double().mean()))
 
 
 class _FloatPass:
@@ -236,21 +242,24 @@ class _FloatPass:
             self.logits = folded(x)
 
 
-def _propagation(folded, x, reference: _FloatPass, w_spec, mode, bins, eps) -> pd.DataFrame:
+def _propagation(folded, x, reference: _FloatPass, w_spec, mode, bins, eps, labels=None) -> pd.DataFrame:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     quantized = quantize_layers(folded, w_spec)
-    flips = math.nan
+    flips = acc = math.nan
     with torch.no_grad():
         if mode == "all":
             _, y_q = layer_io(quantized, x)
-            flips = float((quantized(x).argmax(1) != reference.logits.argmax(1)).double().mean())
+            predicted = quantized(x).argmax(1)
+            flips = float((predicted != reference.logits.argmax(1)).double().mean())
+            if labels is not None:
+                acc = float((predicted == labels).double().mean())
         else:
             modules = dict(ptq.weighted_layers(quantized))
             y_q = {name: modules[name](reference.inputs[name]) for name in reference.outputs}
     rows = [
         {"depth": depth, "layer": name, **_metrics(reference.outputs[name], y_q[name], bins, eps),
-         "mode": mode, "flips": flips}
+         "mode": mode, "flips": flips, "acc": acc}
         for depth, name in enumerate(reference.outputs, start=1)
     ]
     return pd.DataFrame(rows)
@@ -483,7 +492,7 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
 
 __all__ = [
     "layer_io", "layer_outputs", "kl_divergence", "mean_shift", "relative_mse", "quantize_layers",
-    "error_propagation", "network_error", "weight_error_mean", "shift_prediction", "weight_symmetry",
+    "error_propagation", "propagation_grid", "weight_error_mean", "shift_prediction", "weight_symmetry",
     "default_ratios", "clip_curve", "optimal_ratio", "model_clip_curves", "policy_grid",
     "policy_spread", "spearman",
 ]

@@ -88,6 +88,7 @@ class Part:
         return model
 
     capture_activations: typing.ClassVar[bool] = False
+    double_backprop: typing.ClassVar[bool] = False
 
 
 @dataclass(frozen=True)
@@ -233,6 +234,7 @@ class GradL1(Part):
     warmup_epochs: int = 0
 
     capture_activations: typing.ClassVar[bool] = True
+    double_backprop: typing.ClassVar[bool] = True
 
     def penalty(self, model, context):
         if context.epoch < self.warmup_epochs:
@@ -299,6 +301,7 @@ class Method:
         return Extensions(
             penalty=_sum_penalties(penalties) if penalties else None,
             capture_activations=any(p.capture_activations for p in self.parts),
+            double_backprop=any(p.double_backprop for p in self.parts),
             wrap_optimizer=wrappers[0].wrap_optimizer if wrappers else None,
         )
 

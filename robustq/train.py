@@ -79,11 +79,14 @@ class StepContext:
 class Extensions:
     """How a method changes the loop. ``penalty`` returns the extra loss (already weighted);
     ``capture_activations`` records the input of every conv/linear for it; ``wrap_optimizer``
-    turns the base optimizer into a two-step one (SAM/ASAM)."""
+    turns the base optimizer into a two-step one (SAM/ASAM). ``double_backprop`` marks a penalty
+    that differentiates gradients (gradient-ℓ1): the loop then keeps the contiguous memory format,
+    which is about 3x faster than channels_last for double backprop on CPU."""
 
     penalty: Callable[[nn.Module, StepContext], torch.Tensor] | None = None
     capture_activations: bool = False
     wrap_optimizer: Callable[[list[nn.Parameter], torch.optim.Optimizer], object] | None = None
+    double_backprop: bool = False
 
 
 @dataclass
@@ -113,8 +116,10 @@ def train(
     earlier epoch of the same run, and save one after every epoch (atomically)."""
     extensions = extensions or Extensions()
     device = torch.device(device) if device is not None else default_device()
-    model.to(device)
-    loader = _train_loader(data, config, device)
+    # channels_last trains convolutions ~1.5x faster here, except under double backprop.
+    memory_format = torch.contiguous_format if extensions.double_backprop else torch.channels_last
+    model.to(device=device, memory_format=memory_format)
+    loader = _train_loader(data, config, device, memory_format)
     optimizer = _make_optimizer(model, config)
     trainable = [p for p in model.parameters() if p.requires_grad]
     stepper = extensions.wrap_optimizer(trainable, optimizer) if extensions.wrap_optimizer else None
@@ -134,7 +139,7 @@ def train(
         if checkpoint is not None:
             _save_checkpoint(checkpoint, model, optimizer, scheduler, history)
     bar.close()
-    model.eval()
+    model.to(memory_format=torch.contiguous_format).eval()
     wall = sum(h["wall_time_s"] for h in history)
     images = sum(h["images"] for h in history)
     return TrainResult(model, history, wall, images / wall if wall > 0 else 0.0)
@@ -216,12 +221,30 @@ def _guard_finite(loss: torch.Tensor, epoch: int, step: int) -> None:
 # --- construction --------------------------------------------------------------------------------
 
 
-def _train_loader(data: Dataset, config: TrainConfig, device) -> BatchLoader:
-    return BatchLoader(
+def _train_loader(data: Dataset, config: TrainConfig, device, memory_format=torch.contiguous_format):
+    loader = BatchLoader(
         data.train, config.batch_size, mean=data.mean, std=data.std, shuffle=True,
         augment=config.augment, crop_padding=data.crop_padding, flip=data.flip,
         drop_last=True, seed=config.seed, device=device,
     )
+    return _InMemoryFormat(loader, memory_format)
+
+
+class _InMemoryFormat:
+    """A loader whose batches come in ``memory_format``."""
+
+    def __init__(self, loader: BatchLoader, memory_format: torch.memory_format) -> None:
+        self.loader, self.memory_format = loader, memory_format
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for x, y in self.loader:
+            yield x.contiguous(memory_format=self.memory_format), y
 
 
 def _eval_loader(split: Split, data: Dataset, device) -> BatchLoader:

@@ -134,8 +134,12 @@ def test_optimal_ratio_agrees_with_the_mse_range_policy(symmetric):
 
 def test_error_propagation_one_row_per_layer_and_no_error_at_16_bits(cnn, images):
     n_layers = len(ptq.weighted_layers(ptq.fold_bn(cnn)))
-    grid = analysis.propagation_grid(cnn, images, [QuantSpec(3), QuantSpec(16)])
+    labels = torch.arange(len(images)) % 10
+    grid = analysis.propagation_grid(cnn, images, [QuantSpec(3), QuantSpec(16)], labels=labels)
     assert len(grid) == 2 * 2 * n_layers
+    exact_all = grid[(grid["w_bits"] == 16) & (grid["mode"] == "all")]
+    assert (exact_all["flips"] == 0).all() and (exact_all["acc"] == exact_all["fp_acc"]).all()
+    assert grid.loc[grid["mode"] == "single", ["acc", "flips"]].isna().all().all()
     for (bits, mode), frame in grid.groupby(["w_bits", "mode"]):
         assert list(frame["depth"]) == list(range(1, n_layers + 1))
         assert frame[["kl", "mean_shift", "rel_mse"]].map(math.isfinite).all().all()
@@ -152,6 +156,7 @@ def test_error_propagation_one_row_per_layer_and_no_error_at_16_bits(cnn, images
     one = analysis.error_propagation(cnn, images, QuantSpec(3), mode="all")
     expected = grid[(grid["w_bits"] == 3) & (grid["mode"] == "all")].reset_index(drop=True)
     pd.testing.assert_frame_equal(one, expected[one.columns])
+    assert "acc" not in one.columns
     with pytest.raises(ValueError, match="mode"):
         analysis.error_propagation(cnn, images, QuantSpec(4), mode="some")
 
