@@ -3,7 +3,6 @@ import torch
 import torch.nn.functional as F
 
 from robustq import methods, models
-from robustq.data import BatchLoader
 from robustq.train import StepContext, TrainConfig, train
 
 REQUIRED = {"baseline", "symreg", "satnl", "symreg_satnl", "satnl_asam", "symreg_satnl_asam", "kure", "grad_l1",
@@ -86,19 +85,14 @@ def test_oscillation_regularizes_batchnorm_unless_excluded():
     assert dict(excluded.named_modules())[bn_name].weight.grad is None
 
 
-def _fixed_batch_loss(model, data):
-    x, y = next(iter(BatchLoader(data.test, 512, mean=data.mean, std=data.std)))
-    with torch.no_grad():
-        return F.cross_entropy(model.eval()(x), y).item()
-
-
 @pytest.mark.parametrize("name", sorted(REQUIRED))
-def test_every_method_trains_one_epoch_with_a_falling_loss(name, synthetic):
+def test_every_method_trains_with_a_falling_loss_and_ends_with_plain_weights(name, synthetic):
     torch.manual_seed(0)
     method = methods.make(name)
     model = method.prepare(models.make_model("cnn", synthetic.in_channels, synthetic.num_classes))
-    before = _fixed_batch_loss(model, synthetic)
-    result = train(model, synthetic, TrainConfig(epochs=1, batch_size=128, lr=0.05), method.extensions(model), progress=False)
+    config = TrainConfig(epochs=2, batch_size=128, lr=0.05)
+    result = train(model, synthetic, config, method.extensions(model), progress=False)
+    first, second = (h["loss"] for h in result.history)
+    assert second < first, f"{name}: mean training loss rose from {first:.3f} to {second:.3f}"
     model = method.finalize(result.model)
-    assert not torch.nn.utils.parametrize.is_parametrized(model.get_submodule(methods.stem_and_classifier(model)[0]))
-    assert _fixed_batch_loss(model, synthetic) < before
+    assert not any(torch.nn.utils.parametrize.is_parametrized(m) for m in model.modules())
