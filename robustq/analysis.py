@@ -13,7 +13,14 @@ to reproduce", [recon]; the paper's own protocol is known only from a third-part
   (or asymmetric) grid, its argmin ``r*(b)``, and accuracy per range policy (:func:`policy_grid`).
 
 Functions take models and tensors and return tidy ``pandas`` frames (one row per observation).
-Every model is BN-folded first (:func:`robustq.ptq.fold_bn`, methods.md §0).
+Every model is BN-folded first (:func:`robustq.ptq.fold_bn`, methods.md §0) unless ``fold=False``.
+
+* outputs: :func:`layer_io`, :func:`layer_outputs`, :func:`quantize_layers`
+* metrics: :func:`kl_divergence`, :func:`mean_shift`, :func:`relative_mse`, :func:`spearman`
+* insight 1: :func:`error_propagation`, :func:`propagation_grid`, :func:`weight_error_mean`,
+  :func:`shift_prediction`, :func:`weight_symmetry`
+* insight 2: :func:`clip_curve`, :func:`model_clip_curves`, :func:`optimal_ratio`,
+  :func:`default_ratios`, :func:`policy_grid`, :func:`policy_spread`
 """
 
 from __future__ import annotations

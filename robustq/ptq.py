@@ -22,7 +22,7 @@ from robustq import quant
 from robustq.data import BatchLoader, Dataset, Split
 from robustq.models import ConvBN
 from robustq.quant import QuantSpec
-from robustq.train import evaluate
+from robustq.train import EVAL_BATCH_SIZE, evaluate
 
 FLOAT_BITS = 32  # how tidy frames label an unquantized tensor
 WEIGHTED = (nn.Conv2d, nn.Linear)
@@ -143,7 +143,7 @@ def calibration_batch(data: Dataset, size: int = 512, seed: int = 0) -> torch.Te
     return next(iter(BatchLoader(subset, len(index), mean=data.mean, std=data.std)))[0]
 
 
-def accuracy(model: nn.Module, data: Dataset, split: str = "test", batch_size: int = 2048) -> float:
+def accuracy(model: nn.Module, data: Dataset, split: str = "test", batch_size: int = EVAL_BATCH_SIZE) -> float:
     """Top-1 accuracy in [0, 1] on ``data.<split>``, in large batches."""
     device = next(model.parameters()).device
     return evaluate(model, BatchLoader(getattr(data, split), batch_size, mean=data.mean, std=data.std, device=device))

@@ -26,7 +26,7 @@ from robustq.data import BatchLoader, Dataset, Split
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("onecycle", "cosine", "constant")
-EVAL_BATCH_SIZE = 1024
+EVAL_BATCH_SIZE = 256  # larger batches are slower on this CPU (2.7 s vs 1.5 s for 10k images at 2048)
 
 
 class NonFiniteLossError(RuntimeError):
