@@ -237,8 +237,3 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
     os.replace(tmp, path)
-
-
-def run_grid(experiments: list[Experiment], *, progress: bool = True) -> list[Result]:
-    """Run (or load) several experiments in order."""
-    return [run(exp, progress=progress) for exp in experiments]

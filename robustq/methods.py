@@ -26,17 +26,11 @@ import torch
 from torch import nn
 
 from robustq import qat, regularizers, sam, satnl
+from robustq.ptq import weighted_layers
 from robustq.quant import validate_bit_width
 from robustq.train import Extensions, StepContext
 
-WEIGHTED = (nn.Conv2d, nn.Linear)
-
 # --- layer selection -----------------------------------------------------------------------------
-
-
-def weighted_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Every conv and linear layer, in module order."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, WEIGHTED)]
 
 
 def is_depthwise(module: nn.Module) -> bool:

@@ -315,15 +315,6 @@ def evaluate(model: nn.Module, loader: BatchLoader) -> float:
     return correct / total
 
 
-def test_accuracy(model: nn.Module, data: Dataset, device=None) -> float:
-    """Accuracy on ``data.test``, evaluated in large batches."""
-    device = device or next(model.parameters()).device
-    return evaluate(model, _eval_loader(data.test, data, device))
-
-
-test_accuracy.__test__ = False  # not a pytest test despite its name
-
-
 # --- checkpoints ---------------------------------------------------------------------------------
 
 
@@ -360,14 +351,7 @@ def _resume(path: Path | None, model, optimizer, scheduler, device) -> tuple[lis
     return list(state["history"]), len(state["history"])
 
 
-def history_frame(history: list[dict]):
-    """The per-epoch history as a pandas DataFrame."""
-    import pandas as pd
-
-    return pd.DataFrame(history)
-
-
 __all__ = [
     "Extensions", "NonFiniteLossError", "StepContext", "TrainConfig", "TrainResult", "evaluate",
-    "save_atomic", "test_accuracy", "train", "history_frame", "default_device",
+    "save_atomic", "train", "default_device",
 ]
