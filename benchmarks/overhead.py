@@ -25,6 +25,7 @@ from robustq.data import load_dataset
 from robustq.train import TrainConfig, train
 
 SUBSET, BATCH, ROUNDS = 7_680, 256, 3
+CONTIGUOUS = "baseline_contiguous"  # the baseline without channels_last, the layout gradient-l1 must use
 # method -> (reference method, target ratio)
 TARGETS = {
     "symreg": ("baseline", 1.15),
@@ -42,9 +43,6 @@ TARGETS = {
     "qat_lsq": ("baseline", None),
     "wrpn": ("baseline", None),
 }
-
-
-CONTIGUOUS = "baseline_contiguous"  # the baseline without channels_last, the layout gradient-l1 must use
 
 
 def epoch_time(name: str, data) -> float:

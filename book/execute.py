@@ -20,6 +20,8 @@ from pathlib import Path
 import papermill
 import torch
 
+from robustq.files import write_atomic
+
 BOOK = Path(__file__).resolve().parent
 ROOT = BOOK.parent
 CELL_TIMEOUT_S = 1800
@@ -76,13 +78,7 @@ def write_status(rows: list[tuple[str, bool, float, str]], profile: str) -> None
         f"| platform | {platform.platform()} |",
         "",
     ]
-    _write_atomic(BOOK / "status.md", "\n".join(lines))
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_atomic(BOOK / "status.md", lambda tmp: tmp.write_text("\n".join(lines)))
 
 
 def main() -> int:

@@ -845,13 +845,13 @@ def _normalisation(
 
 def train_loader(
     dataset: Dataset, batch_size: int, *, seed: int = 0, augment: bool = True,
-    device: str | torch.device = "cpu",
+    drop_last: bool = False, device: str | torch.device = "cpu",
 ) -> BatchLoader:  # fmt: skip
     """Shuffled, augmented loader over ``dataset.train`` with the dataset's own defaults."""
     return BatchLoader(
         dataset.train, batch_size, mean=dataset.mean, std=dataset.std, shuffle=True,
         augment=augment, crop_padding=dataset.crop_padding, flip=dataset.flip, seed=seed,
-        device=device,
+        drop_last=drop_last, device=device,
     )  # fmt: skip
 
 

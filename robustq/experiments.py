@@ -30,6 +30,7 @@ from torch import nn
 import robustq
 from robustq import methods, models
 from robustq.data import DATASET_NAMES, load_dataset
+from robustq.files import write_atomic
 from robustq.ptq import accuracy
 from robustq.train import TrainConfig, save_atomic, train
 
@@ -132,9 +133,6 @@ class Experiment:
             weight_decay=r.weight_decay, label_smoothing=r.label_smoothing, augment=r.augment, seed=r.seed,
         )
 
-    def label(self) -> str:
-        return f"{self.method} · {self.model} · seed {self.seed}"
-
 
 @dataclass
 class Result:
@@ -204,7 +202,8 @@ def _train_and_store(exp: Experiment, entry: Path, progress: bool, device) -> Re
         "final_train_acc": outcome.history[-1]["train_acc"],
     }
     save_atomic(model.state_dict(), entry / "model.pt")
-    _write_json_atomic(entry / "result.json", {"config": exp.config(), "metrics": metrics, "history": outcome.history})
+    record = {"config": exp.config(), "metrics": metrics, "history": outcome.history}
+    write_atomic(entry / "result.json", lambda tmp: tmp.write_text(json.dumps(record, indent=1, sort_keys=True)))
     (entry / "checkpoint.pt").unlink(missing_ok=True)
     return Result(exp, model, metrics, pd.DataFrame(outcome.history), cached=False)
 
@@ -230,10 +229,3 @@ def _load_entry(entry: Path, exp: Experiment, device) -> Result | None:
 def _data_shape(dataset: str) -> tuple[int, int]:
     """(in_channels, num_classes) without loading the data."""
     return {"fashion-mnist": (1, 10), "cifar10": (3, 10), "synthetic": (1, 10)}[dataset]
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    os.replace(tmp, path)

@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from robustq import quant
-from robustq.data import BatchLoader, Dataset, Split
+from robustq.data import BatchLoader, Dataset, Split, eval_loader
 from robustq.models import ConvBN
 from robustq.quant import QuantSpec
 from robustq.train import EVAL_BATCH_SIZE, evaluate
@@ -145,8 +145,7 @@ def calibration_batch(data: Dataset, size: int = 512, seed: int = 0) -> torch.Te
 
 def accuracy(model: nn.Module, data: Dataset, split: str = "test", batch_size: int = EVAL_BATCH_SIZE) -> float:
     """Top-1 accuracy in [0, 1] on ``data.<split>``, in large batches."""
-    device = next(model.parameters()).device
-    return evaluate(model, BatchLoader(getattr(data, split), batch_size, mean=data.mean, std=data.std, device=device))
+    return evaluate(model, eval_loader(data, split, batch_size, next(model.parameters()).device))
 
 
 def bit_sweep(

@@ -10,7 +10,6 @@ reaches this loop, so the loop sees ordinary parameters. The terms are added in 
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -22,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from robustq.data import BatchLoader, Dataset, Split
+from robustq.data import BatchLoader, Dataset, eval_loader, train_loader
+from robustq.files import write_atomic
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("onecycle", "cosine", "constant")
@@ -119,18 +119,18 @@ def train(
     # channels_last trains convolutions ~1.5x faster here, except under double backprop.
     memory_format = torch.contiguous_format if extensions.double_backprop else torch.channels_last
     model.to(device=device, memory_format=memory_format)
-    loader = _train_loader(data, config, device, memory_format)
+    loader = train_loader(data, config.batch_size, seed=config.seed, augment=config.augment, drop_last=True, device=device)
     optimizer = _make_optimizer(model, config)
     trainable = [p for p in model.parameters() if p.requires_grad]
     stepper = extensions.wrap_optimizer(trainable, optimizer) if extensions.wrap_optimizer else None
     scheduler = _make_scheduler(optimizer, config, len(loader))
     history, start_epoch = _resume(checkpoint, model, optimizer, scheduler, device)
-    val_loader = _eval_loader(data.val, data, device) if data.val is not None else None
+    val_loader = eval_loader(data, "val", EVAL_BATCH_SIZE, device) if data.val is not None else None
 
     bar = _progress_bar(config, len(loader), start_epoch, progress, desc)
     for epoch in range(start_epoch, config.epochs):
         loader.set_epoch(epoch)
-        stats = _train_epoch(model, loader, optimizer, stepper, scheduler, extensions, epoch, config, bar)
+        stats = _train_epoch(model, loader, optimizer, stepper, scheduler, extensions, epoch, config, bar, memory_format)
         if val_loader is not None:
             stats["val_acc"] = evaluate(model, val_loader)
         history.append(stats)
@@ -145,7 +145,7 @@ def train(
     return TrainResult(model, history, wall, images / wall if wall > 0 else 0.0)
 
 
-def _train_epoch(model, loader, optimizer, stepper, scheduler, extensions, epoch, config, bar) -> dict:
+def _train_epoch(model, loader, optimizer, stepper, scheduler, extensions, epoch, config, bar, memory_format) -> dict:
     model.train()
     captured: list[torch.Tensor] = []
     handles = _capture_inputs(model, captured) if extensions.capture_activations else []
@@ -154,6 +154,7 @@ def _train_epoch(model, loader, optimizer, stepper, scheduler, extensions, epoch
     seen, start = 0, time.perf_counter()
     try:
         for step, (x, y) in enumerate(loader):
+            x = x.contiguous(memory_format=memory_format)
             loss, logits = _step(model, x, y, optimizer, stepper, extensions, captured, epoch, config)
             _guard_finite(loss, epoch, step)
             scheduler.step()
@@ -219,36 +220,6 @@ def _guard_finite(loss: torch.Tensor, epoch: int, step: int) -> None:
 
 
 # --- construction --------------------------------------------------------------------------------
-
-
-def _train_loader(data: Dataset, config: TrainConfig, device, memory_format=torch.contiguous_format):
-    loader = BatchLoader(
-        data.train, config.batch_size, mean=data.mean, std=data.std, shuffle=True,
-        augment=config.augment, crop_padding=data.crop_padding, flip=data.flip,
-        drop_last=True, seed=config.seed, device=device,
-    )
-    return _InMemoryFormat(loader, memory_format)
-
-
-class _InMemoryFormat:
-    """A loader whose batches come in ``memory_format``."""
-
-    def __init__(self, loader: BatchLoader, memory_format: torch.memory_format) -> None:
-        self.loader, self.memory_format = loader, memory_format
-
-    def set_epoch(self, epoch: int) -> None:
-        self.loader.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self):
-        for x, y in self.loader:
-            yield x.contiguous(memory_format=self.memory_format), y
-
-
-def _eval_loader(split: Split, data: Dataset, device) -> BatchLoader:
-    return BatchLoader(split, EVAL_BATCH_SIZE, mean=data.mean, std=data.std, device=device)
 
 
 def _decay_groups(model: nn.Module) -> list[dict]:
@@ -330,11 +301,7 @@ def _save_checkpoint(path: Path, model, optimizer, scheduler, history) -> None:
 
 def save_atomic(obj, path: Path) -> None:
     """``torch.save`` to a temporary file in the same folder, then rename: never half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def _resume(path: Path | None, model, optimizer, scheduler, device) -> tuple[list[dict], int]:

@@ -43,3 +43,14 @@ def test_readme_and_ci_run_the_two_commands():
     ci = (ROOT / ".ci" / "run").read_text()
     for command in ("make book", "make test"):
         assert command in readme and command in ci
+
+
+def test_readme_profile_table_matches_the_profiles():
+    from robustq.experiments import PROFILES
+
+    readme = (ROOT / "README.md").read_text()
+    for name, settings in PROFILES.items():
+        row = next(line for line in readme.splitlines() if line.startswith(f"| `{name}` |"))
+        assert f"{settings['epochs']} epoch" in row, (name, row)
+        size = settings["train_size"]
+        assert (f"{size:,}" if size else "all 60,000") in row, (name, row)
