@@ -13,6 +13,7 @@ import datetime as dt
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from pathlib import Path
 import papermill
 import torch
 
+from robustq import verdicts
 from robustq.files import write_atomic
 
 BOOK = Path(__file__).resolve().parent
@@ -81,12 +83,50 @@ def write_status(rows: list[tuple[str, bool, float, str]], profile: str) -> None
     write_atomic(BOOK / "status.md", lambda tmp: tmp.write_text("\n".join(lines)))
 
 
+def write_findings(profile: str, executed: list[str]) -> None:
+    """The Findings page: one row per graded claim, from the records the executed chapters left
+    (``robustq.verdicts``), linked to its chapter."""
+    findings = verdicts.load_findings(verdicts.findings_dir(profile))
+    lines = [
+        "# Findings",
+        "",
+        f"Every claim the chapters grade, as graded in this build (profile `{profile}`). Each claim's",
+        "endpoint and rule were written in its chapter before any model was trained; the grade comes",
+        "from `robustq.verdicts` over the graded seeds, paired by seed: *reproduced* when the effect",
+        "is surely positive and at least the threshold τ, *not reproduced* when it is surely below τ,",
+        "*inconclusive* otherwise (for `equivalent` claims: surely within, or surely outside, the",
+        "margin). *mean ± se* is the mean paired difference over seeds and its standard error; *MDE*",
+        "is the smallest effect this many seeds can tell from zero (t · se), planned before the run",
+        "from the selection seeds and observed in this build. A claim whose MDE exceeds its threshold",
+        "is underpowered in this profile: its grade is what the rule gives, and the `paper` profile",
+        "grades it with more data.",
+        "",
+    ]
+    if findings.empty:
+        lines.append("No chapter recorded a graded claim in this build.")
+    else:
+        findings = findings[findings["chapter_file"].isin(executed)]
+        lines += [
+            "| chapter | claim | statement | rule | n | mean ± se | MDE planned / observed | grade |",
+            "| --- | --- | --- | --- | ---: | ---: | ---: | --- |",
+        ]
+        for row in findings.itertuples():
+            rule = f"{row.rule}, {'τ' if row.rule == 'paired' else 'margin'} = {row.threshold:g}"
+            lines.append(
+                f"| {{doc}}`{row.chapter_file} <notebooks/{row.chapter_file}>` | {row.claim} | {row.statement} | "
+                f"{rule} | {row.n} | {row.mean:+.2f} ± {row.se:.2f} | {row.mde_planned:.2f} / {row.mde:.2f} | "
+                f"**{row.grade}** |"
+            )
+    write_atomic(BOOK / "findings.md", lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="book")
     parser.add_argument("notebooks", nargs="*", type=Path)
     args = parser.parse_args()
     notebooks = args.notebooks or sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    shutil.rmtree(verdicts.findings_dir(args.profile), ignore_errors=True)  # only this build's records
     rows = []
     for notebook in notebooks:
         print(f"executing {notebook.name} (profile {args.profile}) ...", flush=True)
@@ -94,6 +134,7 @@ def main() -> int:
         print(f"  {'ok' if ok else 'FAILED'} in {seconds:.1f} s {error}", flush=True)
         rows.append((notebook.stem, ok, seconds, error))
     write_status(rows, args.profile)
+    write_findings(args.profile, [name for name, ok, _, _ in rows if ok])
     return 0 if all(ok for _, ok, _, _ in rows) else 1
 
 

@@ -3,16 +3,32 @@
     python -m robustq train --method symreg --param lam=0.1 --profile smoke
     python -m robustq sweep --method baseline --w-bits 8 4 3 --profile smoke
     python -m robustq methods
+
+Every argument is checked before anything is loaded or trained: a bad one is reported as one
+``robustq: error: ...`` line on stderr, with exit status 2.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import sys
+from collections.abc import Iterator, Sequence
+from typing import NoReturn
 
-from robustq import experiments, methods, models
+from robustq import experiments, methods, models, params
 from robustq.data import DATASET_NAMES
+from robustq.train import OPTIMIZERS, NonFiniteLossError
+
+
+class _Parser(argparse.ArgumentParser):
+    """Reports usage errors as a ``ValueError``, so that ``main`` prints them on one line like
+    every other error and returns 2 instead of exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ValueError(f"{message} (see '{self.prog} --help')")
 
 
 def _param(text: str) -> tuple[str, object]:
@@ -32,17 +48,53 @@ def _add_experiment_args(parser: argparse.ArgumentParser) -> None:
                         help="a method hyperparameter, repeatable (see 'python -m robustq methods')")
     parser.add_argument("--dataset", default="fashion-mnist", help=f"one of: {', '.join(DATASET_NAMES)}")
     parser.add_argument("--model", default="cnn", help=f"one of: {', '.join(models.available())}")
-    parser.add_argument("--profile", default=None, help="smoke, book or paper (default: $ROBUSTQ_PROFILE or book)")
+    parser.add_argument("--profile", default=None, help=f"one of: {', '.join(experiments.PROFILES)} "
+                        f"(default: ${experiments.PROFILE_ENV} or {experiments.DEFAULT_PROFILE})")
     parser.add_argument("--epochs", type=int, help="default: the profile's")
     parser.add_argument("--batch-size", type=int, help="default: the profile's")
     parser.add_argument("--lr", type=float, default=0.1, help="peak learning rate (default 0.1)")
-    parser.add_argument("--optimizer", default="sgd", help="sgd (Nesterov momentum) or adam")
+    parser.add_argument("--optimizer", default="sgd", help=f"one of: {', '.join(OPTIMIZERS)} (sgd: Nesterov)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-size", type=int, help="training subset size (default: the profile's)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
+# --- validation: every argument is checked before anything is loaded or trained -----------------
+
+
+def validate_args(args: argparse.Namespace) -> experiments.Experiment | None:
+    """The subcommand's Experiment (None for ``methods``), once every argument has been checked.
+
+    Raises ``ValueError`` naming the first bad argument; nothing is loaded, trained or cached."""
+    if args.command == "methods":
+        return None
+    _check_numbers(args)
+    if hasattr(args, "w_bits"):
+        params.check("bit_widths", args.w_bits, label="argument --w-bits")
+    with _blame("argument --profile" if args.profile else f"${experiments.PROFILE_ENV}"):
+        params.check("profile", args.profile)
+    exp = _experiment(args)
+    exp.train_config()  # runs TrainConfig's own checks on the values the profile filled in
+    return exp
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    params.check("seed", args.seed, label="argument --seed")
+    for flag in ("--epochs", "--batch-size", "--train-size"):
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None and value < 1:
+            _reject(flag, f"must be a positive int, got {value} (or leave it out for the profile's)")
+    if not (math.isfinite(args.lr) and args.lr >= 0):
+        _reject("--lr", f"must be a finite number >= 0, got {args.lr} (e.g. --lr 0.1)")
+    _check_choice("--optimizer", args.optimizer, OPTIMIZERS)
+
+
 def _experiment(args: argparse.Namespace) -> experiments.Experiment:
+    _check_choice("--method", args.method, methods.available())
+    _check_choice("--dataset", args.dataset, DATASET_NAMES)
+    _check_choice("--model", args.model, models.available())
+    with _blame("argument --param"):  # Experiment checks this too, but without naming the argument
+        methods.make(args.method, **dict(args.param))
     return experiments.Experiment(
         dataset=args.dataset, model=args.model, method=args.method, method_params=dict(args.param),
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
@@ -50,28 +102,48 @@ def _experiment(args: argparse.Namespace) -> experiments.Experiment:
     )
 
 
-def _train(args: argparse.Namespace) -> None:
-    result = experiments.run(_experiment(args), progress=not args.no_progress)
+def _check_choice(flag: str, value: str, known: Sequence[str]) -> None:
+    if value not in known:
+        _reject(flag, f"unknown {flag[2:]} {value!r}; known: {', '.join(known)}")
+
+
+def _reject(flag: str, message: str) -> NoReturn:
+    raise ValueError(f"argument {flag}: {message}")
+
+
+@contextlib.contextmanager
+def _blame(label: str) -> Iterator[None]:
+    """Prefix a library's ValueError with the argument that caused it."""
+    try:
+        yield
+    except ValueError as error:
+        raise ValueError(f"{label}: {error}") from None
+
+
+# --- subcommands ---------------------------------------------------------------------------------
+
+
+def _train(args: argparse.Namespace, exp: experiments.Experiment) -> None:
+    result = experiments.run(exp, progress=not args.no_progress)
     print(json.dumps({"key": result.experiment.key(), "cached": result.cached, **result.metrics}, indent=1))
 
 
-def _sweep(args: argparse.Namespace) -> None:
+def _sweep(args: argparse.Namespace, exp: experiments.Experiment) -> None:
     from robustq import ptq
 
-    exp = _experiment(args)
     result = experiments.run(exp, progress=not args.no_progress)
     frame = ptq.bit_sweep(result.model, experiments.dataset_for(exp), w_bits=args.w_bits, a_bits=(None,))
     print(frame.to_string(index=False))
 
 
-def _methods(_args: argparse.Namespace) -> None:
+def _methods(_args: argparse.Namespace, _exp: None) -> None:
     for name in methods.available():
         params = ", ".join(f"{row['name']}={row['value']!r}" for row in methods.describe(name))
         print(f"{name:20s} {params}")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m robustq", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="python -m robustq", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train", help="train one experiment (or load it from the cache), print its metrics")
     _add_experiment_args(train)
@@ -86,12 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
-        args.func(args)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"robustq: error: {error}", file=sys.stderr)
+        args = build_parser().parse_args(argv)
+        args.func(args, validate_args(args))
+    except (ValueError, FileNotFoundError, NonFiniteLossError) as error:
+        print(f"robustq: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     return 0
 

@@ -1,6 +1,6 @@
 """Measurements behind the chapters: layer-wise error propagation and weight clipping curves.
 
-Two analyses of Park, Jang & Park (ECCV 2022, arXiv 2208.00338), as listed in methods.md ("Analyses
+Two analyses of Park, Jang & Park (ECCV 2022, arXiv 2208.00338), as listed in book/methods.md ("Analyses
 to reproduce", [recon]; the paper's own protocol is known only from a third-party summary):
 
 * **error propagation** (insight 1, Fig. 1 [summary]): per conv/linear layer, the KL divergence
@@ -13,7 +13,8 @@ to reproduce", [recon]; the paper's own protocol is known only from a third-part
   (or asymmetric) grid, its argmin ``r*(b)``, and accuracy per range policy (:func:`policy_grid`).
 
 Functions take models and tensors and return tidy ``pandas`` frames (one row per observation).
-Every model is BN-folded first (:func:`robustq.ptq.fold_bn`, methods.md §0) unless ``fold=False``.
+Models are analysed as deployed (book/methods.md §0): BN unfolded by default (the papers' setting), or
+folded into the convs first with ``fold=True`` (:func:`robustq.ptq.fold_bn`).
 
 * outputs: :func:`layer_io`, :func:`layer_outputs`, :func:`quantize_layers`
 * metrics: :func:`kl_divergence`, :func:`mean_shift`, :func:`relative_mse`, :func:`spearman`
@@ -31,6 +32,7 @@ from collections.abc import Iterable, Sequence
 
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from robustq import ptq, quant
@@ -38,6 +40,7 @@ from robustq.data import Dataset
 from robustq.quant import QuantSpec
 
 KL_MAX_BINS = 256
+KL_BINS = 256  # the fixed bin count of the book's KL (book/methods.md §7: KL moves 80x between 32 and 1024 bins)
 KL_EPS = 1e-6  # additive smoothing, per bin, of both histograms' probabilities
 KL_MAX_SAMPLES = 2**20
 STD_EPS = 1e-8
@@ -88,7 +91,7 @@ def kl_divergence(
 ) -> float:
     """``KL(P || Q) = sum_k p_k log(p_k / q_k)`` between the histograms of two samples.
 
-    ``P`` is the float layer's output, ``Q`` the quantized one's (methods.md, insight 1 [summary]:
+    ``P`` is the float layer's output, ``Q`` the quantized one's (book/methods.md, insight 1 [summary]:
     "KL divergence between each layer's output distribution before and after quantization"). Both
     use the same ``bins`` equal-width bins spanning the range of ``p_samples`` (default
     ``min(256, ceil(sqrt(n)))`` for ``n`` float samples, so that small samples are not spread over
@@ -138,7 +141,7 @@ def _channel_mean(y: torch.Tensor) -> torch.Tensor:
 
 
 def mean_shift(y_fp: torch.Tensor, y_q: torch.Tensor, reduce: bool = True) -> torch.Tensor | float:
-    """Per-channel mean shift ``|E[y_q,c] - E[y_c]| / std(y_c)`` (methods.md, analyses [recon]).
+    """Per-channel mean shift ``|E[y_q,c] - E[y_c]| / std(y_c)`` (book/methods.md, analyses [recon]).
 
     Channels are on axis 1; means and the float output's std are over batch and spatial positions.
     A channel with (near) zero float std is left out (it carries no signal to shift). Returns the
@@ -149,6 +152,23 @@ def mean_shift(y_fp: torch.Tensor, y_q: torch.Tensor, reduce: bool = True) -> to
     live = std_fp > STD_EPS
     shift = torch.where(live, delta.abs() / std_fp.clamp_min(STD_EPS), torch.nan)
     return float(shift[live].mean()) if reduce else shift
+
+
+def signed_shift(y_fp: torch.Tensor, y_q: torch.Tensor) -> float:
+    """Pooled signed shift ``mean_c (E[y_q,c] - E[y_c]) / std(y_c)``: unlike :func:`mean_shift`,
+    opposite shifts of different channels cancel, which shows whether a layer drifts one way."""
+    _, std_fp = _channel_stats(y_fp)
+    delta = _channel_mean(y_q.detach() - y_fp.detach())
+    live = std_fp > STD_EPS
+    return float((delta[live] / std_fp[live]).mean())
+
+
+def sqnr_db(y_fp: torch.Tensor, y_q: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio ``10 log10(||y||^2 / ||y_q - y||^2)`` in dB (book/methods.md §7:
+    the book's bin-free primary measure; ``-10 log10`` of :func:`relative_mse`). ``inf`` when
+    ``y_q == y``."""
+    rel = relative_mse(y_fp, y_q)
+    return math.inf if rel == 0 else -10.0 * math.log10(rel)
 
 
 def relative_mse(y_fp: torch.Tensor, y_q: torch.Tensor) -> float:
@@ -173,12 +193,39 @@ def quantize_layers(model: nn.Module, w_spec: QuantSpec, names: Iterable[str] | 
     return quantized
 
 
-def _metrics(y_fp: torch.Tensor, y_q: torch.Tensor, bins: int | None, eps: float) -> dict[str, float]:
+def _metrics(y_fp: torch.Tensor, y_q: torch.Tensor, bins: int | None, eps: float,
+             varying: torch.Tensor | None = None) -> dict[str, float]:
     return {
-        "kl": kl_divergence(y_fp, y_q, bins, eps),
-        "mean_shift": mean_shift(y_fp, y_q),
+        "sqnr_db": sqnr_db(y_fp, y_q),
         "rel_mse": relative_mse(y_fp, y_q),
+        "kl": kl_divergence(*_varying_values(y_fp, y_q, varying), bins, eps),
+        "mean_shift": mean_shift(y_fp, y_q),
+        "signed_shift": signed_shift(y_fp, y_q),
     }
+
+
+@torch.no_grad()
+def varying_positions(module: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """For a conv, the output positions ``[N, H', W']`` whose receptive field in ``x`` is not
+    constant; ``None`` for other layers (every position counts).
+
+    A constant patch (the uniform background of a Fashion-MNIST image: about a third of the first
+    layer's positions) gives every image the same output there, whose spike in a histogram dominates
+    the KL (book/methods.md §7); the book's KL leaves those positions out."""
+    if not isinstance(module, nn.Conv2d):
+        return None
+    window = dict(kernel_size=module.kernel_size, stride=module.stride, padding=module.padding,
+                  dilation=module.dilation)
+    # max - min over each window (zero padding counts as a value, so borders usually vary)
+    spread = F.max_pool2d(x, **window) + F.max_pool2d(-x, **window)
+    return spread.amax(dim=1) > 0
+
+
+def _varying_values(y_fp, y_q, varying):
+    if varying is None:
+        return y_fp, y_q
+    pick = lambda y: y.movedim(1, -1)[varying]  # noqa: E731  [positions, channels]
+    return pick(y_fp), pick(y_q)
 
 
 @torch.no_grad()
@@ -188,12 +235,12 @@ def error_propagation(
     w_spec: QuantSpec,
     mode: str = "all",
     *,
-    bins: int | None = None,
+    bins: int | None = KL_BINS,
     eps: float = KL_EPS,
-    fold: bool = True,
+    fold: bool = False,
 ) -> pd.DataFrame:
     """Layer-wise error of weight quantization on the batch ``x`` (Park et al. 2022, insight 1 and
-    Fig. 1 [summary]; metrics of methods.md "Analyses to reproduce" [recon]).
+    Fig. 1 [summary]; metrics of book/methods.md "Analyses to reproduce" [recon]).
 
     ``mode="all"``: every conv/linear weight quantized with ``w_spec``; each layer's output carries
     the error propagated from the layers below plus its own. ``mode="single"``: each layer alone is
@@ -208,8 +255,8 @@ def error_propagation(
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    folded = ptq.fold_bn(model) if fold else model.eval()
-    return _propagation(folded, x, _FloatPass(folded, x), w_spec, mode, bins, eps).drop(columns="acc")
+    net = _deployed(model, fold)
+    return _propagation(net, x, _FloatPass(net, x), w_spec, mode, bins, eps).drop(columns="acc")
 
 
 def propagation_grid(
@@ -219,19 +266,19 @@ def propagation_grid(
     modes: Sequence[str] = MODES,
     *,
     labels: torch.Tensor | None = None,
-    bins: int | None = None,
+    bins: int | None = KL_BINS,
     eps: float = KL_EPS,
+    fold: bool = False,
 ) -> pd.DataFrame:
-    """:func:`error_propagation` for every weight spec and mode, folding the model and running the
-    float network once. Adds the columns ``w_bits``, ``symmetric``, ``per_channel``, ``policy``;
+    """:func:`error_propagation` for every weight spec and mode, running the float network once. Adds the columns ``w_bits``, ``symmetric``, ``per_channel``, ``policy``;
     with the ``labels`` of ``x`` also ``acc`` (top-1 accuracy on ``x`` of the network with every
     layer quantized, NaN for mode ``"single"``) and ``fp_acc`` (of the float network)."""
-    folded = ptq.fold_bn(model)
-    reference = _FloatPass(folded, x)
+    net = _deployed(model, fold)
+    reference = _FloatPass(net, x)
     frames = []
     for spec in w_specs:
         for mode in modes:
-            frame = _propagation(folded, x, reference, spec, mode, bins, eps, labels)
+            frame = _propagation(net, x, reference, spec, mode, bins, eps, labels)
             frames.append(frame.assign(w_bits=spec.bit_width, symmetric=spec.symmetric,
                                        per_channel=spec.per_channel, policy=spec.policy))
     frame = pd.concat(frames, ignore_index=True)
@@ -241,18 +288,25 @@ def propagation_grid(
 
 
 class _FloatPass:
-    """Inputs, outputs and logits of the float (folded) network on ``x``, computed once."""
+    """Inputs, outputs, logits and KL position masks of the float network on ``x``, computed once."""
 
-    def __init__(self, folded: nn.Module, x: torch.Tensor) -> None:
+    def __init__(self, net: nn.Module, x: torch.Tensor) -> None:
         with torch.no_grad():
-            self.inputs, self.outputs = layer_io(folded, x)
-            self.logits = folded(x)
+            self.inputs, self.outputs = layer_io(net, x)
+            self.logits = net(x)
+        modules = dict(ptq.weighted_layers(net))
+        self.varying = {name: varying_positions(modules[name], self.inputs[name]) for name in self.inputs}
 
 
-def _propagation(folded, x, reference: _FloatPass, w_spec, mode, bins, eps, labels=None) -> pd.DataFrame:
+def _deployed(model: nn.Module, fold: bool) -> nn.Module:
+    """The float network as it is quantized: BN folded, or plain weights with BN kept."""
+    return ptq.fold_bn(model) if fold else ptq.materialize(model)
+
+
+def _propagation(net, x, reference: _FloatPass, w_spec, mode, bins, eps, labels=None) -> pd.DataFrame:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    quantized = quantize_layers(folded, w_spec)
+    quantized = quantize_layers(net, w_spec)
     flips = acc = math.nan
     with torch.no_grad():
         if mode == "all":
@@ -265,28 +319,61 @@ def _propagation(folded, x, reference: _FloatPass, w_spec, mode, bins, eps, labe
             modules = dict(ptq.weighted_layers(quantized))
             y_q = {name: modules[name](reference.inputs[name]) for name in reference.outputs}
     rows = [
-        {"depth": depth, "layer": name, **_metrics(reference.outputs[name], y_q[name], bins, eps),
+        {"depth": depth, "layer": name,
+         **_metrics(reference.outputs[name], y_q[name], bins, eps, reference.varying[name]),
          "mode": mode, "flips": flips, "acc": acc}
         for depth, name in enumerate(reference.outputs, start=1)
     ]
     return pd.DataFrame(rows)
 
 
+def sqnr_drop(model: nn.Module, x: torch.Tensor, w_spec: QuantSpec, *, fold: bool = False) -> float:
+    """Accumulation with depth as one number, in dB: with every layer quantized, the SQNR of the
+    first layer's output minus that of the last layer (the logits). Positive when the error grows
+    relative to the signal on its way through the network (Park et al. 2022, insight 1 [summary])."""
+    frame = error_propagation(model, x, w_spec, mode="all", fold=fold)
+    return float(frame["sqnr_db"].iloc[0] - frame["sqnr_db"].iloc[-1])
+
+
+def bias_drift(model: nn.Module, x: torch.Tensor, w_spec: QuantSpec, *, fold: bool = False) -> float:
+    """Bias drift as one number, in percent of a standard deviation: each layer quantized alone
+    (fed the float input), the per-channel mean shift ``|E[y_q,c] - E[y_c]| / std(y_c)`` averaged
+    over channels and layers, times 100 (Park et al. 2022: "weight symmetry inherits robustness
+    against bias drift" [summary])."""
+    frame = error_propagation(model, x, w_spec, mode="single", fold=fold)
+    return 100.0 * float(frame["mean_shift"].mean())
+
+
+@torch.no_grad()
+def layer_shifts(reference: nn.Module, quantized: nn.Module, x: torch.Tensor) -> pd.DataFrame:
+    """Per conv/linear layer, the per-channel mean shift (:func:`mean_shift`) and the pooled signed
+    shift (:func:`signed_shift`) of ``quantized`` (e.g. from :func:`robustq.ptq.quantize_model`,
+    bias correction included) against ``reference``, the same network in float, on ``x``.
+    Layer names must match (both folded or both unfolded)."""
+    _, y_fp = layer_io(reference, x)
+    _, y_q = layer_io(quantized, x)
+    return pd.DataFrame([
+        {"depth": depth, "layer": name, "mean_shift": mean_shift(y_fp[name], y_q[name]),
+         "signed_shift": signed_shift(y_fp[name], y_q[name])}
+        for depth, name in enumerate(y_fp, start=1)
+    ])
+
+
 # --- the analytic link: weight error mean -> output shift ----------------------------------------
 
 
 @torch.no_grad()
-def weight_error_mean(model: nn.Module, w_spec: QuantSpec, *, fold: bool = True) -> pd.DataFrame:
+def weight_error_mean(model: nn.Module, w_spec: QuantSpec, *, fold: bool = False) -> pd.DataFrame:
     """Per layer and output channel ``c``, the mean over the fan-in of the weight-quantization error
     ``dW = q(W) - W`` (``dw_mean``), the channel's weight std (``w_std``) and fan-in ``n``.
 
-    [recon] (methods.md §1): ``E[dy_c] ~ N mean(dW_c) E[x]``; for a row whose weights are symmetric
+    [recon] (book/methods.md §1): ``E[dy_c] ~ N mean(dW_c) E[x]``; for a row whose weights are symmetric
     about 0 and an odd quantizer, ``mean(dW_c) = 0`` whatever the step. The layer-level mean of
     ``dW`` is the mean of ``dw_mean`` over channels (all rows have the same fan-in).
     """
-    folded = ptq.fold_bn(model) if fold else model.eval()
+    net = _deployed(model, fold)
     frames = []
-    for depth, (name, module) in enumerate(ptq.weighted_layers(folded), start=1):
+    for depth, (name, module) in enumerate(ptq.weighted_layers(net), start=1):
         w = module.weight.detach()
         dw = (quant.quantize(w, w_spec, axis=0) - w).double().reshape(w.shape[0], -1)
         w_rows = w.double().reshape(w.shape[0], -1)
@@ -299,7 +386,7 @@ def weight_error_mean(model: nn.Module, w_spec: QuantSpec, *, fold: bool = True)
 
 
 @torch.no_grad()
-def shift_prediction(model: nn.Module, x: torch.Tensor, w_spec: QuantSpec, *, fold: bool = True) -> pd.DataFrame:
+def shift_prediction(model: nn.Module, x: torch.Tensor, w_spec: QuantSpec, *, fold: bool = False) -> pd.DataFrame:
     """The analytic link between weight error and output shift, per layer and output channel.
 
     With the float input ``x`` of a layer and its weight error ``dW`` (the layer alone quantized):
@@ -308,17 +395,17 @@ def shift_prediction(model: nn.Module, x: torch.Tensor, w_spec: QuantSpec, *, fo
     * ``predicted``: ``sum_i dW_ci E[x_i]`` with ``E[x_i]`` the mean of input channel ``i`` over
       batch and positions (a conv sums its kernel: the prediction ignores where in the image the
       input is large, and zero padding);
-    * ``predicted_scalar``: ``n mean(dW_c) E[x]``, the one-number form of methods.md §1 [recon],
+    * ``predicted_scalar``: ``n mean(dW_c) E[x]``, the one-number form of book/methods.md §1 [recon],
       ``E[x]`` the mean of the whole input.
 
     All three are divided by ``std(y_c)``, like :func:`mean_shift` (but signed). One row per
     (layer, channel) with ``depth``, ``layer``, ``channel``, ``dw_mean`` and the three values.
     """
-    folded = ptq.fold_bn(model) if fold else model.eval()
-    inputs, y_fp = layer_io(folded, x)
-    quantized = dict(ptq.weighted_layers(quantize_layers(folded, w_spec)))
+    net = _deployed(model, fold)
+    inputs, y_fp = layer_io(net, x)
+    quantized = dict(ptq.weighted_layers(quantize_layers(net, w_spec)))
     frames = []
-    for depth, (name, module) in enumerate(ptq.weighted_layers(folded), start=1):
+    for depth, (name, module) in enumerate(ptq.weighted_layers(net), start=1):
         if isinstance(module, nn.Conv2d) and module.groups != 1:
             raise ValueError(f"shift_prediction does not handle grouped convs ({name!r})")
         x_in = inputs[name]
@@ -345,7 +432,7 @@ def shift_prediction(model: nn.Module, x: torch.Tensor, w_spec: QuantSpec, *, fo
 
 
 @torch.no_grad()
-def weight_symmetry(model: nn.Module, *, fold: bool = True) -> pd.DataFrame:
+def weight_symmetry(model: nn.Module, *, fold: bool = False) -> pd.DataFrame:
     """Per conv/linear layer, how symmetric the weights are about zero: the normalised SymReg
     penalty of the whole tensor (``sym_reg``, :func:`robustq.regularizers.sym_reg`, 1:1 pairing,
     layer scope: the quantity the ``symreg`` method penalises), the same averaged over output
@@ -353,7 +440,7 @@ def weight_symmetry(model: nn.Module, *, fold: bool = True) -> pd.DataFrame:
     measures the BN-folded weights that get quantized; ``fold=False`` the trained conv weights."""
     from robustq.regularizers import sym_reg
 
-    net = ptq.fold_bn(model) if fold else ptq.materialize(model)
+    net = _deployed(model, fold)
     rows = []
     for depth, (name, module) in enumerate(ptq.weighted_layers(net), start=1):
         w = module.weight.detach().double()
@@ -364,9 +451,24 @@ def weight_symmetry(model: nn.Module, *, fold: bool = True) -> pd.DataFrame:
             "depth": depth, "layer": name,
             "sym_reg": float(sym_reg(w, "1:1", "layer")),
             "sym_reg_channel": float(sym_reg(w, "1:1", "channel")),
+            "sym_reg_kernel": float(sym_reg(w, "1:1", "kernel")),
             "skewness": float(centered.pow(3).mean() / std.pow(3)),
             "mean_over_std": float(flat.mean() / std),
         })
+    return pd.DataFrame(rows)
+
+
+@torch.no_grad()
+def weight_tails(model: nn.Module, *, fold: bool = False) -> pd.DataFrame:
+    """Per conv/linear layer, how far the largest weight lies from the bulk: ``max_over_std``
+    (``max|W| / std(W)``) and the ``kurtosis`` (3 Gaussian, 6 Laplace, 1.8 uniform), as deployed."""
+    rows = []
+    for depth, (name, module) in enumerate(ptq.weighted_layers(_deployed(model, fold)), start=1):
+        w = module.weight.detach().double().flatten()
+        centered = w - w.mean()
+        std = centered.pow(2).mean().sqrt()
+        rows.append({"depth": depth, "layer": name, "max_over_std": float(w.abs().max() / std),
+                     "kurtosis": float(centered.pow(4).mean() / std**4)})
     return pd.DataFrame(rows)
 
 
@@ -387,7 +489,7 @@ def clip_curve(
     symmetric: bool = True,
 ) -> pd.DataFrame:
     """Quantization MSE of the tensor ``w`` against the clip ratio ``r`` (Park et al. 2022,
-    insight 2 [summary]; the sweep of methods.md "Analyses to reproduce" [recon]).
+    insight 2 [summary]; the sweep of book/methods.md "Analyses to reproduce" [recon]).
 
     Symmetric narrow-range grid clipping at ``t = r max|w|``: ``s = t / (2^(b-1) - 1)``. Asymmetric:
     the range ``[r min(w, 0), r max(w, 0)]`` over ``2^b`` codes. This is the arithmetic of the ``mse``
@@ -448,17 +550,27 @@ def model_clip_curves(
     ratios: Sequence[float] | None = None,
     symmetric: bool = True,
     *,
-    fold: bool = True,
+    fold: bool = False,
 ) -> pd.DataFrame:
-    """:func:`clip_curve` of every conv/linear weight of the (BN-folded) model, with ``depth`` and
-    ``layer`` columns."""
-    folded = ptq.fold_bn(model) if fold else ptq.materialize(model)
+    """:func:`clip_curve` of every conv/linear weight of the model as deployed (BN unfolded by
+    default, folded with ``fold=True``), with ``depth`` and ``layer`` columns."""
     frames = [
         clip_curve(module.weight, bit_widths, ratios, symmetric).assign(depth=depth, layer=name)
-        for depth, (name, module) in enumerate(ptq.weighted_layers(folded), start=1)
+        for depth, (name, module) in enumerate(ptq.weighted_layers(_deployed(model, fold)), start=1)
     ]
     columns = ["depth", "layer", "bit_width", "r", "mse", "rel_mse", "clipped"]
     return pd.concat(frames, ignore_index=True)[columns]
+
+
+def minmax_log_excess(model: nn.Module, bit_widths: Sequence[int] = (2, 3, 4, 6, 8), *, fold: bool = False) -> float:
+    """How far min-max is from the MSE-optimal clip, as one number: ``100 mean ln(E_b)`` over the
+    model's layers and ``bit_widths``, with ``E_b = MSE_b(r=1) / MSE_b(r*)`` the min-max excess of
+    :func:`optimal_ratio` (symmetric grid). 0 when min-max is optimal everywhere; 10 is about 10%
+    more error than the best clip. Park et al. 2022, insight 2 [summary]: clamping should bring it
+    towards 0."""
+    curves = model_clip_curves(model, bit_widths, fold=fold)
+    excess = optimal_ratio(curves, by=["depth", "layer", "bit_width"])["minmax_excess"]
+    return 100.0 * float(excess.map(math.log).mean())
 
 
 # --- accuracy per range policy -------------------------------------------------------------------
@@ -498,7 +610,8 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
 
 
 __all__ = [
-    "layer_io", "layer_outputs", "kl_divergence", "mean_shift", "relative_mse", "quantize_layers",
+    "layer_io", "layer_outputs", "kl_divergence", "mean_shift", "signed_shift", "relative_mse", "sqnr_db",
+    "varying_positions", "quantize_layers", "layer_shifts",
     "error_propagation", "propagation_grid", "weight_error_mean", "shift_prediction", "weight_symmetry",
     "default_ratios", "clip_curve", "optimal_ratio", "model_clip_curves", "policy_grid",
     "policy_spread", "spearman",

@@ -253,6 +253,10 @@ def fashion_mnist_folder(root: str | os.PathLike | None = None) -> Path:
     if root is None:
         root = os.environ.get(DATA_ENV_VAR) or DEFAULT_FASHION_MNIST_DIR
     folder = Path(root).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise FileNotFoundError(
+            f"Fashion-MNIST folder {folder} is a file, not a folder; {FASHION_MNIST_INSTALL_HINT}"
+        )
     if not folder.is_dir():
         raise FileNotFoundError(
             f"Fashion-MNIST folder {folder} does not exist; {FASHION_MNIST_INSTALL_HINT}"
@@ -262,6 +266,23 @@ def fashion_mnist_folder(root: str | os.PathLike | None = None) -> Path:
     if not (folder / first_file).is_file() and (subfolder / first_file).is_file():
         folder = subfolder
     return folder.resolve()
+
+
+def source_files(name: str, root: str | os.PathLike | None = None) -> list[Path]:
+    """The files dataset ``name`` is read from (none for ``synthetic``, which is generated): what
+    the experiment cache fingerprints, so a model trained on other files is never served."""
+    if name == "fashion-mnist":
+        folder = fashion_mnist_folder(root)
+        files = [folder / file for file in FASHION_MNIST_FILES.values()]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"Fashion-MNIST folder {folder} lacks {', '.join(missing)}; {FASHION_MNIST_INSTALL_HINT}")
+        return files
+    if name == "cifar10":
+        return _cifar10_sources(cifar10_folder(root))
+    if name == "synthetic":
+        return []
+    raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
 
 
 def _file_signature(paths: Sequence[Path]) -> tuple[tuple[str, int, int], ...]:

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from robustq import qat, regularizers, sam, satnl
+from robustq.models import stem_and_classifier
 from robustq.ptq import weighted_layers
 from robustq.quant import validate_bit_width
 from robustq.train import Extensions, StepContext
@@ -35,14 +36,6 @@ from robustq.train import Extensions, StepContext
 
 def is_depthwise(module: nn.Module) -> bool:
     return isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels
-
-
-def stem_and_classifier(model: nn.Module) -> tuple[str, str | None]:
-    """Names of the first conv (the stem) and the last linear layer (the classifier)."""
-    layers = weighted_layers(model)
-    convs = [name for name, m in layers if isinstance(m, nn.Conv2d)]
-    linears = [name for name, m in layers if isinstance(m, nn.Linear)]
-    return convs[0], (linears[-1] if linears else None)
 
 
 def latent_weight(module: nn.Module) -> torch.Tensor:
@@ -175,7 +168,7 @@ class SinReQ(Part):
     ``lam(epoch) * sum_layers mean sin^2(pi (w + shift) / Delta)`` on the latent (shadow) weights,
     with the released code's schedule ``lam(epoch) = lam * 0.5 (1 + tanh((epoch - 0.2 E) / ramp))``.
     Layers: every conv and linear except the stem conv and the classifier. ``lam`` is our default:
-    the committed scripts set it to 0 (methods.md §8)."""
+    the committed scripts set it to 0 (book/methods.md §8)."""
 
     lam: float = 1.0
     bit_width: int = 4
@@ -243,20 +236,27 @@ class GradL1(Part):
 class QAT(Part):
     """Weight-only quantization-aware training (:func:`robustq.qat.prepare_qat`): ``ste``
     (straight-through, Bengio et al. 2013), ``lsq`` (Esser et al., arXiv 1902.08153), ``dorefa``
-    (Zhou et al., arXiv 1606.06160) or ``wrpn`` (Mishra et al., arXiv 1709.01134) at ``bit_width``,
-    on every conv and linear. After training the quantizers are removed and the weights they saw
-    before rounding are kept, so the model can be evaluated at any bit-width (cross-bit)."""
+    (Zhou et al., arXiv 1606.06160) or ``wrpn`` (Mishra et al., arXiv 1709.01134) at ``bit_width``
+    on every conv and linear, except the stem conv and the classifier, which train at
+    ``edge_bit_width`` (8 by default, as LSQ and SinReQ train; set it to ``bit_width`` for every
+    layer at the target). After training the quantizers are removed and the weights they saw before
+    rounding are kept; the cache keeps the quantizers' description, so the model is evaluated with
+    its own quantizer (book/methods.md §7) and cross-bit."""
 
     quantizer: str = "ste"
     bit_width: int = 4
+    edge_bit_width: int = 8
     per_channel: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_choice("quantizer", self.quantizer, qat.QUANTIZERS)
+        validate_bit_width(self.edge_bit_width)
 
     def prepare(self, model):
-        return qat.prepare_qat(model, self.quantizer, self.bit_width, per_channel=self.per_channel)
+        return qat.prepare_qat(
+            model, self.quantizer, self.bit_width, per_channel=self.per_channel, edge_bit_width=self.edge_bit_width
+        )
 
     def finalize(self, model):
         return qat.remove_qat(model)

@@ -254,6 +254,16 @@ def make_model(name: str, in_channels: int, num_classes: int) -> nn.Module:
     return model
 
 
+def stem_and_classifier(model: nn.Module) -> tuple[str, str | None]:
+    """Qualified names of the stem (first ``nn.Conv2d``) and the classifier (last ``nn.Linear``,
+    ``None`` if there is none), the layers deployments keep at 8 bits."""
+    convs = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not convs:
+        raise ValueError("the model has no nn.Conv2d, so it has no stem")
+    return convs[0], (linears[-1] if linears else None)
+
+
 def count_parameters(model: nn.Module) -> int:
     """Number of parameters (trainable or frozen; buffers such as BN running stats excluded)."""
     return sum(p.numel() for p in model.parameters())

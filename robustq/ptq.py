@@ -1,9 +1,12 @@
 """Post-training quantization of whole models, and the bit-width sweep every chapter evaluates with.
 
-``quantize_model`` returns a fake-quantized copy: BatchNorm folded into the preceding conv
-(methods.md §0), each conv/linear weight quantized by :func:`robustq.quant.quantize`, and, with an
-activation spec, the input of each conv/linear fake-quantized with ranges calibrated on a few
-training batches. The original model is never modified.
+``quantize_model`` returns a fake-quantized copy deployed as book/methods.md §0 says: BatchNorm
+unfolded (the papers' setting) or folded into the preceding conv, stem and classifier at 8 bits or
+at the target bit-width, each conv/linear weight quantized by :func:`robustq.quant.quantize` (or,
+for a QAT-trained model, by its own trained quantizer), optionally the input of each conv/linear
+fake-quantized with ranges calibrated on a few training batches, and the PTQ fixes a training-time
+method must beat: bias correction and BN re-estimation. ``bit_sweep`` evaluates a grid of these
+settings as one tidy frame. The original model is never modified.
 """
 
 from __future__ import annotations
@@ -18,13 +21,15 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from robustq import quant
+from robustq import qat, quant
 from robustq.data import BatchLoader, Dataset, Split, eval_loader
-from robustq.models import ConvBN
+from robustq.models import ConvBN, stem_and_classifier
 from robustq.quant import QuantSpec
 from robustq.train import EVAL_BATCH_SIZE, evaluate
 
 FLOAT_BITS = 32  # how tidy frames label an unquantized tensor
+EDGE_BIT_WIDTH = 8  # the stem conv and the classifier in the primary deployment setting
+TRAINED = "trained"  # bit_sweep's policy name for a QAT model's own quantizer
 WEIGHTED = (nn.Conv2d, nn.Linear)
 
 
@@ -74,39 +79,126 @@ def quantize_model(
     a_spec: QuantSpec | None = None,
     calib: torch.Tensor | None = None,
     *,
-    first_last_8bit: bool = False,
-    fold: bool = True,
+    first_last_8bit: bool = True,
+    fold: bool = False,
+    bias_correction: bool = False,
+    bn_reestimate: bool = False,
+    trained_quantizers: dict[str, dict] | None = None,
 ) -> nn.Module:
-    """A fake-quantized copy of ``model``.
+    """A fake-quantized copy of ``model``, deployed as book/methods.md §0 describes.
 
-    ``w_spec`` quantizes every conv/linear weight (per output channel along axis 0 when
-    ``w_spec.per_channel``); ``None`` keeps weights in float. ``first_last_8bit`` keeps the stem
-    conv and the classifier at 8 bits, a common deployment choice. ``a_spec`` quantizes the input of
-    every conv/linear with ranges calibrated on ``calib`` (a normalised batch of training images); a
-    layer whose calibration inputs are all >= 0 (after ReLU) gets an unsigned grid with zero point 0.
+    * ``w_spec`` quantizes every conv/linear weight (per output channel along axis 0 when
+      ``w_spec.per_channel``); ``None`` keeps weights in float. With ``trained_quantizers`` (a QAT
+      model's :attr:`robustq.experiments.Result.quantizers`) the model's own trained quantizers are
+      used instead, at ``w_spec.bit_width`` (only that field of ``w_spec`` counts).
+    * ``fold=False`` (the papers' setting, the default) quantizes the conv weights as trained and
+      keeps BatchNorm in float; ``fold=True`` folds BN into the convs first (integer inference).
+    * ``first_last_8bit=True`` (the primary setting) keeps the stem conv and the classifier at 8
+      bits; ``False`` quantizes every layer at the target bit-width.
+    * ``a_spec`` quantizes the input of every conv/linear with ranges calibrated on ``calib`` (a
+      normalised batch of training images); a layer whose calibration inputs are all >= 0 (after
+      ReLU) gets an unsigned grid with zero point 0.
+    * ``bn_reestimate`` (unfolded only) re-estimates BN statistics on ``calib`` after weight
+      quantization (Nagel et al. 2022, arXiv 2203.11086); ``bias_correction`` then subtracts each
+      output channel's mean shift on ``calib``, layer by layer (:func:`correct_bias`, Nagel et al.
+      2019, arXiv 1906.04721). Both are the PTQ fixes a training-time method must beat.
     """
-    if a_spec is not None and calib is None:
-        raise ValueError("a_spec needs calib: pass a batch of normalised training images, e.g. calibration_batch(data)")
+    if (a_spec is not None or bias_correction or bn_reestimate) and calib is None:
+        raise ValueError(
+            "a_spec, bias_correction and bn_reestimate need calib: pass a batch of normalised "
+            "training images, e.g. calib=calibration_batch(data)"
+        )
+    if trained_quantizers and fold:
+        raise ValueError("a QAT model's own quantizers act on unfolded weights: pass fold=False")
+    if bn_reestimate and fold:
+        raise ValueError("bn_reestimate needs the BatchNorm layers: pass fold=False")
     quantized = fold_bn(model) if fold else materialize(model)
-    if w_spec is not None:
+    reference = copy.deepcopy(quantized) if bias_correction else None
+    if w_spec is not None and trained_quantizers:
+        qat.requantize(quantized, trained_quantizers, _edge_rule(quantized, w_spec.bit_width, first_last_8bit))
+    elif w_spec is not None:
         _quantize_weights(quantized, w_spec, first_last_8bit)
+    if bn_reestimate:
+        reestimate_bn(quantized, calib)
     if a_spec is not None:
         attach_activation_quantizers(quantized, calibrate(quantized, calib, a_spec))
-    return quantized
+    if reference is not None:
+        correct_bias(quantized, reference, calib)
+    return quantized.eval()
+
+
+def _edge_bits(bit_width: int) -> int:
+    return max(EDGE_BIT_WIDTH, bit_width)
+
+
+def _edge_rule(model: nn.Module, bit_width: int, first_last_8bit: bool):
+    """``(layer name, trained bit-width) -> bit-width`` for re-quantizing a QAT model: edges at 8
+    bits in the primary setting, every other layer at ``bit_width``."""
+    edges = set(stem_and_classifier(model)) if first_last_8bit else set()
+    return lambda name, _trained: _edge_bits(bit_width) if name in edges else bit_width
 
 
 @torch.no_grad()
 def _quantize_weights(model: nn.Module, spec: QuantSpec, first_last_8bit: bool) -> None:
-    layers = weighted_layers(model)
-    edge = {layers[0][0], _last_linear(layers)} if first_last_8bit else set()
-    for name, module in layers:
-        layer_spec = dataclasses.replace(spec, bit_width=max(8, spec.bit_width)) if name in edge else spec
+    edges = set(stem_and_classifier(model)) if first_last_8bit else set()
+    for name, module in weighted_layers(model):
+        layer_spec = dataclasses.replace(spec, bit_width=_edge_bits(spec.bit_width)) if name in edges else spec
         module.weight.copy_(quant.quantize(module.weight, layer_spec, axis=0))
 
 
-def _last_linear(layers: list[tuple[str, nn.Module]]) -> str | None:
-    linear = [name for name, m in layers if isinstance(m, nn.Linear)]
-    return linear[-1] if linear else None
+@torch.no_grad()
+def reestimate_bn(model: nn.Module, calib: torch.Tensor, batch_size: int = 256) -> None:
+    """Recompute every BatchNorm's running statistics of ``model`` (in place) as the plain average
+    over ``calib`` in batches, after quantization changed the layers' outputs (Nagel et al. 2022,
+    arXiv 2203.11086, §4.3)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    if not norms:
+        raise ValueError("the model has no BatchNorm to re-estimate (was it folded?): pass fold=False")
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative average over the calibration batches
+    model.train()
+    device = next(model.parameters()).device
+    for chunk in calib.split(batch_size):
+        model(chunk.to(device))
+    model.eval()
+
+
+@torch.no_grad()
+def correct_bias(quantized: nn.Module, reference: nn.Module, calib: torch.Tensor) -> None:
+    """Empirical bias correction (Nagel et al. 2019, arXiv 1906.04721, §4.2), in place: layer by
+    layer in module order, subtract from each output channel's bias the mean shift
+    ``E[y_q] - E[y]`` of that layer's output on ``calib``, measured with the already-corrected
+    quantized layers below it. Afterwards the logits' per-class mean on ``calib`` equals
+    ``reference``'s (the same network in float) to float error. A conv without bias gets one."""
+    device = next(quantized.parameters()).device
+    target = _output_means(reference, calib.to(device))
+    for name, layer in weighted_layers(quantized):
+        shift = _output_means(quantized, calib.to(device), only=name)[name] - target[name]
+        if layer.bias is None:
+            layer.bias = nn.Parameter(torch.zeros_like(shift))
+        layer.bias.sub_(shift)
+
+
+def _output_means(model: nn.Module, x: torch.Tensor, only: str | None = None) -> dict[str, torch.Tensor]:
+    """Per conv/linear layer (or only ``only``), its output's mean per channel on ``x``."""
+    means: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def store(_module, _args, out):
+            dims = [d for d in range(out.dim()) if d != 1]
+            means[name] = out.double().mean(dim=dims).to(out.dtype)
+
+        return store
+
+    layers = [(n, m) for n, m in weighted_layers(model) if only is None or n == only]
+    handles = [m.register_forward_hook(hook(n)) for n, m in layers]
+    try:
+        model.eval()(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return means
 
 
 @torch.no_grad()
@@ -152,38 +244,65 @@ def bit_sweep(
     model: nn.Module,
     data: Dataset,
     w_bits: Sequence[int] = (8, 6, 5, 4, 3, 2),
-    a_bits: Sequence[int | None] = (None, 8),
+    a_bits: Sequence[int | None] = (None,),
     *,
     symmetric: Iterable[bool] = (True,),
     per_channel: Iterable[bool] = (False,),
     policy: Iterable[str] = ("minmax",),
-    first_last_8bit: bool = False,
+    fold: Iterable[bool] = (False,),
+    first_last_8bit: Iterable[bool] = (True,),
+    bias_correction: Iterable[bool] = (False,),
     calib_size: int = 512,
 ) -> pd.DataFrame:
-    """Test accuracy of ``model`` PTQ'd at every combination of the arguments.
+    """Test accuracy of ``model`` quantized at every combination of the arguments.
 
-    One tidy row per ``(w_bits, a_bits, symmetric, per_channel, policy)`` with ``acc`` and the
-    float model's ``fp_acc``; ``a_bits`` of ``FLOAT_BITS`` means float activations. Activations use
-    an asymmetric min-max spec of the given bit-width, calibrated once on the float model and
-    reused for every weight spec. BN is folded once.
+    ``model`` is a module or a :class:`robustq.experiments.Result`; a QAT-trained result also
+    accepts ``policy="trained"``: its own quantizers at each ``w_bits`` (cross-bit away from its
+    target; LSQ's step carried, book/methods.md §7), unfolded. The defaults are the book's primary
+    setting (book/methods.md §0): weights only, symmetric per-tensor min-max, BN unfolded, stem and
+    classifier at 8 bits. One tidy row per combination, with ``acc`` and the float model's
+    ``fp_acc`` (same deployment, unquantized); ``a_bits`` of ``FLOAT_BITS`` means float
+    activations, else an asymmetric min-max spec calibrated on the float model.
     """
-    folded = fold_bn(model)
+    model, quantizers = _model_and_quantizers(model)
+    policies = tuple(policy)
+    if TRAINED in policies and not quantizers:
+        raise ValueError("policy 'trained' needs a QAT-trained Result (experiments.run of a QAT method)")
+    _check_bits(w_bits, a_bits)
     calib = calibration_batch(data, calib_size)
-    fp_acc = accuracy(folded, data)
-    act_qparams = {a: calibrate(folded, calib, QuantSpec(a, symmetric=False)) for a in a_bits if a is not None}
     rows = []
-    for sym, pc, pol, w in itertools.product(symmetric, per_channel, policy, w_bits):
-        weights_only = quantize_model(folded, QuantSpec(w, sym, True, pc, pol), fold=False, first_last_8bit=first_last_8bit)
-        for a in a_bits:
-            candidate = weights_only if a is None else _with_activations(weights_only, act_qparams[a])
+    for folded in fold:
+        deployed = fold_bn(model) if folded else materialize(model)
+        fp_acc = accuracy(deployed, data)
+        act_qparams = {a: calibrate(deployed, calib, QuantSpec(a, symmetric=False)) for a in a_bits if a is not None}
+        settings = itertools.product(symmetric, per_channel, policies, first_last_8bit, bias_correction, w_bits, a_bits)
+        for sym, pc, pol, edges, corrected, w, a in settings:
+            if pol == TRAINED and folded:
+                continue  # a QAT model's own quantizer acts on unfolded weights
+            quantized = quantize_model(
+                deployed, QuantSpec(w, sym, True, pc, "minmax" if pol == TRAINED else pol), fold=False,
+                first_last_8bit=edges, bias_correction=corrected, calib=calib,
+                trained_quantizers=quantizers if pol == TRAINED else None,
+            )
+            if a is not None:
+                attach_activation_quantizers(quantized, act_qparams[a])
             rows.append(
-                {"w_bits": w, "a_bits": a or FLOAT_BITS, "symmetric": sym, "per_channel": pc,
-                 "policy": pol, "acc": accuracy(candidate, data), "fp_acc": fp_acc}
+                {"w_bits": w, "a_bits": a or FLOAT_BITS, "symmetric": sym, "per_channel": pc, "policy": pol,
+                 "fold": folded, "first_last_8bit": edges, "bias_correction": corrected,
+                 "acc": accuracy(quantized, data), "fp_acc": fp_acc}
             )
     return pd.DataFrame(rows)
 
 
-def _with_activations(model: nn.Module, qparams: dict[str, tuple]) -> nn.Module:
-    quantized = copy.deepcopy(model)
-    attach_activation_quantizers(quantized, qparams)
-    return quantized
+def _model_and_quantizers(model_or_result) -> tuple[nn.Module, dict[str, dict]]:
+    if isinstance(model_or_result, nn.Module):
+        return model_or_result, {}
+    return model_or_result.model, getattr(model_or_result, "quantizers", {}) or {}
+
+
+def _check_bits(w_bits: Sequence[int], a_bits: Sequence[int | None]) -> None:
+    for bits in w_bits:
+        quant.validate_bit_width(bits)
+    for bits in a_bits:
+        if bits is not None:
+            quant.validate_bit_width(bits)

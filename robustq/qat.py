@@ -1,5 +1,5 @@
 """Weight-only quantization-aware training: four fake-quantizers as ``torch.nn.utils.parametrize``
-parametrizations of ``weight`` (methods.md §6).
+parametrizations of ``weight`` (book/methods.md §6).
 
 * ``"ste"``: the shared symmetric narrow-range quantizer of ``robustq.quant`` (min-max range,
   per-tensor or per-channel) with a straight-through gradient (Bengio et al., arXiv 1308.3432);
@@ -10,8 +10,9 @@ parametrizations of ``weight`` (methods.md §6).
 The latent full-precision weight stays the trainable parameter
 (``layer.parametrizations.weight.original``); ``layer.weight`` is its fake-quantized value.
 ``remove_qat`` replaces each quantized weight with the weight the quantizer sees just before
-rounding, so the trained model can be post-training quantized at any bit-width (cross-bit
-evaluation, methods.md §7).
+rounding, and ``describe_quantizers`` keeps what ``requantize`` needs to quantize it again exactly
+as trained (LSQ's learned step), or at another bit-width with the same quantizer family (cross-bit
+evaluation, book/methods.md §7).
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from robustq.reparam import register_weight_parametrizations
-
+from robustq.models import stem_and_classifier
 from robustq.quant import QuantSpec, quantize, round_ste, validate_bit_width
+from robustq.reparam import register_weight_parametrizations
 
 QUANTIZERS = ("ste", "lsq", "dorefa", "wrpn")
 QAT_LAYER_TYPES = (nn.Conv2d, nn.Linear)
@@ -39,25 +40,44 @@ class WeightQuantizer(nn.Module):
         super().__init__()
         self.bit_width = validate_bit_width(bit_width)
 
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return self.quantize_pre_rounded(self.pre_rounding(w))
+
     def pre_rounding(self, w: torch.Tensor) -> torch.Tensor:
+        """The full-precision weight the quantizer rounds (``remove_qat`` keeps it)."""
         return w
+
+    def quantize_pre_rounded(self, v: torch.Tensor) -> torch.Tensor:
+        """The rounding stage alone: ``forward(w) == quantize_pre_rounded(pre_rounding(w))``, so a
+        model finalized by ``remove_qat`` is re-quantized exactly as it trained."""
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """JSON-able state that rebuilds this quantizer on the pre-rounded weight
+        (:func:`quantizer_from_description`)."""
+        return {"quantizer": self.name, "bit_width": self.bit_width}
 
     def extra_repr(self) -> str:
         return f"bit_width={self.bit_width}"
 
 
 class STEWeight(WeightQuantizer):
-    """Straight-through QAT with the shared quantizer (methods.md §0 and §6; STE of Bengio et al.,
+    """Straight-through QAT with the shared quantizer (book/methods.md §0 and §6; STE of Bengio et al.,
     arXiv 1308.3432): ``quant.quantize(w, QuantSpec(bit_width, symmetric=True, narrow_range=True,
     per_channel=per_channel))``, min-max range over the output-channel axis 0 when per-channel.
     Gradient 1 for every weight (the min-max range clips nothing); the scale is a constant."""
+
+    name = "ste"
 
     def __init__(self, bit_width: int, per_channel: bool = False) -> None:
         super().__init__(bit_width)
         self.spec = QuantSpec(self.bit_width, symmetric=True, narrow_range=True, per_channel=per_channel)
 
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return quantize(w, self.spec, axis=0)
+    def quantize_pre_rounded(self, v: torch.Tensor) -> torch.Tensor:
+        return quantize(v, self.spec, axis=0)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "per_channel": self.spec.per_channel}
 
     def extra_repr(self) -> str:
         return f"bit_width={self.bit_width}, per_channel={self.spec.per_channel}"
@@ -74,6 +94,8 @@ class LSQWeight(WeightQuantizer):
     it sees ``scale``.
     """
 
+    name = "lsq"
+
     def __init__(self, bit_width: int, init_weight: torch.Tensor) -> None:
         super().__init__(bit_width)
         self.q_p = 2 ** (self.bit_width - 1) - 1
@@ -84,9 +106,19 @@ class LSQWeight(WeightQuantizer):
             raise ValueError("LSQWeight cannot initialise its step from an all-zero init_weight")
         self.scale = nn.Parameter(init_step.clone())
 
-    def forward(self, v: torch.Tensor) -> torch.Tensor:
+    def quantize_pre_rounded(self, v: torch.Tensor) -> torch.Tensor:
         step = _scale_gradient(self.scale, self.grad_scale)
         return step * round_ste(torch.clamp(v / step, -self.q_n, self.q_p))
+
+    def describe(self) -> dict:
+        return {**super().describe(), "scale": float(self.scale.detach())}
+
+    @torch.no_grad()
+    def carry_step(self, scale: float, trained_bit_width: int) -> None:
+        """Set the step learned at ``trained_bit_width`` as ``s' = s Q_P(b) / Q_P(b')`` (book/methods.md §7):
+        the same clipping range ``s Q_P`` on this quantizer's grid."""
+        trained_q_p = 2 ** (validate_bit_width(trained_bit_width) - 1) - 1
+        self.scale.fill_(scale * (trained_q_p / self.q_p))  # a ratio of exactly 1 keeps s bit for bit
 
 
 def _scale_gradient(x: torch.Tensor, factor: float) -> torch.Tensor:
@@ -95,15 +127,16 @@ def _scale_gradient(x: torch.Tensor, factor: float) -> torch.Tensor:
 
 
 class DoReFaWeight(WeightQuantizer):
-    """DoReFa-Net's k-bit weight quantizer (Zhou et al., arXiv 1606.06160; methods.md §6):
+    """DoReFa-Net's k-bit weight quantizer (Zhou et al., arXiv 1606.06160; book/methods.md §6):
     ``2 quantize_k(tanh(w) / (2 max|tanh w|) + 1/2) - 1`` with
     ``quantize_k(x) = round(x (2^k - 1)) / (2^k - 1)`` and a straight-through round; outputs lie on
     the ``2^k`` levels ``2 i / (2^k - 1) - 1``. The max is not detached, as in DoReFa."""
 
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
+    name = "dorefa"
+
+    def quantize_pre_rounded(self, v: torch.Tensor) -> torch.Tensor:
         levels = 2**self.bit_width - 1
-        unit = self.pre_rounding(w) / 2 + 0.5
-        return 2 * (round_ste(unit * levels) / levels) - 1
+        return 2 * (round_ste((v / 2 + 0.5) * levels) / levels) - 1
 
     def pre_rounding(self, w: torch.Tensor) -> torch.Tensor:
         """``tanh(w) / max|tanh w|``, in [-1, 1]."""
@@ -112,15 +145,17 @@ class DoReFaWeight(WeightQuantizer):
 
 
 class WRPNWeight(WeightQuantizer):
-    """WRPN's weight quantizer (Mishra et al., arXiv 1709.01134; methods.md §6):
+    """WRPN's weight quantizer (Mishra et al., arXiv 1709.01134; book/methods.md §6):
     ``round((2^(k-1) - 1) clamp(w, -1, 1)) / (2^(k-1) - 1)`` with a straight-through round; outputs
     lie on the ``2^k - 1`` levels ``j / (2^(k-1) - 1)``. The grid is fixed to [-1, 1]: with
     PyTorch's default init most weights are far below one step at low bit-widths and round to 0
     (WRPN compensates by widening layers, which this package does not do)."""
 
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
+    name = "wrpn"
+
+    def quantize_pre_rounded(self, v: torch.Tensor) -> torch.Tensor:
         levels = 2 ** (self.bit_width - 1) - 1
-        return round_ste(levels * self.pre_rounding(w)) / levels
+        return round_ste(levels * v) / levels
 
     def pre_rounding(self, w: torch.Tensor) -> torch.Tensor:
         """``clamp(w, -1, 1)``."""
@@ -148,21 +183,30 @@ def prepare_qat(
     *,
     per_channel: bool = False,
     exclude: Iterable[str] = (),
+    edge_bit_width: int | None = None,
 ) -> nn.Module:
-    """Register a weight fake-quantizer (see ``make_weight_quantizer``; methods.md §6) on every
+    """Register a weight fake-quantizer (see ``make_weight_quantizer``; book/methods.md §6) on every
     ``nn.Conv2d`` and ``nn.Linear`` of ``model`` whose qualified name is not in ``exclude``.
+
+    ``edge_bit_width`` (e.g. 8) quantizes the stem conv and the classifier at that bit-width
+    instead of ``bit_width``, as LSQ and SinReQ train (book/methods.md §7, the book's QAT setting);
+    ``None`` uses ``bit_width`` everywhere.
 
     Modifies ``model`` in place and returns it. Raises ``ValueError`` if QAT is already prepared,
     or if a target weight already has another parametrization: SatNL must be folded first
     (``remove_satnl``), or its layers excluded.
     """
     validate_bit_width(bit_width)
+    edges = set(stem_and_classifier(model)) if edge_bit_width is not None else set()
+    edge_bits = validate_bit_width(edge_bit_width) if edges else bit_width
     _check_quantizer_args(quantizer, per_channel)
     if has_qat(model):
         raise ValueError("QAT is already prepared on this model; call remove_qat first")
     register_weight_parametrizations(
         _target_layers(model, exclude),
-        lambda _name, layer: make_weight_quantizer(quantizer, bit_width, layer.weight, per_channel),
+        lambda name, layer: make_weight_quantizer(
+            quantizer, edge_bits if name in edges else bit_width, layer.weight, per_channel
+        ),
         fix="e.g. SatNL: fold it first (remove_satnl) or put the layer in exclude",
     )
     return model
@@ -170,13 +214,12 @@ def prepare_qat(
 
 def remove_qat(model: nn.Module) -> nn.Module:
     """Drop the QAT quantizers, keeping for each layer the weight its quantizer saw just before
-    rounding: the latent ``w`` for ``"ste"`` and ``"lsq"`` (LSQ's learned step is discarded),
-    ``tanh(w) / max|tanh w|`` for ``"dorefa"``, ``clamp(w, -1, 1)`` for ``"wrpn"``.
+    rounding: the latent ``w`` for ``"ste"`` and ``"lsq"``, ``tanh(w) / max|tanh w|`` for
+    ``"dorefa"``, ``clamp(w, -1, 1)`` for ``"wrpn"``. Call :func:`describe_quantizers` first to keep
+    what re-quantizing needs (LSQ's learned step): :func:`requantize` then reproduces the trained
+    weights exactly, or re-quantizes them at another bit-width (cross-bit, book/methods.md §7).
 
-    Our choice (methods.md §7): the result is a full-precision model that a PTQ grid can
-    quantize at any bit-width; quantizing it at the training bit-width with the training grid
-    reproduces the QAT weights for DoReFa and WRPN (and for STE with the same spec). The weight
-    ``Parameter`` objects are kept. Modifies ``model`` in place and returns it; raises
+    The weight ``Parameter`` objects are kept. Modifies ``model`` in place and returns it; raises
     ``ValueError`` if the model has no QAT quantizer.
     """
     layers = [layer for layer in model.modules() if _qat_quantizer(layer) is not None]
@@ -188,6 +231,46 @@ def remove_qat(model: nn.Module) -> nn.Module:
         parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
         with torch.no_grad():
             layer.weight.copy_(latent)
+    return model
+
+
+def describe_quantizers(model: nn.Module) -> dict[str, dict]:
+    """``{layer name: quantizer.describe()}`` for every layer with a QAT quantizer: JSON-able, so
+    an experiment's cache entry can keep it beside the finalized weights."""
+    return {
+        name: _qat_quantizer(layer).describe()
+        for name, layer in model.named_modules()
+        if _qat_quantizer(layer) is not None
+    }
+
+
+def quantizer_from_description(description: dict, weight: torch.Tensor, bit_width: int | None = None) -> WeightQuantizer:
+    """Rebuild a described quantizer for a pre-rounded ``weight``, at its trained bit-width or at
+    ``bit_width``; LSQ's step is carried as ``s' = s Q_P(b) / Q_P(b')`` (book/methods.md §7)."""
+    trained_bits = description["bit_width"]
+    bits = trained_bits if bit_width is None else bit_width
+    quantizer = make_weight_quantizer(
+        description["quantizer"], bits, weight, description.get("per_channel", False)
+    )
+    if isinstance(quantizer, LSQWeight):
+        quantizer.carry_step(description["scale"], trained_bits)
+    return quantizer
+
+
+@torch.no_grad()
+def requantize(model: nn.Module, descriptions: dict[str, dict], bit_width_of=None) -> nn.Module:
+    """Fake-quantize, in place, the finalized weights of a QAT-trained model with its own
+    quantizers (:func:`describe_quantizers`). ``bit_width_of(name, trained_bit_width)`` picks each
+    layer's bit-width; by default the trained one, which reproduces the trained model exactly."""
+    modules = dict(model.named_modules())
+    unknown = sorted(set(descriptions) - set(modules))
+    if unknown:
+        raise ValueError(f"the quantizer record names layers the model does not have: {unknown}")
+    for name, description in descriptions.items():
+        bits = bit_width_of(name, description["bit_width"]) if bit_width_of else None
+        layer = modules[name]
+        quantizer = quantizer_from_description(description, layer.weight, bits)
+        layer.weight.copy_(quantizer.quantize_pre_rounded(layer.weight))
     return model
 
 

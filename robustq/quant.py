@@ -5,7 +5,7 @@
 bit-identical to them. ``choose_qparams`` picks the scale and zero point from a tensor under a
 ``QuantSpec``; ``quantize`` does both steps.
 
-Grids (methods.md §0):
+Grids (book/methods.md §0):
 
 * symmetric, narrow range: ``s = t / (2^(b-1) - 1)``, codes in ``[-(2^(b-1) - 1), 2^(b-1) - 1]``,
   zero point 0. Rounding is half-to-even, so the quantizer is an odd function, which the SymReg
@@ -30,6 +30,11 @@ POLICIES = ("minmax", "mse", "percentile", "aciq")
 ACIQ_PRIORS = ("laplace", "gaussian")
 MIN_BIT_WIDTH, MAX_BIT_WIDTH = 2, 16
 MSE_GRID_SIZE = 100
+# Elements per block of the ``mse`` search's batched passes: 1 MiB of float32, so a block stays in
+# a core's L2 cache. Its scratch memory is one block, or two rows of a larger group.
+_MSE_BATCH_NUMEL = 2**18
+# at::internal::GRAIN_SIZE: from this many elements torch splits a reduction to one value by thread.
+_TORCH_GRAIN_SIZE = 32768
 
 # Kernels of torch's fake-quant ops accept these dtypes; float64 takes the pure-torch path.
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -171,17 +176,10 @@ def choose_qparams(
     """
     x = x.detach()
     groups = _as_groups(x, spec.per_channel, axis)
-    qmin, qmax = spec.qrange
-    if spec.symmetric:
-        bound = _symmetric_bound(groups, spec)
-        scale = _safe_scale(bound / qmax, x.dtype)
-        zero_point = torch.zeros_like(scale, dtype=torch.int32)
-    else:
-        lo, hi = _asymmetric_bounds(groups, spec)
-        scale = _safe_scale((hi - lo) / (qmax - qmin), x.dtype)
-        zero_point = torch.clamp(qmin - torch.round(lo / scale), qmin, qmax).to(torch.int32)
+    lo, hi = (None, _symmetric_bound(groups, spec)) if spec.symmetric else _asymmetric_bounds(groups, spec)
+    scale, zero_point = _grid_qparams(lo, hi, spec, x.dtype)
     shape = _qparam_shape(x, spec.per_channel, axis)
-    return scale.reshape(shape), zero_point.reshape(shape), qmin, qmax
+    return scale.reshape(shape), zero_point.reshape(shape), *spec.qrange
 
 
 def quantize(x: torch.Tensor, spec: QuantSpec, axis: int = 0) -> torch.Tensor:
@@ -221,6 +219,18 @@ def _qparam_shape(x: torch.Tensor, per_channel: bool, axis: int) -> tuple[int, .
 def _safe_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     # An all-zero group has range 0; a tiny positive scale maps it to 0 instead of NaN.
     return torch.clamp(scale, min=torch.finfo(dtype).tiny)
+
+
+def _grid_qparams(lo, hi, spec: QuantSpec, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point of the grid over ``[lo, hi]`` (book/methods.md §0); a symmetric grid spans
+    ``[-hi, hi]`` and ignores ``lo``. Shared by ``choose_qparams`` and the ``mse`` search, so the
+    grid searched is the grid used."""
+    qmin, qmax = spec.qrange
+    if spec.symmetric:
+        scale = _safe_scale(hi / qmax, dtype)
+        return scale, torch.zeros_like(scale, dtype=torch.int32)
+    scale = _safe_scale((hi - lo) / (qmax - qmin), dtype)
+    return scale, torch.clamp(qmin - torch.round(lo / scale), qmin, qmax).to(torch.int32)
 
 
 def _check_finite(value: torch.Tensor) -> None:
@@ -284,24 +294,114 @@ def mse_grid(size: int = MSE_GRID_SIZE) -> torch.Tensor:
 
 
 def _mse_clip_ratio(groups, spec, bounds_at) -> torch.Tensor:
-    """Per group, the clip ratio on ``mse_grid()`` with least quantization MSE (first on ties)."""
-    qmin, qmax = spec.qrange
-    best_err = torch.full((groups.shape[0],), math.inf, dtype=groups.dtype, device=groups.device)
-    best_ratio = torch.ones_like(best_err)
-    for ratio in mse_grid().tolist():
-        lo, hi = bounds_at(ratio)
-        # The same scale and zero point as choose_qparams, so the grid searched is the grid used.
-        if spec.symmetric:
-            scale = _safe_scale(hi / qmax, groups.dtype)
-            zero_point = torch.zeros_like(scale, dtype=torch.int32)
-        else:
-            scale = _safe_scale((hi - lo) / (qmax - qmin), groups.dtype)
-            zero_point = torch.clamp(qmin - torch.round(lo / scale), qmin, qmax).to(torch.int32)
-        err = (fake_quant(groups, scale[:, None], zero_point[:, None], qmin, qmax) - groups).pow(2).mean(dim=1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_ratio = torch.where(better, torch.full_like(best_ratio, ratio), best_ratio)
-    return best_ratio
+    """Per group, the clip ratio on ``mse_grid()`` with least quantization MSE (first on ties).
+
+    All (group, ratio) pairs are evaluated in batches; each pair's error is, bit for bit, the MSE
+    of ``fake_quant`` on that group alone with the qparams ``choose_qparams`` derives from the
+    ratio's bounds ``bounds_at(ratio)``."""
+    ratios = mse_grid()
+    # Ratios in the dtype torch computes ``python_float * tensor`` in (float32 for float16/bfloat16),
+    # so that each bound is the one ``bounds_at(float(ratio))`` gives.
+    lo, hi = bounds_at(ratios[:, None].to(groups.device, _opmath_dtype(groups.dtype)))
+    scale, zero_point = _grid_qparams(lo.to(groups.dtype), hi.to(groups.dtype), spec, groups.dtype)
+    errors = _pair_errors(groups, scale.T.contiguous(), zero_point.T.contiguous(), spec.qrange)
+    return _first_least(errors, ratios.to(groups.device, groups.dtype))
+
+
+def _opmath_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _pair_errors(groups, scale, zero_point, qrange) -> torch.Tensor:
+    """MSE of ``fake_quant(groups[g], scale[g, r], zero_point[g, r])`` for every group ``g`` and
+    ratio ``r``: shape [group, ratio]."""
+    errors = torch.empty_like(scale)
+    blocks = _blocks(*scale.shape, groups.shape[1], groups.device)
+    # One buffer for all blocks: a fresh one per block costs more (page faults) than the work.
+    numel = max(errors[block].numel() for block in blocks) * groups.shape[1] if _emulated(groups) else 0
+    scratch = torch.empty(numel, dtype=groups.dtype, device=groups.device)
+    for block in blocks:
+        rows = groups[block[0]]
+        errors[block] = _block_errors(rows, scale[block], zero_point[block], qrange, len(groups) == 1, scratch)
+    return errors
+
+
+def _blocks(n_groups: int, n_ratios: int, n: int, device: torch.device) -> list[tuple[slice, slice]]:
+    """(groups, ratios) slices tiling the search into blocks of about ``_MSE_BATCH_NUMEL`` elements:
+    whole groups with all their ratios, or, for large groups, ratio chunks of one group. Off the
+    CPU, one block per ratio with all groups."""
+    if device.type != "cpu":  # GPU reductions sum in an order that depends on the number of rows
+        return [(slice(None), slice(r, r + 1)) for r in range(n_ratios)]
+    per_block = _MSE_BATCH_NUMEL // n
+    if per_block >= n_ratios:
+        step = per_block // n_ratios
+        return [(slice(g, g + step), slice(None)) for g in range(0, n_groups, step)]
+    # At least two ratios per chunk: torch sums a lone row in another order (see _row_means).
+    chunks = torch.arange(n_ratios).tensor_split(max(1, n_ratios // max(2, per_block)))
+    return [(slice(g, g + 1), slice(int(c[0]), int(c[-1]) + 1)) for g in range(n_groups) for c in chunks]
+
+
+def _block_errors(x, scale, zero_point, qrange, lone: bool, scratch: torch.Tensor) -> torch.Tensor:
+    """MSE of fake-quantizing each row of ``x`` [g, n] with each of its qparams [g, r]: [g, r].
+    ``scratch`` holds at least ``g * r * n`` elements of ``x.dtype``; ``lone``: see ``_row_means``."""
+    x, scale, zero_point = x[:, None, :], scale[..., None], zero_point[..., None]
+    shape = (*scale.shape[:2], x.shape[2])
+    if _emulated(x):
+        out = scratch[: math.prod(shape)].view(shape)
+        squared = _squared_errors_float32(x, scale, zero_point, qrange, out)
+    else:  # fake_quant itself: the kernels (GPU, float16, bfloat16), the float64 path; a row per pair
+        rows = x.expand(shape).reshape(-1, shape[2])
+        y = fake_quant(rows, scale.reshape(-1, 1), zero_point.reshape(-1, 1), *qrange).view(shape)
+        squared = y.sub_(x).pow_(2)
+    return _row_means(squared.view(-1, shape[2]), lone).view(shape[:2])
+
+
+def _emulated(x: torch.Tensor) -> bool:
+    """Whether the search emulates the fake-quant kernel for ``x`` (see ``_fake_quant_float32``)."""
+    return x.dtype == torch.float32 and x.device.type == "cpu"
+
+
+def _squared_errors_float32(x, scale, zero_point, qrange, out: torch.Tensor) -> torch.Tensor:
+    """``(fake_quant(x, scale, zero_point) - x) ** 2`` into ``out`` [g, r, n], broadcasting."""
+    # Column tiles, so that all passes over a tile hit the cache even when a row does not fit.
+    width = max(1, _MSE_BATCH_NUMEL // (out.shape[0] * out.shape[1]))
+    for start in range(0, out.shape[2], width):
+        tile = x[..., start : start + width]
+        y = _fake_quant_float32(tile, scale, zero_point, *qrange, out=out[..., start : start + width])
+        # One pass instead of sub_ and pow_, with their two roundings: (y - x) * (y - x).
+        torch.ops.aten.mse_loss.out(y, tile.expand_as(y), reduction=0, out=y)  # 0: no reduction
+    return out
+
+
+def _fake_quant_float32(x, scale, zero_point, qmin: int, qmax: int, out: torch.Tensor) -> torch.Tensor:
+    """torch's float32 fake-quant kernels step for step, broadcasting, into ``out``: ``x * (1 / s)``
+    rounded half-to-even, plus ``z``, clamped to ``[qmin, qmax]``, minus ``z``, times ``s``."""
+    codes = torch.mul(x, 1.0 / scale, out=out).round_()
+    if not zero_point.any():  # adding 0 would change only the sign of zero outputs, not |y - x|
+        return codes.clamp_(qmin, qmax).mul_(scale)
+    zero_point = zero_point.to(x.dtype)
+    return codes.add_(zero_point).clamp_(qmin, qmax).sub_(zero_point).mul_(scale)
+
+
+def _row_means(squared: torch.Tensor, lone: bool) -> torch.Tensor:
+    """Mean of each row, summed in the order torch sums that row's error when its group is quantized
+    on its own: a ``lone`` (per-tensor) row as a tensor of one row, else as one row among several.
+
+    The orders differ in the last bit: torch sums a single row of ``_TORCH_GRAIN_SIZE`` or more
+    elements in one piece per thread, but gives each thread whole rows when there are several."""
+    if not lone or squared.shape[1] < _TORCH_GRAIN_SIZE or torch.get_num_threads() == 1:
+        return squared.mean(dim=1)
+    return torch.cat([row.mean(dim=1) for row in squared.split(1)])
+
+
+def _first_least(errors: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Per row of ``errors``, the entry of ``values`` at its first least error: what a scan keeping
+    the first strictly smaller error chooses. Starting from an error of inf and a value of 1, it
+    keeps 1 where no error is finite, and never chooses a NaN."""
+    errors = torch.where(errors.isnan(), math.inf, errors)
+    least = errors.amin(dim=1)
+    chosen = values[(errors == least[:, None]).int().argmax(dim=1)]
+    return torch.where(least < math.inf, chosen, torch.ones_like(chosen))
 
 
 def _aciq_spread(centered: torch.Tensor, prior: str) -> torch.Tensor:

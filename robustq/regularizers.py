@@ -5,9 +5,9 @@ penalty and with what strength is decided elsewhere (the registry), not here. Ev
 differentiable with respect to its input, and the smooth ones (``sym_reg``, ``kure``, ``sinreq``)
 run in pure torch so that they pass ``torch.autograd.gradcheck`` in float64.
 
-Provenance tags follow ``docs/methods.md``: [paper], [code], [summary], [recon]. A docstring
+Provenance tags follow ``book/methods.md``: [paper], [code], [summary], [recon]. A docstring
 marked [recon] describes our reconstruction, not the authors' published formula. Each docstring
-states the formula it implements in full and points to the section of ``docs/methods.md`` that
+states the formula it implements in full and points to the section of ``book/methods.md`` that
 records its source; paper equation numbers are cited only where we could check them.
 """
 
@@ -21,7 +21,7 @@ import torch
 from robustq.quant import qrange, round_ste, validate_bit_width
 
 SYM_PAIRINGS = ("1:1", "2:2")
-SYM_SCOPES = ("layer", "channel")
+SYM_SCOPES = ("layer", "channel", "kernel")
 SINREQ_GRIDS = ("wrpn", "dorefa")
 KURTOSIS_OF_UNIFORM = 1.8
 SYM_REG_EPS = 1e-12
@@ -38,65 +38,122 @@ def sym_reg(
 ) -> torch.Tensor:
     """Order-statistic symmetry penalty, SymReg of Park, Jang & Park (ECCV 2022, arXiv 2208.00338).
 
-    [summary] SymReg pushes each layer's weight distribution towards symmetry about zero, so that
-    an odd quantizer leaves the mean of the weights (and so the expected output) unchanged; it has
-    a 1:1 and a cheaper 2:2 variant and needs a sort. The formula itself is **our reconstruction**
-    [recon] (methods.md §1; the paper's equations were not available to us). With the weights
-    sorted, ``w_(1) <= ... <= w_(N)``:
+    [summary] SymReg pushes the weight distribution towards symmetry about zero, so that an odd
+    quantizer leaves the mean of the weights (and so the expected output) unchanged; it has a 1:1
+    and a cheaper 2:2 variant and needs a sort. The formula itself is **our reconstruction**
+    [recon] (book/methods.md §1; the paper's equations were not available to us).
 
-    * ``pairing="1:1"``: ``(1/N) sum_{k <= N//2} (w_(k) + w_(N+1-k))^2``
-    * ``pairing="2:2"``: ``(1/N) sum_{k <= N//4} (w_(2k-1) + w_(2k) + w_(N+1-2k) + w_(N+2-2k))^2``
+    **Sets.** ``w`` is split into sets of weights, each penalised on its own; the result is the
+    mean over sets. The source does not say at which scope symmetry is enforced, and it matters:
+    the expected shift of output ``c`` is ``sum_i dW_ci E[x_i]``, so only row ``c`` counts and
+    each input ``i`` has its own mean. So the scope is exposed [recon]:
 
-    Both are zero iff the order statistics mirror (for 2:2: in pairs). ``scope="layer"`` treats
-    the whole tensor as one sample; ``scope="channel"`` computes the penalty per output channel
-    (rows of ``w.reshape(w.shape[0], -1)``) and averages it. ``normalize=True`` [recon] divides each
-    sample's penalty by its variance (population variance, plus ``1e-12``) so that the strength
-    ``lambda`` does not depend on the scale of the weights. With an odd number of weights the
-    median is left unpaired; with 2:2 the middle ``N mod 4`` weights are.
+    * ``scope="layer"``: the whole tensor is one set;
+    * ``scope="channel"``: each output row ``w.reshape(w.shape[0], -1)`` is a set;
+    * ``scope="kernel"``: each (output, input) slice ``w.reshape(out, in, -1)[o, i]`` of a conv
+      weight (its ``k x k`` values) is a set. Where such a slice holds a single weight (Linear
+      weights, 1x1 convs, tensors of fewer than 3 dims) ``kernel`` falls back to ``channel``.
 
-    >>> w = torch.tensor([0.0, 1.0, 2.0, 5.0])
-    >>> sym_reg(w, normalize=False)  # ((0 + 5)^2 + (1 + 2)^2) / 4
+    **Penalty of one set.** With its ``N`` weights sorted, ``w_(1) <= ... <= w_(N)``:
+
+    * ``pairing="1:1"``: ``L = (1/N) sum_{k <= ceil(N/2)} (w_(k) + w_(N+1-k))^2``. For odd ``N``
+      the last term pairs the median with itself, ``(2 w_med)^2``: a symmetric set has median 0.
+    * ``pairing="2:2"``: with ``G = N // 4`` groups of two in each tail and ``m_1 <= ... <= m_r``
+      the ``r = N mod 4`` middle weights ``w_(2G+1) .. w_(N-2G)`` that the groups leave over,
+      ``L = (1/N) [sum_{k <= G} (w_(2k-1) + w_(2k) + w_(N+1-2k) + w_(N+2-2k))^2
+      + sum_{j <= ceil(r/2)} (m_j + m_(r+1-j))^2]``: the middle is paired 1:1, odd ``r`` with the
+      median term ``(2 m_med)^2``.
+
+    ``1:1`` is zero iff the set mirrors about zero (``w_(k) = -w_(N+1-k)`` for all ``k``). ``2:2``
+    is zero on every mirrored set, but only asks the tails to mirror in sums of two, so some
+    asymmetric sets also score zero (e.g. ``[-3, -1, 2, 2]``).
+
+    **Normalisation.** ``normalize=True`` [recon] divides each set's ``L`` by a spread (plus
+    ``1e-12``) so that the strength ``lambda`` does not depend on the scale of the weights: the
+    population variance of the set in ``layer`` and ``channel`` scope; in ``kernel`` scope that of
+    the output row the kernel belongs to (the quantization step is shared by the row, and a
+    kernel's few values can have a near-zero variance that would blow the penalty up). A single
+    weight has no variance, and no scale-free penalty can tell more than whether it is zero, so a
+    set (or row) of one weight is divided by its mean of squares ``w^2`` instead: a lone nonzero
+    weight scores exactly 4 with a vanishing gradient instead of ``4 w^2 / 1e-12``. To shrink lone
+    weights towards zero use ``normalize=False`` (``L = 4 w^2``). A layer or row of several equal
+    weights still divides by ``1e-12``, as before.
+
+    >>> sym_reg(torch.tensor([0.0, 1.0, 2.0, 5.0]), normalize=False)  # ((0 + 5)^2 + (1 + 2)^2) / 4
     tensor(8.5000)
     >>> sym_reg(torch.tensor([-2.0, -1.0, 1.0, 2.0]))
     tensor(0.)
+    >>> odd = torch.tensor([-2.0, -1.0, 0.5, 1.0, 2.0])  # median 0.5: (2 * 0.5)^2 / 5
+    >>> sym_reg(odd, normalize=False), sym_reg(odd, "2:2", normalize=False)
+    (tensor(0.2000), tensor(0.2000))
+    >>> conv = torch.tensor([[[[-1.0, 0.0, 1.0]], [[1.0, 2.0, 3.0]]]])  # 1 output, 2 inputs, 1x3
+    >>> sym_reg(conv, scope="kernel", normalize=False)  # (0 + ((1 + 3)^2 + (2 * 2)^2) / 3) / 2
+    tensor(5.3333)
+    >>> sym_reg(conv, scope="channel", normalize=False)  # ((-1 + 3)^2 + (0 + 2)^2 + (1 + 1)^2) / 6
+    tensor(2.)
     """
     _check_choice("pairing", pairing, SYM_PAIRINGS)
     _check_choice("scope", scope, SYM_SCOPES)
-    rows = _as_rows(w, scope)
-    ordered = torch.sort(rows, dim=1).values
-    tail_sums = _mirrored_tail_sums(ordered, group=1 if pairing == "1:1" else 2)
-    penalty = tail_sums.pow(2).sum(dim=1) / rows.shape[1]
+    sets = _symmetry_sets(w, scope)
+    ordered = torch.sort(sets, dim=1).values
+    sums = _one_to_one_sums(ordered) if pairing == "1:1" else _two_to_two_sums(ordered)
+    penalty = sums.pow(2).sum(dim=1) / sets.shape[1]
     if normalize:
-        penalty = penalty / (rows.var(dim=1, unbiased=False) + SYM_REG_EPS)
+        penalty = penalty / (_set_spread(w, scope, n_sets=sets.shape[0]) + SYM_REG_EPS)
     return penalty.mean()
 
 
-def _as_rows(w: torch.Tensor, scope: str) -> torch.Tensor:
+def _symmetry_sets(w: torch.Tensor, scope: str) -> torch.Tensor:
+    """The sets of ``scope`` as the rows of a 2-D ``[sets, N]`` tensor."""
     if w.numel() == 0:
         raise ValueError("w must not be empty")
     if scope == "layer":
         return w.reshape(1, -1)
     if w.dim() == 0:
-        raise ValueError("scope='channel' needs a tensor with an output-channel axis, got a scalar")
+        raise ValueError(f"scope={scope!r} needs a tensor with an output-channel axis, got a scalar")
+    if scope == "kernel" and _kernel_size(w) > 1:
+        return w.reshape(w.shape[0] * w.shape[1], -1)
     return w.reshape(w.shape[0], -1)
 
 
-def _mirrored_tail_sums(ordered: torch.Tensor, group: int) -> torch.Tensor:
-    """Row-wise sums of the k-th lowest group of ``group`` order statistics and its mirror image
-    among the highest: ``group=1`` pairs w_(k) with w_(N+1-k)."""
-    n_rows, n = ordered.shape
-    n_pairs = n // (2 * group)
-    width = n_pairs * group
-    low = ordered[:, :width].reshape(n_rows, n_pairs, group).sum(dim=2)
-    high = ordered[:, n - width :].reshape(n_rows, n_pairs, group).sum(dim=2).flip(1)
-    return low + high
+def _kernel_size(w: torch.Tensor) -> int:
+    return math.prod(w.shape[2:]) if w.dim() >= 3 else 1
+
+
+def _set_spread(w: torch.Tensor, scope: str, n_sets: int) -> torch.Tensor:
+    """Per-set denominator of ``normalize=True``: the spread of the set's layer or row."""
+    reference = _symmetry_sets(w, "layer" if scope == "layer" else "channel")
+    if reference.shape[1] == 1:
+        spread = reference.pow(2).mean(dim=1)
+    else:
+        spread = reference.var(dim=1, unbiased=False)
+    # kernel scope: each row holds n_sets / rows consecutive kernels, all sharing its spread
+    return spread.repeat_interleave(n_sets // reference.shape[0])
+
+
+def _one_to_one_sums(ordered: torch.Tensor) -> torch.Tensor:
+    """``w_(k) + w_(N+1-k)`` for ``k <= ceil(N/2)``: an odd set's median is paired with itself."""
+    half = (ordered.shape[1] + 1) // 2
+    return ordered[:, :half] + ordered.flip(1)[:, :half]
+
+
+def _two_to_two_sums(ordered: torch.Tensor) -> torch.Tensor:
+    """Sums of the k-th lowest pair and the k-th highest pair, then the ``N mod 4`` middle
+    weights that the pairs leave over, paired 1:1."""
+    n_sets, n = ordered.shape
+    n_groups = n // 4
+    width = 2 * n_groups
+    low = ordered[:, :width].reshape(n_sets, n_groups, 2).sum(dim=2)
+    high = ordered.flip(1)[:, :width].reshape(n_sets, n_groups, 2).sum(dim=2)
+    middle = _one_to_one_sums(ordered[:, width : n - width])
+    return torch.cat([low + high, middle], dim=1)
 
 
 # --- KURE (Shkolnik et al., NeurIPS 2020, arXiv 2002.07686) ---------------------------------------
 
 
 def kure(w: torch.Tensor, target: float = KURTOSIS_OF_UNIFORM) -> torch.Tensor:
-    """Kurtosis regularization, KURE (Shkolnik et al., NeurIPS 2020, arXiv 2002.07686; methods.md §5).
+    """Kurtosis regularization, KURE (Shkolnik et al., NeurIPS 2020, arXiv 2002.07686; book/methods.md §5).
 
     [code] ``(mean(((w - mu) / sigma)^4) - target)^2`` with ``sigma`` the unbiased standard
     deviation, as in the released code; ``target=1.8`` is the kurtosis of a uniform law. The
@@ -113,7 +170,7 @@ def kure(w: torch.Tensor, target: float = KURTOSIS_OF_UNIFORM) -> torch.Tensor:
 
 
 def sinreq_grid(bit_width: int, grid: str = "wrpn") -> tuple[float, float]:
-    """Step ``delta`` and ``shift`` of SinReQ's sinusoid (Elthakeb et al., arXiv 1905.01416; methods.md §3),
+    """Step ``delta`` and ``shift`` of SinReQ's sinusoid (Elthakeb et al., arXiv 1905.01416; book/methods.md §3),
     as in the released code [code]: WRPN ``delta = 1/(2^(k-1) - 1)``, shift 0; DoReFa
     ``delta = 2/(2^k - 1)``, shift ``delta/2`` (zeros on DoReFa's levels ``2i/(2^k - 1) - 1``)."""
     bit_width = validate_bit_width(bit_width)
@@ -125,12 +182,12 @@ def sinreq_grid(bit_width: int, grid: str = "wrpn") -> tuple[float, float]:
 
 
 def sinreq(w: torch.Tensor, bit_width: int, grid: str = "wrpn") -> torch.Tensor:
-    """Sinusoidal quantization regularizer, SinReQ (Elthakeb et al., arXiv 1905.01416; methods.md §3).
+    """Sinusoidal quantization regularizer, SinReQ (Elthakeb et al., arXiv 1905.01416; book/methods.md §3).
 
     [code] ``mean(sin^2(pi (w + shift) / delta))`` with ``delta, shift`` from ``sinreq_grid``:
     zero on the quantization grid, one half-way between levels. As in the released code, the
     DoReFa sinusoid acts on the **raw** weights, although DoReFa's grid lives in the
-    tanh-normalised domain (methods.md §3 and §8); we copy that behaviour rather than fix it.
+    tanh-normalised domain (book/methods.md §3 and §8); we copy that behaviour rather than fix it.
     The sum over layers and the strength (see ``sinreq_lambda``) are the caller's job.
     """
     step, shift = sinreq_grid(bit_width, grid)
@@ -159,14 +216,14 @@ def sinreq_lambda(epoch: float, epochs: int, ramp: float = 20.0) -> float:
 
 
 def oscillation(w: torch.Tensor, bit_width: int, detach_scale: bool = True) -> torch.Tensor:
-    """Oscillation-inducing regularizer of Wenshøj, Pepin & Selvan (2025, arXiv 2502.00490; methods.md §4).
+    """Oscillation-inducing regularizer of Wenshøj, Pepin & Selvan (2025, arXiv 2502.00490; book/methods.md §4).
 
     [code] ``mean(q(w)^2 - w^2)`` with the symmetric per-tensor max-abs quantizer
     ``s = max|w| / (2^(b-1) - 1)``, ``q(w) = s * round(w / s)`` and a straight-through round.
     With ``detach_scale=True`` (our default) the gradient is exactly ``2 (q(w) - w) / N``, the
     push away from the nearest level that the paper describes. ``detach_scale=False`` reproduces
     the released code, where the scale is not detached, so the gradient also flows through
-    ``s = max|w| / (2^(b-1)-1)`` into the largest weight (methods.md §8).
+    ``s = max|w| / (2^(b-1)-1)`` into the largest weight (book/methods.md §8).
     """
     _, qmax = qrange(bit_width)
     if w.numel() == 0:
@@ -187,7 +244,7 @@ def grad_l1(
     scales: Sequence[float] | None = None,
 ) -> torch.Tensor:
     """Gradient-L1 penalty ``sum_t scale_t ||dL/dt||_1`` of Alizadeh et al. (ICLR 2020,
-    arXiv 2002.07520; methods.md §2).
+    arXiv 2002.07520; book/methods.md §2).
 
     [paper] The first-order loss change under an l_inf-bounded quantization perturbation is
     bounded by ``(delta/2) ||grad L||_1``. [recon] The gradients come from double backprop
@@ -197,7 +254,7 @@ def grad_l1(
     tensor's term, e.g. ``lambda_w`` for weights and ``lambda_a`` for activations; tensors with
     scale 0 are not differentiated at all. Tensors that do not require grad or that ``loss`` does
     not depend on contribute 0. No batch rescaling is applied: with a batch-mean loss the
-    activation gradients scale as 1/batch, a choice the caller reports (methods.md §8).
+    activation gradients scale as 1/batch, a choice the caller reports (book/methods.md §8).
     """
     tensors = list(tensors)
     if not tensors:

@@ -4,7 +4,7 @@
 odd, bounded by a fixed bound, with a slope that falls with magnitude. It clamps the
 full-precision range (so a min-max quantizer has no truncation error to trade off) and makes
 small weights relatively more sensitive. The three forms below are **our reconstruction**
-[recon] (methods.md §1); the paper's exact form was not available to us:
+[recon] (book/methods.md §1); the paper's exact form was not available to us:
 
 * ``"tanh"``: ``W = tanh(theta)``, bound 1;
 * ``"scaled_tanh"``: ``W = alpha * tanh(theta / alpha)``, ``alpha`` fixed per layer at apply time;
@@ -34,7 +34,7 @@ DEFAULT_ALPHA_MULT = 3.0
 class SaturatingWeight(nn.Module):
     """Parametrization ``theta -> W`` of SatNL (Park, Jang & Park, ECCV 2022, arXiv 2208.00338).
 
-    The three ``form`` values are our reconstruction [recon] (methods.md §1, see the module
+    The three ``form`` values are our reconstruction [recon] (book/methods.md §1, see the module
     docstring). ``alpha`` (a buffer, so it travels with ``state_dict``) is required for
     ``"scaled_tanh"`` and ignored otherwise.
 
@@ -92,7 +92,7 @@ def apply_satnl(
     alpha_mult: float = DEFAULT_ALPHA_MULT,
 ) -> nn.Module:
     """Put SatNL (Park, Jang & Park, ECCV 2022, arXiv 2208.00338; forms are our reconstruction
-    [recon], methods.md §1) on the ``weight`` of every ``nn.Conv2d`` and ``nn.Linear``.
+    [recon], book/methods.md §1) on the ``weight`` of every ``nn.Conv2d`` and ``nn.Linear``.
 
     ``include`` restricts it to the modules with these qualified names (each must name a Conv2d
     or Linear). For ``"scaled_tanh"`` each layer's ``alpha = alpha_mult * std(W_init)`` is fixed

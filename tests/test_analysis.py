@@ -41,13 +41,15 @@ def test_kl_keeps_mass_outside_the_float_range():
 
 def test_mean_shift_and_relative_mse_on_known_changes():
     generator = torch.Generator().manual_seed(0)
-    y = torch.randn(64, 3, 5, 5, generator=generator) * torch.tensor([1.0, 2.0, 4.0]).view(1, 3, 1, 1)
-    shifted = y + torch.tensor([0.5, 0.5, 0.5]).view(1, 3, 1, 1)
+    # float64, so that rounding (of sums whose order differs by CPU) is far below the tolerances
+    scales = torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64).view(1, 3, 1, 1)
+    y = torch.randn(64, 3, 5, 5, generator=generator).double() * scales
+    shifted = y + 0.5
     per_channel = analysis.mean_shift(y, shifted, reduce=False)
-    std = y.double().transpose(0, 1).reshape(3, -1).std(dim=1, unbiased=False)
-    torch.testing.assert_close(per_channel, 0.5 / std)
+    std = y.transpose(0, 1).reshape(3, -1).std(dim=1, unbiased=False)
+    torch.testing.assert_close(per_channel, 0.5 / std, atol=0, rtol=1e-12)
     assert analysis.mean_shift(y, y) == 0.0
-    assert analysis.relative_mse(y, 1.1 * y) == pytest.approx(0.01, rel=1e-6)
+    assert analysis.relative_mse(y, 1.1 * y) == pytest.approx(0.01, rel=1e-12)
 
 
 def test_zero_mean_weight_error_gives_no_mean_shift():
@@ -74,14 +76,14 @@ def test_zero_mean_weight_error_gives_no_mean_shift():
 
 def test_shift_prediction_is_exact_for_a_linear_layer_on_its_mean_input():
     generator = torch.Generator().manual_seed(0)
-    net = nn.Sequential(nn.Linear(20, 8))
-    x = torch.rand(512, 20, generator=generator)
+    # float64: in float32 the two sides differ by ~1e-8 of rounding, by an amount that depends on the CPU
+    net = nn.Sequential(nn.Linear(20, 8)).double()
+    x = torch.rand(512, 20, generator=generator).double()
     frame = analysis.shift_prediction(net, x, QuantSpec(3, symmetric=False), fold=False)
     assert len(frame) == 8
     # for a linear layer E[dW x] = dW E[x] exactly
-    torch.testing.assert_close(
-        torch.tensor(frame["predicted"].to_numpy()), torch.tensor(frame["measured"].to_numpy()), atol=1e-9, rtol=1e-6
-    )
+    predicted, measured = (torch.tensor(frame[column].to_numpy()) for column in ("predicted", "measured"))
+    torch.testing.assert_close(predicted, measured, atol=1e-12, rtol=1e-12)
 
 
 def test_shift_prediction_tracks_the_measured_shift_in_a_cnn(cnn, images):
@@ -105,8 +107,9 @@ def test_clip_curve_matches_a_direct_computation_on_a_gaussian_sample():
         assert row.rel_mse == pytest.approx(direct / w.double().pow(2).mean().item(), rel=1e-4)
         assert row.clipped == pytest.approx(float((w.abs() > t).double().mean()), abs=1e-3)
     asym = analysis.clip_curve(w, bit_widths=(3,), ratios=[1.0], symmetric=False)
-    direct = (quant.quantize(w, QuantSpec(3, symmetric=False)) - w).pow(2).mean().item()
-    assert asym["mse"].iloc[0] == pytest.approx(direct, rel=1e-6)
+    direct = (quant.quantize(w, QuantSpec(3, symmetric=False)) - w).double().pow(2).mean().item()
+    # clip_curve averages in float32, in an order that depends on the CPU's vector width
+    assert asym["mse"].iloc[0] == pytest.approx(direct, rel=1e-5)
 
 
 def test_optimal_ratio_picks_the_first_argmin_and_reports_minmax_excess():
@@ -129,20 +132,23 @@ def test_optimal_ratio_agrees_with_the_mse_range_policy(symmetric):
         spec = QuantSpec(bit_width, symmetric=symmetric, policy="mse")
         chosen = quant.quantize(w, spec)
         at_r_star = analysis.clip_curve(w, (bit_width,), ratios=[r_star], symmetric=symmetric)["mse"].item()
-        assert (chosen - w).pow(2).mean().item() == pytest.approx(at_r_star, rel=1e-6)
+        # float32 means of the same errors, summed in other orders; the two best ratios differ by > 2e-4 here
+        assert (chosen - w).double().pow(2).mean().item() == pytest.approx(at_r_star, rel=1e-5)
 
 
 def test_error_propagation_one_row_per_layer_and_no_error_at_16_bits(cnn, images):
     n_layers = len(ptq.weighted_layers(ptq.fold_bn(cnn)))
     labels = torch.arange(len(images)) % 10
-    grid = analysis.propagation_grid(cnn, images, [QuantSpec(3), QuantSpec(16)], labels=labels)
+    # bins=None: the sqrt(n) rule, since 256 fixed bins over this small batch's logits are mostly
+    # empty and one value crossing a bin edge moves the KL by ~0.05
+    grid = analysis.propagation_grid(cnn, images, [QuantSpec(3), QuantSpec(16)], labels=labels, bins=None)
     assert len(grid) == 2 * 2 * n_layers
     exact_all = grid[(grid["w_bits"] == 16) & (grid["mode"] == "all")]
     assert (exact_all["flips"] == 0).all() and (exact_all["acc"] == exact_all["fp_acc"]).all()
     assert grid.loc[grid["mode"] == "single", ["acc", "flips"]].isna().all().all()
     for (bits, mode), frame in grid.groupby(["w_bits", "mode"]):
         assert list(frame["depth"]) == list(range(1, n_layers + 1))
-        assert frame[["kl", "mean_shift", "rel_mse"]].map(math.isfinite).all().all()
+        assert frame[["kl", "mean_shift", "signed_shift", "rel_mse"]].map(math.isfinite).all().all()
         if bits == 3:
             assert (frame["rel_mse"] > 1e-4).all()
         else:
@@ -153,7 +159,7 @@ def test_error_propagation_one_row_per_layer_and_no_error_at_16_bits(cnn, images
     first = grid[(grid["w_bits"] == 3) & (grid["depth"] == 1)].set_index("mode")["rel_mse"]
     assert first["all"] == pytest.approx(first["single"], rel=1e-5)
     # error_propagation is the grid's row block for one spec and mode
-    one = analysis.error_propagation(cnn, images, QuantSpec(3), mode="all")
+    one = analysis.error_propagation(cnn, images, QuantSpec(3), mode="all", bins=None)
     expected = grid[(grid["w_bits"] == 3) & (grid["mode"] == "all")].reset_index(drop=True)
     pd.testing.assert_frame_equal(one, expected[one.columns])
     assert "acc" not in one.columns
@@ -166,7 +172,7 @@ def test_single_mode_equals_quantizing_one_layer_and_running_the_network(cnn, im
     name = ptq.weighted_layers(folded)[3][0]
     y_fp = analysis.layer_outputs(folded, images)[name]
     y_q = analysis.layer_outputs(analysis.quantize_layers(folded, QuantSpec(3), [name]), images)[name]
-    single = analysis.error_propagation(cnn, images, QuantSpec(3), mode="single")
+    single = analysis.error_propagation(cnn, images, QuantSpec(3), mode="single", fold=True)
     assert single["rel_mse"].iloc[3] == pytest.approx(analysis.relative_mse(y_fp, y_q), rel=1e-5)
 
 
@@ -203,3 +209,38 @@ def test_spearman():
     assert analysis.spearman([1, 2, 3, 4], [10, 20, 30, 45]) == pytest.approx(1.0)
     assert analysis.spearman([1, 2, 3], [3, 2, 1]) == pytest.approx(-1.0)
     assert math.isnan(analysis.spearman([1, 2, 3], [1, 1, 1]))
+
+
+def test_sqnr_is_minus_ten_log_relative_mse():
+    y = torch.randn(64, 3, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    noisy = y + 0.1 * torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert analysis.sqnr_db(y, noisy) == pytest.approx(-10 * math.log10(analysis.relative_mse(y, noisy)), rel=1e-12)
+    assert analysis.sqnr_db(y, y) == math.inf
+
+
+def test_signed_shift_cancels_opposite_channel_shifts():
+    y = torch.randn(32, 2, 3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    shifted = y + torch.tensor([0.5, -0.5], dtype=torch.float64).reshape(1, 2, 1, 1) * y.std(dim=(0, 2, 3), unbiased=False).reshape(1, 2, 1, 1)
+    assert analysis.signed_shift(y, shifted) == pytest.approx(0.0, abs=1e-12)
+    assert analysis.mean_shift(y, shifted) == pytest.approx(0.5, rel=1e-9)
+
+
+def test_varying_positions_leave_out_constant_patches():
+    conv = nn.Conv2d(1, 2, 3, padding=1)
+    x = torch.zeros(1, 1, 6, 6)
+    x[0, 0, 0, 0] = 1.0  # one bright pixel in a corner; the rest of the image is constant (zero)
+    mask = analysis.varying_positions(conv, x)
+    assert mask.shape == (1, 6, 6)
+    assert mask[0, :2, :2].all() and mask.sum() == 4  # only the windows that see the pixel vary
+    assert analysis.varying_positions(nn.Linear(4, 2), torch.zeros(3, 4)) is None
+
+
+def test_layer_shifts_of_a_bias_corrected_model_are_small_on_the_calibration_batch(cnn, images):
+    spec = QuantSpec(3)
+    reference = ptq.materialize(cnn)
+    plain = analysis.layer_shifts(reference, ptq.quantize_model(cnn, spec, first_last_8bit=False), images)
+    corrected = analysis.layer_shifts(
+        reference, ptq.quantize_model(cnn, spec, first_last_8bit=False, bias_correction=True, calib=images), images
+    )
+    assert (corrected["signed_shift"].abs() < 1e-4).all()
+    assert plain["mean_shift"].mean() > corrected["mean_shift"].mean()

@@ -30,3 +30,21 @@ def test_status_page_lists_each_notebook_time_and_the_environment(tmp_path, monk
     text = (tmp_path / "status.md").read_text()
     assert "| 00_primer | ok | 12.3 |" in text and "failed: ValueError: boom \\| x" in text
     assert "**15.3**" in text and "| torch |" in text and "| CPU count |" in text
+
+
+def test_findings_page_has_one_linked_row_per_claim_of_the_executed_chapters(tmp_path, monkeypatch):
+    from robustq import verdicts
+
+    execute = _load("execute")
+    monkeypatch.setattr(execute, "BOOK", tmp_path)
+    monkeypatch.setenv("ROBUSTQ_FINDINGS", str(tmp_path / "findings"))
+    claim = verdicts.Claim("01", "C1.1", "SymReg beats the baseline", "w432", "paired", 2.0)
+    record = verdicts.claim_record(claim, claim.grade({0: 3.0, 1: 4.0, 2: 5.0}, {0: 0.0, 1: 0.0, 2: 0.0}), 2.5)
+    folder = verdicts.findings_dir("book")
+    verdicts.record_claims("01_error_propagation", [record], folder)
+    verdicts.record_claims("02_stale", [record], folder)  # a chapter that failed in this build
+    execute.write_findings("book", ["01_error_propagation"])
+    text = (tmp_path / "findings.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| {doc}")]
+    assert len(rows) == 1 and "<notebooks/01_error_propagation>" in rows[0]
+    assert "| C1.1 |" in rows[0] and "+4.00 ± 0.58" in rows[0] and "**reproduced**" in rows[0]

@@ -1,25 +1,114 @@
 import json
 import subprocess
 import sys
+import time
 
-from robustq.__main__ import main
+import pytest
+
+from robustq import experiments
+from robustq.__main__ import build_parser, main, validate_args
+from robustq.train import NonFiniteLossError
+
+# (command line, the argument the error must name, a piece of the fix it must give)
+BAD_ARGUMENTS = [
+    (["sweep", "--w-bits", "1"], "--w-bits", "2..16"),
+    (["sweep", "--w-bits", "8", "17"], "--w-bits", "2..16"),
+    (["sweep", "--w-bits", "four"], "--w-bits", "invalid int value"),
+    (["train", "--seed", "-1"], "--seed", ">= 0"),
+    (["train", "--epochs", "0"], "--epochs", "positive int"),
+    (["train", "--epochs", "1.5"], "--epochs", "invalid int value"),
+    (["train", "--batch-size", "-3"], "--batch-size", "positive int"),
+    (["train", "--train-size", "0"], "--train-size", "positive int"),
+    (["train", "--lr", "nan"], "--lr", "finite number >= 0"),
+    (["train", "--lr", "inf"], "--lr", "finite number >= 0"),
+    (["train", "--lr", "-0.1"], "--lr", "finite number >= 0"),
+    (["train", "--optimizer", "rmsprop"], "--optimizer", "sgd, adam"),
+    (["train", "--profile", "huge"], "--profile", "smoke, book, paper"),
+    (["train", "--method", "nope"], "--method", "known: baseline"),
+    (["train", "--method", "kure", "--param", "lam=-1"], "--param", "finite number >= 0"),
+    (["train", "--method", "kure", "--param", "foo=1"], "--param", "its hyperparameters are: lam"),
+    (["train", "--param", "lam"], "--param", "NAME=VALUE"),
+    (["train", "--dataset", "mnist"], "--dataset", "fashion-mnist"),
+    (["train", "--model", "vgg"], "--model", "cnn"),
+]
+
+
+@pytest.fixture
+def nothing_runs(isolated_cache, monkeypatch):
+    """An empty cache folder, and a test failure if anything loads data or trains."""
+
+    def forbidden(*_args, **_kwargs):
+        raise AssertionError("data loaded or model trained before the arguments were validated")
+
+    for name in ("run", "dataset_for", "load_dataset", "train"):
+        monkeypatch.setattr(experiments, name, forbidden)
+    isolated_cache.mkdir()
+    return isolated_cache
 
 
 def test_help_explains_every_command(capsys):
     for command in ([], ["train"], ["sweep"]):
-        try:
+        with pytest.raises(SystemExit) as stop:
             main([*command, "--help"])
-        except SystemExit as stop:
-            assert stop.code == 0
+        assert stop.value.code == 0
     text = capsys.readouterr().out
     assert "--method" in text and "--param" in text and "--w-bits" in text
 
 
-def test_bad_arguments_exit_non_zero_with_one_line(capsys):
-    assert main(["train", "--method", "nope"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("robustq: error: unknown method 'nope'") and "\n" not in err
-    assert main(["train", "--method", "kure", "--param", "lam=-1"]) == 2
+@pytest.mark.parametrize("argv, flag, fix", BAD_ARGUMENTS, ids=[" ".join(case[0]) for case in BAD_ARGUMENTS])
+def test_a_bad_argument_is_rejected_at_once_in_one_line_naming_it(argv, flag, fix, nothing_runs, capsys):
+    start = time.perf_counter()
+    assert main(argv) == 2
+    assert time.perf_counter() - start < 1.0
+    err = capsys.readouterr().err
+    assert err.startswith(f"robustq: error: argument {flag}: ") and err.count("\n") == 1
+    assert fix in err
+    assert not any(nothing_runs.iterdir())
+
+
+def test_a_bad_profile_from_the_environment_is_named(nothing_runs, monkeypatch, capsys):
+    monkeypatch.setenv("ROBUSTQ_PROFILE", "huge")
+    assert main(["train"]) == 2
+    assert capsys.readouterr().err.startswith("robustq: error: $ROBUSTQ_PROFILE: unknown profile 'huge'")
+
+
+def test_a_missing_command_is_one_line(capsys):
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("robustq: error: ") and "command" in err and err.count("\n") == 1
+
+
+def test_validate_args_returns_the_experiment_to_run():
+    args = build_parser().parse_args(["sweep", "--method", "kure", "--param", "lam=0.5", "--w-bits", "4"])
+    exp = validate_args(args)
+    assert (exp.method, exp.method_params, exp.profile) == ("kure", {"lam": 0.5}, None)
+    assert exp.train_config().epochs == experiments.PROFILES["smoke"]["epochs"]  # the smoke profile of conftest
+    assert validate_args(build_parser().parse_args(["methods"])) is None
+
+
+def test_a_diverged_training_is_one_line_not_a_traceback(monkeypatch, capsys):
+    seen = []
+
+    def diverge(exp, **_kwargs):
+        seen.append(exp)
+        raise NonFiniteLossError("loss became nan at epoch 1, step 3; lower the learning rate")
+
+    monkeypatch.setattr(experiments, "run", diverge)
+    assert main(["train", "--dataset", "synthetic", "--lr", "100"]) == 2
+    assert seen[0].lr == 100.0
+    err = capsys.readouterr().err
+    assert err == "robustq: error: loss became nan at epoch 1, step 3; lower the learning rate\n"
+
+
+def test_the_entry_point_rejects_a_bad_bit_width_before_training(isolated_cache):
+    isolated_cache.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-m", "robustq", "sweep", "--dataset", "synthetic", "--w-bits", "8", "1"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith("robustq: error: argument --w-bits: bit_width must be in 2..16, got 1")
+    assert done.stderr.count("\n") == 1 and not any(isolated_cache.iterdir())
 
 
 def test_train_prints_its_metrics_as_json():

@@ -11,9 +11,14 @@ TINY = dict(dataset="synthetic", epochs=1, batch_size=128)
 
 def test_profile_fills_missing_fields_and_explicit_fields_win():
     smoke = Experiment(profile="smoke").resolved()
-    assert (smoke.epochs, smoke.train_size, smoke.batch_size) == (1, PROFILES["smoke"]["train_size"], 128)
+    assert (smoke.epochs, smoke.train_size, smoke.batch_size) == (2, PROFILES["smoke"]["train_size"], 32)
     assert Experiment(profile="smoke", epochs=3).resolved().epochs == 3
-    assert Experiment(profile="book").resolved().train_size is None
+
+
+def test_the_smoke_profile_learns():
+    result = run(Experiment(profile="smoke"), progress=False)
+    assert result.metrics["final_loss"] < 2.30  # ln(10): a model at chance
+    assert Experiment(profile="paper").resolved().train_size is None
 
 
 def test_profile_comes_from_the_environment(monkeypatch):
@@ -41,7 +46,7 @@ def test_bad_experiments_are_rejected_at_construction(kwargs, match):
 
 def test_key_depends_on_the_resolved_config_only():
     base = Experiment(profile="smoke")
-    assert base.key() == Experiment(profile="smoke", epochs=1).key()  # the profile's own value
+    assert base.key() == Experiment(profile="smoke", epochs=2).key()  # the profile's own value
     assert base.key() != Experiment(profile="smoke", seed=1).key()
     assert base.key() != Experiment(profile="smoke", method="symreg").key()
     assert Experiment(method="symreg").key() != Experiment(method="symreg", method_params={"lam": 0.5}).key()
@@ -68,7 +73,7 @@ def test_corrupt_cache_entry_is_reported_and_retrained(damage, isolated_cache, c
     first = run(Experiment(**TINY), progress=False)
     (isolated_cache / first.experiment.key() / damage).write_bytes(b"\x00garbage")
     second = run(Experiment(**TINY), progress=False)
-    assert "corrupt cache entry" in capsys.readouterr().out
+    assert "failed verification" in capsys.readouterr().err
     assert not second.cached and second.metrics["test_acc"] == first.metrics["test_acc"]
 
 
@@ -78,3 +83,47 @@ def test_result_json_holds_config_metrics_and_history(isolated_cache):
     assert record["config"]["method_params"]["form"] == "scaled_tanh"
     assert record["metrics"]["test_acc"] == result.test_acc and len(record["history"]) == 1
     assert not any(torch.nn.utils.parametrize.is_parametrized(m) for m in result.model.modules())
+
+
+@pytest.mark.parametrize("method", ["qat_lsq", "qat_ste", "dorefa"])
+def test_quantized_acc_is_reproduced_by_bit_sweep_with_the_trained_quantizer(method):
+    from robustq import ptq
+
+    exp = Experiment(method=method, method_params={"bit_width": 3}, profile="smoke", test_size=500)
+    trained = run(exp, progress=False)
+    cached = run(exp, progress=False)
+    assert cached.cached and cached.quantizers == trained.quantizers
+    edge_bits = {d["bit_width"] for d in trained.quantizers.values()}
+    assert edge_bits == {3, 8}  # the book's QAT setting: 8-bit stem and classifier
+    data = experiments.dataset_for(exp)
+    for result in (trained, cached):
+        frame = ptq.bit_sweep(result, data, w_bits=(3,), policy=("trained",))
+        assert frame.acc.item() == trained.metrics["quantized_acc"]
+
+
+def test_trained_policy_needs_a_qat_result():
+    from robustq import ptq
+
+    exp = Experiment(profile="smoke", test_size=200)
+    with pytest.raises(ValueError, match="QAT-trained Result"):
+        ptq.bit_sweep(run(exp, progress=False), experiments.dataset_for(exp), policy=("trained",))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"test_size": 0}, "test_size must be a positive int"),
+    ({"seed": -1}, "seed must be an int >= 0"),
+    ({"val_size": -5}, "val_size must be an int >= 0"),
+    ({"batch_size": 5000}, "batch_size=5000 exceeds train_size=1024"),
+])
+def test_bad_sizes_fail_before_training(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        Experiment(profile="smoke", **kwargs).resolved()
+
+
+def test_a_data_path_that_is_a_file_says_so(tmp_path, monkeypatch):
+    from robustq import data
+
+    path = tmp_path / "fmnist"
+    path.write_text("")
+    with pytest.raises(FileNotFoundError, match="is a file, not a folder"):
+        data.fashion_mnist_folder(path)

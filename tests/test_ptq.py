@@ -55,7 +55,7 @@ def test_quantize_model_never_modifies_the_original(trained):
 
 def test_quantized_weights_lie_on_their_grid(trained):
     result, _ = trained
-    quantized = ptq.quantize_model(result.model, QuantSpec(3))
+    quantized = ptq.quantize_model(result.model, QuantSpec(3), first_last_8bit=False)
     for _, layer in ptq.weighted_layers(quantized):
         assert layer.weight.unique().numel() <= 7
 
@@ -68,7 +68,7 @@ def test_first_last_8bit_keeps_the_edges_at_8_bits(trained):
 
 
 def test_activation_spec_needs_calibration_data(trained):
-    with pytest.raises(ValueError, match="a_spec needs calib"):
+    with pytest.raises(ValueError, match="a_spec, bias_correction and bn_reestimate need calib"):
         ptq.quantize_model(trained[0].model, QuantSpec(4), QuantSpec(8))
 
 
@@ -76,8 +76,60 @@ def test_bit_sweep_returns_one_tidy_row_per_configuration(trained):
     result, data = trained
     frame = ptq.bit_sweep(result.model, data, w_bits=(8, 2), a_bits=(None, 8), per_channel=(False, True), calib_size=128)
     assert len(frame) == 2 * 2 * 2
-    assert set(frame.columns) == {"w_bits", "a_bits", "symmetric", "per_channel", "policy", "acc", "fp_acc"}
+    assert set(frame.columns) == {
+        "w_bits", "a_bits", "symmetric", "per_channel", "policy", "fold", "first_last_8bit", "bias_correction",
+        "acc", "fp_acc",
+    }
+    assert not frame["fold"].any() and frame["first_last_8bit"].all()  # the primary setting by default
     assert set(frame.a_bits) == {8, ptq.FLOAT_BITS} and frame.acc.between(0, 1).all()
     w8 = frame[(frame.w_bits == 8) & (frame.a_bits == ptq.FLOAT_BITS)].acc
     w2 = frame[(frame.w_bits == 2) & (frame.a_bits == ptq.FLOAT_BITS)].acc
     assert w8.min() > w2.max()
+
+
+def test_bit_sweep_has_one_column_per_deployment_setting(trained):
+    result, data = trained
+    frame = ptq.bit_sweep(
+        result.model, data, w_bits=(4,), fold=(False, True), first_last_8bit=(True, False),
+        bias_correction=(False, True), calib_size=128,
+    )
+    assert len(frame) == 8
+    assert frame.groupby("fold").fp_acc.nunique().eq(1).all()  # one float reference per deployment
+
+
+def test_bit_sweep_rejects_a_bad_bit_width_before_evaluating(trained):
+    with pytest.raises(ValueError, match="bit_width must be in 2..16"):
+        ptq.bit_sweep(trained[0].model, trained[1], w_bits=(4, 1))
+
+
+@pytest.mark.parametrize("fold", [False, True])
+def test_bias_correction_matches_the_float_logit_means_on_the_calibration_batch(trained, fold):
+    result, data = trained
+    calib = ptq.calibration_batch(data, 256)
+    reference = ptq.fold_bn(result.model) if fold else ptq.materialize(result.model)
+    plain = ptq.quantize_model(result.model, QuantSpec(3), fold=fold, first_last_8bit=False)
+    corrected = ptq.quantize_model(result.model, QuantSpec(3), fold=fold, first_last_8bit=False,
+                                   bias_correction=True, calib=calib)
+    with torch.no_grad():
+        target, before, after = (m(calib).double().mean(0) for m in (reference, plain, corrected))
+    assert (before - target).abs().max() > 1e-3  # there was a shift to correct
+    torch.testing.assert_close(after, target, atol=1e-4, rtol=0)
+
+
+def test_bias_correction_and_bn_reestimation_need_calibration_data(trained):
+    for kwargs in ({"bias_correction": True}, {"bn_reestimate": True}):
+        with pytest.raises(ValueError, match="need calib"):
+            ptq.quantize_model(trained[0].model, QuantSpec(4), **kwargs)
+
+
+def test_bn_reestimation_matches_the_batch_statistics_of_the_quantized_model(trained):
+    result, data = trained
+    calib = ptq.calibration_batch(data, 256)
+    quantized = ptq.quantize_model(result.model, QuantSpec(3), bn_reestimate=True, calib=calib)
+    first_bn = next(m for m in quantized.modules() if isinstance(m, nn.BatchNorm2d))
+    first_conv = next(m for m in quantized.modules() if isinstance(m, nn.Conv2d))
+    with torch.no_grad():
+        out = first_conv(calib)
+    torch.testing.assert_close(first_bn.running_mean, out.mean(dim=(0, 2, 3)), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="fold=False"):
+        ptq.quantize_model(result.model, QuantSpec(3), fold=True, bn_reestimate=True, calib=calib)

@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -13,9 +14,12 @@ from robustq.qat import (
     LSQWeight,
     STEWeight,
     WRPNWeight,
+    describe_quantizers,
     has_qat,
     prepare_qat,
+    quantizer_from_description,
     remove_qat,
+    requantize,
 )
 from robustq.quant import QuantSpec, quantize
 from robustq.satnl import apply_satnl
@@ -247,3 +251,39 @@ def test_quantizer_constructors_validate_bit_width(cls):
         cls(0)
     with pytest.raises(ValueError, match="bit_width"):
         STEWeight(20)
+
+
+# --- the book's QAT setting: 8-bit edges, re-quantizing with the trained quantizer ---------------
+
+
+@pytest.mark.parametrize("quantizer", QUANTIZERS)
+def test_edge_bit_width_puts_the_stem_and_classifier_at_8_bits(quantizer):
+    model = prepare_qat(small_cnn(), quantizer, 3, edge_bit_width=8)
+    bits = {name: d["bit_width"] for name, d in describe_quantizers(model).items()}
+    assert bits == {"0": 8, "3": 3, "7": 8}
+
+
+@pytest.mark.parametrize("quantizer", QUANTIZERS)
+def test_requantize_reproduces_the_trained_weights_exactly(quantizer):
+    model = prepare_qat(small_cnn(), quantizer, 3, edge_bit_width=8).train()
+    if quantizer == "lsq":  # move the learned steps away from their initial values
+        with torch.no_grad():
+            for layer in (model[0], model[3], model[7]):
+                layer.parametrizations.weight[0].scale.mul_(1.37)
+    trained = {name: model.get_submodule(name).weight.detach().clone() for name in ("0", "3", "7")}
+    descriptions = describe_quantizers(model)
+    requantize(remove_qat(model), json.loads(json.dumps(descriptions)))  # through JSON, as the cache keeps it
+    for name, weight in trained.items():
+        assert torch.equal(model.get_submodule(name).weight, weight), name
+
+
+def test_lsq_step_is_carried_to_other_bit_widths_with_the_same_clipping_range():
+    quantizer = LSQWeight(3, torch.ones(10))
+    carried = quantizer_from_description({"quantizer": "lsq", "bit_width": 3, "scale": 0.6}, torch.ones(10), 5)
+    assert carried.bit_width == 5
+    assert math.isclose(float(carried.scale) * carried.q_p, 0.6 * quantizer.q_p, rel_tol=1e-6)
+
+
+def test_requantize_rejects_a_record_of_other_layers():
+    with pytest.raises(ValueError, match="does not have"):
+        requantize(small_cnn(), {"9": {"quantizer": "ste", "bit_width": 3}})

@@ -272,6 +272,111 @@ def test_mse_policy_clips_a_heavy_tailed_sample():
     assert (quantize(x, spec) - x).pow(2).mean() < 0.5 * (quantize(x, minmax) - x).pow(2).mean()
 
 
+def _reference_mse_clip_ratio(groups, spec, bounds_at):
+    """The ``mse`` search as first written, one fake-quant pass per clip ratio: the specification
+    that the batched ``quant._mse_clip_ratio`` must meet bit for bit."""
+    qmin, qmax = spec.qrange
+    best_err = torch.full((groups.shape[0],), math.inf, dtype=groups.dtype, device=groups.device)
+    best_ratio = torch.ones_like(best_err)
+    for ratio in quant.mse_grid().tolist():
+        lo, hi = bounds_at(ratio)
+        if spec.symmetric:
+            scale = quant._safe_scale(hi / qmax, groups.dtype)
+            zero_point = torch.zeros_like(scale, dtype=torch.int32)
+        else:
+            scale = quant._safe_scale((hi - lo) / (qmax - qmin), groups.dtype)
+            zero_point = torch.clamp(qmin - torch.round(lo / scale), qmin, qmax).to(torch.int32)
+        err = (fake_quant(groups, scale[:, None], zero_point[:, None], qmin, qmax) - groups).pow(2).mean(dim=1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_ratio = torch.where(better, torch.full_like(best_ratio, ratio), best_ratio)
+    return best_ratio
+
+
+def assert_mse_search_matches_reference(x, spec, axis=0):
+    """Both searches on the policy's own call (its groups and bounds), and the qparams each gives."""
+    searches = []
+    batched = quant._mse_clip_ratio
+
+    def both(groups, spec, bounds_at):
+        searches.append((batched(groups, spec, bounds_at), _reference_mse_clip_ratio(groups, spec, bounds_at)))
+        return searches[-1][0]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(quant, "_mse_clip_ratio", both)
+        ours = choose_qparams(x, spec, axis)
+        patch.setattr(quant, "_mse_clip_ratio", _reference_mse_clip_ratio)
+        reference = choose_qparams(x, spec, axis)
+    [(chosen, expected)] = searches
+    assert chosen.dtype == expected.dtype and torch.equal(chosen, expected)
+    assert torch.equal(ours[0], reference[0]) and torch.equal(ours[1], reference[1])
+    assert ours[2:] == reference[2:]
+
+
+@settings(max_examples=60, deadline=None)
+@given(tensor_spec_axis(policy=st.just("mse")), st.sampled_from([torch.float32, torch.float64]),
+       st.booleans(), st.sampled_from([None, 64, 1000]))
+def test_mse_search_is_bit_identical_to_reference(case, dtype, zero_channel, batch_numel):
+    # batch_numel: small blocks split a group's ratios into chunks and its rows into column tiles.
+    x, spec, axis = case
+    x = x.to(dtype)
+    if zero_channel:  # per-channel, an all-zero group: every ratio ties at error 0
+        x.select(axis, 0).zero_()
+    with pytest.MonkeyPatch.context() as patch:
+        if batch_numel is not None:
+            patch.setattr(quant, "_MSE_BATCH_NUMEL", batch_numel)
+        assert_mse_search_matches_reference(x, spec, axis)
+
+
+@pytest.mark.parametrize("numel, symmetric", [(quant._TORCH_GRAIN_SIZE - 1, True),
+                                              (quant._TORCH_GRAIN_SIZE - 1, False), (40_000, False)])
+def test_mse_search_matches_reference_on_a_long_row(numel, symmetric):
+    # From _TORCH_GRAIN_SIZE elements torch sums a per-tensor error row in per-thread pieces.
+    x = torch.distributions.Laplace(0.0, 1.0).sample((numel,))
+    assert_mse_search_matches_reference(x, QuantSpec(4, symmetric=symmetric, policy="mse"))
+
+
+@pytest.mark.skipif(torch.get_num_threads() == 1, reason="one thread sums every row in one piece")
+def test_a_long_row_alone_sums_in_another_order():
+    # Why the search reduces long per-tensor rows one at a time: as rows of a batch they would sum
+    # in another order, and their errors (so possibly a near-tie's winner) would differ.
+    squared = torch.rand(100, 40_000, generator=torch.Generator().manual_seed(0)) ** 4
+    alone = torch.cat([row.mean(dim=1) for row in squared.split(1)])
+    assert not torch.equal(squared.mean(dim=1), alone)
+    assert torch.equal(quant._row_means(squared, lone=True), alone)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("spec", [QuantSpec(b, symmetric=s, per_channel=c, policy="mse")
+                                  for b in (3, 8) for s in (True, False) for c in (True, False)], ids=repr)
+def test_mse_search_matches_reference_in_half_precision(spec, dtype):
+    x = torch.distributions.Laplace(0.0, 1.0).sample((6, 50)).to(dtype)
+    assert_mse_search_matches_reference(x, spec)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [[3e38, -3e38, 1.0], [3e38, 3e38, 1.0], [1e-45, 0.0, -1e-45], [1e30, -1e-30, 5.0]],
+    ids=["overflowing-range", "huge", "subnormal", "wide"],
+)
+@pytest.mark.parametrize("bit_width", [2, 8, 16])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_mse_search_matches_reference_at_extremes(values, bit_width, symmetric):
+    # Infinite scales, infinite or NaN errors and scales clamped to the smallest normal.
+    spec = QuantSpec(bit_width, symmetric=symmetric, policy="mse")
+    assert_mse_search_matches_reference(torch.tensor(values), spec)
+
+
+def test_first_least_is_the_strict_scan():
+    # The scan starts from error inf and value 1, keeps a value only for a strictly smaller error,
+    # and a NaN error is never smaller.
+    nan, inf = math.nan, math.inf
+    errors = torch.tensor([[3.0, 1.0, 1.0, 2.0], [nan, nan, 5.0, 5.0],
+                           [inf, inf, inf, inf], [nan, inf, nan, inf]])
+    values = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    assert torch.equal(quant._first_least(errors, values), torch.tensor([0.2, 0.3, 1.0, 1.0]))
+
+
 @pytest.mark.parametrize("symmetric", [True, False])
 @pytest.mark.parametrize(
     "policy, x",

@@ -18,41 +18,179 @@ def _generator(seed: int = 0) -> torch.Generator:
 
 # --- SymReg ---------------------------------------------------------------------------------------
 
+SCOPES = ["layer", "channel", "kernel"]
+PAIRINGS = ["1:1", "2:2"]
+
+
+def _naive_pair_sums(s):
+    """1:1 sums of a sorted list, the median (odd length) paired with itself."""
+    n = len(s)
+    return [s[k] + s[n - 1 - k] for k in range((n + 1) // 2)]
+
+
+def _naive_set_penalty(values, pairing):
+    """The docstring's ``L`` of one set, as loops over a sorted Python list."""
+    s, n = sorted(values), len(values)
+    if pairing == "1:1":
+        sums = _naive_pair_sums(s)
+    else:
+        groups = n // 4
+        sums = [s[2 * k] + s[2 * k + 1] + s[n - 1 - 2 * k] + s[n - 2 - 2 * k] for k in range(groups)]
+        sums += _naive_pair_sums(s[2 * groups : n - 2 * groups])
+    return sum(x**2 for x in sums) / n
+
+
+def _naive_spread(values):
+    n = len(values)
+    if n == 1:
+        return values[0] ** 2
+    mean = sum(values) / n
+    return sum((x - mean) ** 2 for x in values) / n
+
 
 def naive_sym_reg(w, pairing, scope, normalize):
-    """The formula of the docstring, written as loops over sorted Python lists."""
+    """The docstring's definition, written as loops over nested Python lists."""
     rows = [w.reshape(-1).tolist()] if scope == "layer" else w.reshape(w.shape[0], -1).tolist()
+    kernel_size = math.prod(w.shape[2:]) if w.dim() >= 3 else 1
     penalties = []
     for row in rows:
-        s, n = sorted(row), len(row)
-        if pairing == "1:1":
-            total = sum((s[k - 1] + s[n - k]) ** 2 for k in range(1, n // 2 + 1))
+        if scope == "kernel" and kernel_size > 1:
+            sets = [row[i : i + kernel_size] for i in range(0, len(row), kernel_size)]
         else:
-            total = sum(
-                (s[2 * k - 2] + s[2 * k - 1] + s[n - 2 * k] + s[n + 1 - 2 * k]) ** 2
-                for k in range(1, n // 4 + 1)
-            )
-        penalty = total / n
-        if normalize:
-            mean = sum(row) / n
-            penalty /= sum((x - mean) ** 2 for x in row) / n + 1e-12
-        penalties.append(penalty)
+            sets = [row]
+        for values in sets:
+            penalty = _naive_set_penalty(values, pairing)
+            penalties.append(penalty / (_naive_spread(row) + 1e-12) if normalize else penalty)
     return sum(penalties) / len(penalties)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(
-    rows=st.integers(1, 4),
-    n=st.integers(1, 23),
-    pairing=st.sampled_from(["1:1", "2:2"]),
-    scope=st.sampled_from(["layer", "channel"]),
+    shape=st.lists(st.integers(1, 5), min_size=1, max_size=4),
+    pairing=st.sampled_from(PAIRINGS),
+    scope=st.sampled_from(SCOPES),
     normalize=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_sym_reg_matches_naive_formula(rows, n, pairing, scope, normalize, seed):
-    w = torch.randn(rows, n, dtype=torch.float64, generator=_generator(seed)).exp()  # skewed
+def test_sym_reg_matches_naive_formula(shape, pairing, scope, normalize, seed):
+    w = torch.randn(*shape, dtype=torch.float64, generator=_generator(seed)).exp()  # skewed
     expected = naive_sym_reg(w, pairing, scope, normalize)
     assert sym_reg(w, pairing, scope, normalize).item() == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+def _mirrored_sets(n_sets, size, seed):
+    """``n_sets`` shuffled sets of ``size`` weights, each the union of v and -v (plus 0 if odd)."""
+    g = _generator(seed)
+    half = torch.randn(n_sets, size // 2, dtype=torch.float64, generator=g)
+    zeros = torch.zeros(n_sets, size % 2, dtype=torch.float64)
+    sets = torch.cat([half, -half, zeros], dim=1)
+    return sets[:, torch.randperm(size, generator=g)]
+
+
+def _sets_shape(shape, scope):
+    """(number of sets, weights per set) of ``scope`` for a tensor of ``shape``."""
+    numel, out = math.prod(shape), shape[0]
+    kernel_size = math.prod(shape[2:])
+    if scope == "layer":
+        return 1, numel
+    if scope == "kernel" and kernel_size > 1:
+        return out * shape[1], kernel_size
+    return out, numel // out
+
+
+conv_or_linear_shapes = st.one_of(
+    st.tuples(st.integers(1, 4), st.integers(1, 4)),
+    st.tuples(st.integers(1, 3), st.integers(1, 3), st.integers(1, 3), st.integers(1, 3)),
+)
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    shape=conv_or_linear_shapes,
+    pairing=st.sampled_from(PAIRINGS),
+    scope=st.sampled_from(SCOPES),
+    normalize=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_sym_reg_is_zero_on_mirrored_sets_and_positive_otherwise(shape, pairing, scope, normalize, seed):
+    n_sets, size = _sets_shape(shape, scope)
+    mirrored = _mirrored_sets(n_sets, size, seed).reshape(shape)
+    assert sym_reg(mirrored, pairing, scope, normalize).item() == pytest.approx(0.0, abs=1e-12)
+    generic = torch.randn(shape, dtype=torch.float64, generator=_generator(seed + 1))
+    assert sym_reg(generic, pairing, scope, normalize).item() > 0
+
+
+@pytest.mark.parametrize("pairing", PAIRINGS)
+@pytest.mark.parametrize("normalize", [False, True])
+def test_sym_reg_counts_the_median_of_odd_sets(pairing, normalize):
+    odd = torch.tensor([-2.0, -1.0, 0.5, 1.0, 2.0], dtype=torch.float64)
+    assert sym_reg(odd, pairing, normalize=False).item() == pytest.approx((2 * 0.5) ** 2 / 5)
+    for scope in SCOPES:
+        assert sym_reg(odd.reshape(1, 5), pairing, scope, normalize).item() > 0
+        assert sym_reg(odd.reshape(1, 1, 5), pairing, scope, normalize).item() > 0
+        with_zero_median = odd.clone()
+        with_zero_median[2] = 0.0
+        assert sym_reg(with_zero_median.reshape(1, 1, 5), pairing, scope, normalize).item() == 0.0
+
+
+def test_sym_reg_two_to_two_pairs_the_leftover_middle():
+    # N = 6: one group per tail (-3 - 2) + (4 + 5) = 4, middle (0, 1) paired 1:1 -> 1
+    w = torch.tensor([-3.0, -2.0, 0.0, 1.0, 4.0, 5.0])
+    assert sym_reg(w, "2:2", normalize=False).item() == pytest.approx((4**2 + 1**2) / 6)
+    # N = 7: the middle (0, 1, 3) -> (0 + 3)^2 + (2 * 1)^2
+    w = torch.tensor([-3.0, -2.0, 0.0, 1.0, 3.0, 4.0, 5.0])
+    assert sym_reg(w, "2:2", normalize=False).item() == pytest.approx((4**2 + 3**2 + 2**2) / 7)
+    # 2:2 only mirrors pair sums: zero on this asymmetric set, which 1:1 catches
+    coarse = torch.tensor([-3.0, -1.0, 2.0, 2.0])
+    assert sym_reg(coarse, "2:2").item() == 0.0 and sym_reg(coarse, "1:1").item() > 0
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+@pytest.mark.parametrize("pairing", PAIRINGS)
+def test_sym_reg_of_single_weights(scope, pairing):
+    lone = torch.tensor([[3.0]], dtype=torch.float64, requires_grad=True)
+    assert sym_reg(lone, pairing, scope, normalize=False).item() == pytest.approx(4 * 9.0)
+    # normalised by its mean of squares, not its zero variance: bounded, with a vanishing gradient
+    penalty = sym_reg(lone, pairing, scope, normalize=True)
+    penalty.backward()
+    assert penalty.item() == pytest.approx(4.0)
+    assert lone.grad.abs().item() < 1e-9
+    assert sym_reg(torch.zeros(1, 1), pairing, scope).item() == 0.0
+    rows_of_one = torch.tensor([[1.0], [-2.0], [0.0]])  # Linear(1, 3)
+    if scope != "layer":
+        assert sym_reg(rows_of_one, pairing, scope, normalize=False).item() == pytest.approx((4 + 16 + 0) / 3)
+        assert sym_reg(rows_of_one, pairing, scope).item() == pytest.approx((4 + 4 + 0) / 3)
+
+
+# A (2 outputs, 2 inputs, 1 x 3) conv weight; its kernels, rows and sorted layer:
+#   k00 = [-1, 0, 1]  k01 = [1, 2, 3]  |  row 0 = [-1, 0, 1, 1, 2, 3], variance 5/3
+#   k10 = [0, 0, 2]   k11 = [-1, -1, 1] |  row 1 = [-1, -1, 0, 0, 1, 2], variance 41/36
+#   layer = [-1, -1, -1, 0, 0, 0, 1, 1, 1, 2, 2, 3], variance 227/144
+HAND_CONV = [[[[-1.0, 0.0, 1.0]], [[1.0, 2.0, 3.0]]], [[[0.0, 0.0, 2.0]], [[-1.0, -1.0, 1.0]]]]
+HAND_VALUES = {
+    # kernels: 0, (4^2 + (2*2)^2)/3, ((0+2)^2 + 0)/3, (0 + (2*-1)^2)/3; 2:2 = 1:1 for N = 3
+    ("kernel", "1:1", False): (0 + 32 / 3 + 4 / 3 + 4 / 3) / 4,
+    ("kernel", "2:2", False): (0 + 32 / 3 + 4 / 3 + 4 / 3) / 4,
+    # each kernel over its row's variance: (0 + (32/3)/(5/3) + 2 (4/3)/(41/36)) / 4
+    ("kernel", "1:1", True): (32 / 5 + 2 * 48 / 41) / 4,
+    # rows: (2^2 + 2^2 + 2^2)/6 and ((-1+2)^2 + 0 + 0)/6
+    ("channel", "1:1", False): (12 / 6 + 1 / 6) / 2,
+    # rows: ((-1+0+2+3)^2 + (1+1)^2)/6 and ((-1-1+1+2)^2 + (0+0)^2)/6
+    ("channel", "2:2", False): (20 / 6 + 1 / 6) / 2,
+    ("channel", "1:1", True): (2 / (5 / 3) + (1 / 6) / (41 / 36)) / 2,
+    # pairs 2, 1, 1, 1, 1, 1
+    ("layer", "1:1", False): 9 / 12,
+    # pair groups (-2 + 5), (-1 + 3), (0 + 2)
+    ("layer", "2:2", False): 17 / 12,
+    ("layer", "1:1", True): (9 / 12) / (227 / 144),
+}
+
+
+@pytest.mark.parametrize("scope, pairing, normalize", list(HAND_VALUES))
+def test_sym_reg_hand_computed_values(scope, pairing, normalize):
+    w = torch.tensor(HAND_CONV, dtype=torch.float64)
+    expected = HAND_VALUES[scope, pairing, normalize]
+    assert sym_reg(w, pairing, scope, normalize).item() == pytest.approx(expected, rel=1e-12)
 
 
 def test_sym_reg_known_value():
@@ -63,8 +201,17 @@ def test_sym_reg_known_value():
     assert sym_reg(w, pairing="2:2", normalize=False).item() == pytest.approx(64 / 4)
 
 
-@pytest.mark.parametrize("pairing", ["1:1", "2:2"])
-@pytest.mark.parametrize("scope", ["layer", "channel"])
+@pytest.mark.parametrize("shape", [(4, 6), (4, 6, 1, 1)], ids=["linear", "conv1x1"])
+@pytest.mark.parametrize("pairing", PAIRINGS)
+@pytest.mark.parametrize("normalize", [False, True])
+def test_sym_reg_kernel_scope_falls_back_to_channel(shape, pairing, normalize):
+    w = torch.randn(shape, dtype=torch.float64, generator=_generator(13))
+    kernel, channel = sym_reg(w, pairing, "kernel", normalize), sym_reg(w, pairing, "channel", normalize)
+    assert kernel.item() == channel.item()
+
+
+@pytest.mark.parametrize("pairing", PAIRINGS)
+@pytest.mark.parametrize("scope", SCOPES)
 @pytest.mark.parametrize("normalize", [False, True])
 def test_sym_reg_zero_on_mirrored_and_positive_on_skewed(pairing, scope, normalize):
     half = torch.rand(6, 20, generator=_generator(1))
@@ -74,16 +221,26 @@ def test_sym_reg_zero_on_mirrored_and_positive_on_skewed(pairing, scope, normali
     assert sym_reg(skewed, pairing, scope, normalize).item() > 0.01
 
 
-def test_sym_reg_normalized_is_scale_free():
-    w = torch.randn(8, 27, dtype=torch.float64, generator=_generator(4)).exp()
-    for scope in ("layer", "channel"):
-        assert torch.allclose(sym_reg(100.0 * w, scope=scope), sym_reg(w, scope=scope))
-        assert not torch.allclose(
-            sym_reg(100.0 * w, scope=scope, normalize=False), sym_reg(w, scope=scope, normalize=False)
-        )
+@pytest.mark.parametrize("scope", SCOPES)
+def test_sym_reg_normalized_is_scale_free(scope):
+    w = torch.randn(8, 3, 3, 3, dtype=torch.float64, generator=_generator(4)).exp()
+    assert torch.allclose(sym_reg(100.0 * w, scope=scope), sym_reg(w, scope=scope))
+    assert not torch.allclose(
+        sym_reg(100.0 * w, scope=scope, normalize=False), sym_reg(w, scope=scope, normalize=False)
+    )
 
 
-@pytest.mark.parametrize("pairing", ["1:1", "2:2"])
+@pytest.mark.parametrize("pairing", PAIRINGS)
+def test_sym_reg_kernel_scope_sees_asymmetry_that_channel_scope_misses(pairing):
+    # each row mirrors about 0, but its two kernels are shifted apart: with inputs of different
+    # means the output still shifts, which only kernel scope penalises
+    w = torch.tensor([[[[0.0, 1.0, 2.0]], [[-2.0, -1.0, 0.0]]]] * 2)
+    assert sym_reg(w, pairing, "channel").item() == 0.0
+    assert sym_reg(w, pairing, "layer").item() == 0.0
+    assert sym_reg(w, pairing, "kernel").item() > 0
+
+
+@pytest.mark.parametrize("pairing", PAIRINGS)
 @pytest.mark.parametrize("scope", ["layer", "channel"])
 @pytest.mark.parametrize("normalize", [False, True])
 def test_sym_reg_gradcheck(pairing, scope, normalize):
@@ -91,11 +248,20 @@ def test_sym_reg_gradcheck(pairing, scope, normalize):
     assert torch.autograd.gradcheck(lambda t: sym_reg(t, pairing, scope, normalize), (w,))
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 1, 5), (2, 2, 2, 3), (3, 1, 1, 1)], ids=["odd", "even", "single"])
+@pytest.mark.parametrize("pairing", PAIRINGS)
+@pytest.mark.parametrize("scope", SCOPES)
+@pytest.mark.parametrize("normalize", [False, True])
+def test_sym_reg_gradcheck_on_conv_weights(shape, pairing, scope, normalize):
+    w = torch.randn(shape, dtype=torch.float64, generator=_generator(14)).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: sym_reg(t, pairing, scope, normalize), (w,))
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
         ({"pairing": "3:3"}, r"pairing must be one of \('1:1', '2:2'\), got '3:3'"),
-        ({"scope": "row"}, r"scope must be one of \('layer', 'channel'\), got 'row'"),
+        ({"scope": "row"}, r"scope must be one of \('layer', 'channel', 'kernel'\), got 'row'"),
     ],
 )
 def test_sym_reg_rejects_bad_arguments(kwargs, match):
@@ -106,8 +272,9 @@ def test_sym_reg_rejects_bad_arguments(kwargs, match):
 def test_sym_reg_rejects_empty_and_scalar_channel():
     with pytest.raises(ValueError, match="empty"):
         sym_reg(torch.empty(0))
-    with pytest.raises(ValueError, match="channel"):
-        sym_reg(torch.tensor(1.0), scope="channel")
+    for scope in ("channel", "kernel"):
+        with pytest.raises(ValueError, match=f"scope='{scope}' needs a tensor with an output-channel axis"):
+            sym_reg(torch.tensor(1.0), scope=scope)
 
 
 # --- KURE -----------------------------------------------------------------------------------------

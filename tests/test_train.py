@@ -50,7 +50,7 @@ def test_corrupt_checkpoint_is_reported_and_training_starts_over(synthetic, tmp_
     checkpoint = tmp_path / "ckpt.pt"
     checkpoint.write_bytes(b"not a checkpoint")
     result = train(_fresh_model(0, synthetic), synthetic, TrainConfig(epochs=1, batch_size=256), checkpoint=checkpoint, progress=False)
-    assert "ignoring unreadable checkpoint" in capsys.readouterr().out
+    assert "ignoring unreadable checkpoint" in capsys.readouterr().err
     assert len(result.history) == 1
 
 

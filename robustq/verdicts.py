@@ -1,0 +1,243 @@
+"""Grading claims against the seed-to-seed noise (book/methods.md §7): rules written before the run.
+
+A claim compares a *candidate* with a *reference* on one primary endpoint, in accuracy points, over
+the same seeds. With the per-seed differences ``d = candidate - reference``,
+``se = std(d, ddof=1) / sqrt(n)`` and ``t = t_{0.975, n-1}`` (Student's t quantile; 4.30 for n = 3,
+2.78 for n = 5):
+
+* :func:`paired` ("A beats B by at least tau"): *reproduced* iff ``mean(d) - t se > 0`` and
+  ``mean(d) >= tau``; *not reproduced* iff ``mean(d) + t se < tau``; else *inconclusive*.
+* :func:`equivalent` ("A matches B within a margin"): *reproduced* iff ``|mean(d)| + t se <= margin``;
+  *not reproduced* iff ``|mean(d)| - t se > margin``; else *inconclusive*.
+
+Fewer than two paired seeds always grade *inconclusive*. ``t se`` is also the claim's minimum
+detectable effect (MDE): :func:`minimum_detectable_effect` computes it before the run from a
+standard deviation measured on selection seeds, so a chapter can say which claims its profile can
+grade. :class:`Verdict` rows go to the book's Findings page through :func:`record_claims`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+from scipy import stats
+
+from robustq.files import write_atomic
+
+REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive"
+GRADES = (REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE)
+CONFIDENCE = 0.975  # two-sided 95%
+FINDINGS_ENV = "ROBUSTQ_FINDINGS"
+UNDERPOWERED = "underpowered in `{profile}`; graded in `paper`"
+
+PerSeed = Mapping[int, float] | pd.Series | Sequence[float]
+
+
+def t_quantile(n: int) -> float:
+    """``t_{0.975, n-1}``, the two-sided 95% Student quantile for ``n`` paired seeds (n >= 2).
+
+    >>> round(t_quantile(3), 2), round(t_quantile(5), 2)
+    (4.3, 2.78)
+    """
+    if n < 2:
+        raise ValueError(f"a t quantile needs at least 2 seeds, got n={n}")
+    return float(stats.t.ppf(CONFIDENCE, n - 1))
+
+
+def minimum_detectable_effect(sd: float, n: int) -> float:
+    """``t_{0.975, n-1} sd / sqrt(n)``: the smallest mean paired difference that a claim graded on
+    ``n`` seeds can tell from zero, given the standard deviation ``sd`` of paired differences
+    (measured on selection seeds, before the run). ``inf`` for fewer than 2 seeds."""
+    if not math.isfinite(sd) or sd < 0:
+        raise ValueError(f"sd must be a finite number >= 0, got {sd!r}")
+    return math.inf if n < 2 else t_quantile(n) * sd / math.sqrt(n)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The grade of one comparison and the numbers behind it (points; ``se``/``mde`` NaN/inf when
+    n < 2). ``threshold`` is ``tau`` for :func:`paired`, the margin for :func:`equivalent`."""
+
+    rule: str
+    grade: str
+    mean: float
+    se: float
+    n: int
+    threshold: float
+
+    @property
+    def mde(self) -> float:
+        """Minimum detectable effect of this comparison: ``t se``."""
+        return self.se * t_quantile(self.n) if self.n >= 2 else math.inf
+
+    @property
+    def interval(self) -> tuple[float, float]:
+        """95% confidence interval of the mean difference, ``mean -+ t se``."""
+        return self.mean - self.mde, self.mean + self.mde
+
+    def summary(self) -> str:
+        """``+2.3 ± 1.1 points (n = 5)``: mean ± se, for prose and tables."""
+        return f"{self.mean:+.2f} ± {self.se:.2f} points (n = {self.n})"
+
+
+def differences(candidate: PerSeed, reference: PerSeed) -> pd.Series:
+    """``candidate - reference`` per seed. Mappings and Series are paired by seed (only seeds in
+    both count); plain sequences are paired by position and must have the same length."""
+    cand, ref = _as_series(candidate, "candidate"), _as_series(reference, "reference")
+    if not isinstance(candidate, (Mapping, pd.Series)) and len(cand) != len(ref):
+        raise ValueError(f"candidate has {len(cand)} seeds and reference {len(ref)}: pair them by seed")
+    common = cand.index.intersection(ref.index)
+    if len(common) == 0:
+        raise ValueError("candidate and reference share no seed: pass per-seed values keyed by seed")
+    return (cand.loc[common] - ref.loc[common]).astype(float)
+
+
+def paired(candidate: PerSeed, reference: PerSeed, tau: float) -> Verdict:
+    """Grade "candidate beats reference by at least ``tau`` points" (book/methods.md §7).
+
+    >>> paired({0: 80.0, 1: 82.0, 2: 81.0}, {0: 70.0, 1: 71.0, 2: 70.5}, tau=2).grade
+    'reproduced'
+    >>> paired([70.0, 71.0, 70.0], [70.5, 70.0, 70.2], tau=3).grade
+    'not reproduced'
+    """
+    _check_threshold("tau", tau, allow_negative=True)
+    mean, se, n = _mean_se(differences(candidate, reference))
+    if n < 2:
+        grade = INCONCLUSIVE
+    elif mean - t_quantile(n) * se > 0 and mean >= tau:
+        grade = REPRODUCED
+    elif mean + t_quantile(n) * se < tau:
+        grade = NOT_REPRODUCED
+    else:
+        grade = INCONCLUSIVE
+    return Verdict("paired", grade, mean, se, n, float(tau))
+
+
+def equivalent(candidate: PerSeed, reference: PerSeed, margin: float) -> Verdict:
+    """Grade "candidate matches reference within ``margin`` points" (book/methods.md §7).
+
+    >>> equivalent([80.0, 80.2, 79.9], [80.1, 80.0, 80.0], margin=1).grade
+    'reproduced'
+    """
+    _check_threshold("margin", margin, allow_negative=False)
+    mean, se, n = _mean_se(differences(candidate, reference))
+    if n < 2:
+        grade = INCONCLUSIVE
+    elif abs(mean) + t_quantile(n) * se <= margin:
+        grade = REPRODUCED
+    elif abs(mean) - t_quantile(n) * se > margin:
+        grade = NOT_REPRODUCED
+    else:
+        grade = INCONCLUSIVE
+    return Verdict("equivalent", grade, mean, se, n, float(margin))
+
+
+def _mean_se(d: pd.Series) -> tuple[float, float, int]:
+    n = len(d)
+    se = float(d.std(ddof=1)) / math.sqrt(n) if n >= 2 else math.nan
+    return float(d.mean()), se, n
+
+
+def _as_series(values: PerSeed, name: str) -> pd.Series:
+    if isinstance(values, pd.Series):
+        series = values
+    elif isinstance(values, Mapping):
+        series = pd.Series(dict(values))
+    else:
+        series = pd.Series(list(values))
+    if series.index.has_duplicates:
+        raise ValueError(f"{name} has a seed twice: {sorted(series.index[series.index.duplicated()])}")
+    if series.isna().any() or not all(math.isfinite(float(v)) for v in series):
+        raise ValueError(f"{name} holds NaN or infinite accuracies; check the evaluation")
+    return series.astype(float)
+
+
+def _check_threshold(name: str, value: float, allow_negative: bool) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number of accuracy points, got {value!r}")
+    if not allow_negative and value < 0:
+        raise ValueError(f"{name} must be >= 0 points, got {value!r}")
+
+
+# --- records for the Findings page --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A claim as written before the run: its id, what it says, its primary endpoint, and the rule
+    (``paired`` with ``tau`` or ``equivalent`` with a margin) that will grade it."""
+
+    chapter: str
+    claim: str
+    statement: str
+    endpoint: str
+    rule: str
+    threshold: float
+
+    def __post_init__(self) -> None:
+        if self.rule not in ("paired", "equivalent"):
+            raise ValueError(f"rule must be 'paired' or 'equivalent', got {self.rule!r}")
+        _check_threshold("threshold", self.threshold, allow_negative=self.rule == "paired")
+
+    def grade(self, candidate: PerSeed, reference: PerSeed) -> Verdict:
+        """Apply the claim's rule to per-seed endpoint values."""
+        rule = paired if self.rule == "paired" else equivalent
+        return rule(candidate, reference, self.threshold)
+
+    def power_note(self, sd: float, n: int, profile: str) -> str:
+        """Before the run: the MDE at ``n`` seeds (from ``sd`` measured on selection seeds) against
+        the claim's threshold."""
+        mde = minimum_detectable_effect(sd, n)
+        limit = abs(self.threshold)
+        if limit == 0:
+            return f"MDE {mde:.2g}: smaller true effects will read as inconclusive"
+        if mde <= limit:
+            return f"MDE {mde:.2g} ≤ {limit:g}: gradable in `{profile}`"
+        return f"MDE {mde:.2g} > {limit:g}: " + UNDERPOWERED.format(profile=profile)
+
+
+def claim_record(claim: Claim, verdict: Verdict, mde_planned: float) -> dict:
+    """One row of the Findings page: the claim, its rule, grade and numbers."""
+    return {
+        **dataclasses.asdict(claim),
+        "grade": verdict.grade,
+        "mean": verdict.mean,
+        "se": verdict.se,
+        "n": verdict.n,
+        "mde": verdict.mde,
+        "mde_planned": mde_planned,
+    }
+
+
+def findings_dir(profile: str) -> Path:
+    """Where chapters executed under ``profile`` leave their claim records:
+    ``$ROBUSTQ_FINDINGS/<profile>``, else ``findings/<profile>`` in the experiment cache
+    (``robustq.experiments.cache_dir()``), so a smoke run never mixes with the book's records."""
+    if os.environ.get(FINDINGS_ENV):
+        return Path(os.environ[FINDINGS_ENV]) / profile
+    from robustq.experiments import cache_dir
+
+    return cache_dir() / "findings" / profile
+
+
+def record_claims(chapter: str, records: Sequence[dict], folder: Path) -> Path:
+    """Write a chapter's claim records as ``<chapter>.json`` in ``folder`` (atomically), replacing
+    earlier ones."""
+    path = folder / f"{chapter}.json"
+    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(list(records), indent=1)))
+    return path
+
+
+def load_findings(folder: Path) -> pd.DataFrame:
+    """Every chapter's claim records in ``folder`` as one frame, in chapter order, with a
+    ``chapter_file`` column naming the notebook that wrote them."""
+    frames = [pd.DataFrame(json.loads(path.read_text())).assign(chapter_file=path.stem)
+              for path in sorted(folder.glob("*.json"))]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

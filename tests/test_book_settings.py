@@ -1,0 +1,68 @@
+"""The book's settings: valid methods, choices off the graded seeds, and a run plan that fits."""
+
+import pytest
+
+from robustq import book_settings, experiments, methods
+from robustq.book_settings import METHODS, SELECTION_SEED, largest_within
+
+
+def test_every_book_method_builds_with_its_settings():
+    for name, entry in METHODS.items():
+        built = methods.make(entry.method, **entry.params)
+        assert built.name == entry.method, name
+        if entry.choice is not None:
+            for value in entry.choice.candidates:
+                methods.make(entry.method, **entry.params, **{entry.choice.param: value})
+
+
+def test_qat_methods_share_the_books_one_qat_setting():
+    for name, entry in METHODS.items():
+        params = methods.make(entry.method, **entry.params).params()
+        if "quantizer" in params:
+            assert params["bit_width"] == book_settings.QAT_BIT_WIDTH, name
+            assert params["edge_bit_width"] == book_settings.EDGE_BIT_WIDTH, name
+
+
+@pytest.mark.parametrize("profile", list(experiments.PROFILES))
+def test_the_selection_seed_is_never_graded(profile):
+    assert SELECTION_SEED not in book_settings.graded_seeds(profile)
+    assert len(book_settings.graded_seeds(profile)) >= 2
+
+
+def test_book_grades_at_least_five_seeds():
+    assert len(book_settings.graded_seeds("book")) >= 5
+
+
+def test_largest_within_rule():
+    pick = largest_within(0.5)
+    assert pick({0.1: 0.900, 1.0: 0.897, 10.0: 0.880}, baseline=0.900) == 1.0  # 0.3 points: allowed
+    assert pick({0.1: 0.890, 1.0: 0.880}, baseline=0.900) == 0.1  # none within: the smallest
+    assert pick({0.1: 0.950, 10.0: 0.960}, baseline=0.900) == 10.0  # better than baseline is within
+
+
+def test_choose_trains_candidates_on_the_selection_seed_with_a_validation_split():
+    chosen = book_settings.choose("symreg", "smoke")
+    assert chosen["param"] == "lam" and chosen["value"] in METHODS["symreg"].choice.candidates
+    assert set(chosen["validation"]) == {*METHODS["symreg"].choice.candidates, "baseline"}
+    exp = book_settings.selection_experiment("symreg", "smoke", lam=chosen["value"]).resolved()
+    assert exp.seed == SELECTION_SEED and exp.val_size > 0
+    assert book_settings.settings_for("symreg", "smoke") == {"scope": "channel", "lam": chosen["value"]}
+
+
+def test_unknown_book_method_names_the_known_ones():
+    with pytest.raises(ValueError, match="the book's methods are: baseline"):
+        book_settings.experiment("nope", 0)
+
+
+def test_run_plan_covers_every_chapter_and_fits_the_budget():
+    plan = book_settings.run_plan("book")
+    assert set(plan["chapter"]) == {f"{n:02d}" for n in range(9)}
+    assert set(plan["name"]) - {"mobilenetv2", "satnl_asam"} <= set(METHODS)
+    minutes = book_settings.estimate_minutes(plan)
+    assert 0 < minutes <= book_settings.BUDGET_MINUTES, minutes
+
+
+def test_primary_endpoint_is_one_of_the_candidates_and_has_a_planning_spread():
+    assert book_settings.ENDPOINT in book_settings.ENDPOINTS
+    assert book_settings.PLANNING_SD[book_settings.ENDPOINT] > 0
+    assert book_settings.planning_mde(5) < book_settings.planning_mde(3)

@@ -1,0 +1,152 @@
+"""Faults injected into the experiment cache with real files and real processes (no mocks of the
+cache): every one is caught, reported on stderr, and never served as a result."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from robustq import cache, experiments
+from robustq.experiments import Experiment, run
+
+TINY = dict(dataset="synthetic", epochs=1, batch_size=128)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _entry(result) -> Path:
+    return experiments.cache_dir() / result.experiment.key()
+
+
+def test_a_damaged_model_file_is_moved_aside_and_retrained(isolated_cache, capsys):
+    first = run(Experiment(**TINY), progress=False)
+    weights = _entry(first) / "model.pt"
+    blob = bytearray(weights.read_bytes())
+    middle = len(blob) // 2
+    blob[middle:middle + 64] = bytes(b ^ 0xFF for b in blob[middle:middle + 64])
+    weights.write_bytes(bytes(blob))
+    second = run(Experiment(**TINY), progress=False)
+    err = capsys.readouterr().err
+    assert not second.cached and "does not match the SHA-256" in err and str(_entry(first)) in err
+    assert len(list((isolated_cache / cache.QUARANTINE).iterdir())) == 1
+    assert run(Experiment(**TINY), progress=False).cached  # the retrained entry is whole again
+
+
+@pytest.mark.parametrize("edit", [
+    lambda r: r.pop("metrics"),
+    lambda r: r.update(metrics={}),
+    lambda r: r.update(schema=1),
+    lambda r: r["files"].pop("model.pt"),
+])
+def test_an_incomplete_result_record_is_moved_aside_and_retrained(edit, isolated_cache, capsys):
+    first = run(Experiment(**TINY), progress=False)
+    path = _entry(first) / "result.json"
+    record = json.loads(path.read_text())
+    edit(record)
+    path.write_text(json.dumps(record))
+    second = run(Experiment(**TINY), progress=False)
+    assert not second.cached and "failed verification" in capsys.readouterr().err
+    assert second.metrics["test_acc"] == first.metrics["test_acc"]  # same seed, same model
+
+
+def test_two_identical_runs_at_once_train_once(tmp_path):
+    script = textwrap.dedent("""
+        import json, sys
+        from robustq.experiments import Experiment, run
+        result = run(Experiment(dataset="synthetic", epochs=2, batch_size=64), progress=False)
+        print(json.dumps({"cached": result.cached, "acc": result.test_acc}))
+    """)
+    env = {**os.environ, "ROBUSTQ_CACHE": str(tmp_path / "cache"), "ROBUSTQ_PROFILE": "smoke"}
+    procs = [subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+             for _ in range(2)]
+    outputs = [json.loads(p.communicate(timeout=300)[0]) for p in procs]
+    assert sorted(o["cached"] for o in outputs) == [False, True]
+    assert outputs[0]["acc"] == outputs[1]["acc"]
+
+
+def test_an_unusable_cache_is_reported_before_any_training(tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started before the cache was checked")
+
+    monkeypatch.setattr(experiments, "train", no_training)
+    monkeypatch.setenv("ROBUSTQ_CACHE", str(blocker))
+    with pytest.raises(cache.CacheError, match="is a file, not a folder; set ROBUSTQ_CACHE"):
+        run(Experiment(**TINY), progress=False)
+    monkeypatch.setenv("ROBUSTQ_CACHE", str(blocker / "below"))
+    with pytest.raises(cache.CacheError, match="not writable"):
+        run(Experiment(**TINY), progress=False)
+    monkeypatch.setenv("ROBUSTQ_CACHE", str(tmp_path / "ok"))
+    monkeypatch.setattr(cache.shutil, "disk_usage", lambda _p: shutil._ntuple_diskusage(1, 1, 1024))
+    with pytest.raises(cache.CacheError, match="MiB free"):
+        run(Experiment(**TINY), progress=False)
+
+
+def test_the_key_follows_the_data_files(tmp_path, monkeypatch):
+    source = Path("/usr/share/datasets/fashion-mnist")
+    copy = tmp_path / "fmnist"
+    shutil.copytree(source, copy)
+    monkeypatch.setenv("ROBUSTQ_DATA", str(copy))
+    before = Experiment(profile="smoke").key()
+    (copy / "t10k-labels-idx1-ubyte.gz").write_bytes((source / "t10k-labels-idx1-ubyte.gz").read_bytes() + b"\0")
+    assert Experiment(profile="smoke").key() != before
+    monkeypatch.setenv("ROBUSTQ_DATA", str(tmp_path / "missing"))
+    with pytest.raises(FileNotFoundError, match="ROBUSTQ_DATA"):
+        Experiment(profile="smoke").key()
+
+
+def test_the_code_fingerprint_ignores_docstrings_and_comments_but_not_code():
+    original = 'def f(x):\n    """Doc."""\n    return x + 1\n'
+    assert cache.source_ast(original) == cache.source_ast('def f(x):\n    """Other doc."""\n    # why\n    return x + 1\n')
+    assert cache.source_ast(original) != cache.source_ast('def f(x):\n    """Doc."""\n    return x + 2\n')
+
+
+def test_editing_a_method_changes_the_key(monkeypatch):
+    before = Experiment(**TINY).key()
+    edited = cache.source_ast((ROOT / "robustq" / "methods.py").read_text().replace("lam: float = 1.0", "lam: float = 2.0", 1))
+    monkeypatch.setattr(cache, "_module_ast", lambda name, real=cache._module_ast: edited if name == "methods" else real(name))
+    assert Experiment(**TINY).key() != before
+
+
+def test_stale_temporary_files_of_dead_processes_are_removed(isolated_cache):
+    exp = Experiment(**TINY)
+    entry = isolated_cache / exp.resolved().key()
+    entry.mkdir(parents=True)
+    stale = entry / ".checkpoint.pt.999999999.tmp"
+    stale.write_bytes(b"half a checkpoint")
+    live = entry / ".checkpoint.pt.1.tmp"  # pid 1 is alive: another process may still be writing it
+    live.write_bytes(b"being written")
+    run(exp, progress=False)
+    assert not stale.exists() and live.exists()
+
+
+def test_cli_output_stays_json_when_an_entry_is_corrupt(tmp_path):
+    env = {**os.environ, "ROBUSTQ_CACHE": str(tmp_path / "cache")}
+    argv = [sys.executable, "-m", "robustq", "train", "--dataset", "synthetic", "--profile", "smoke", "--epochs", "1"]
+    first = json.loads(subprocess.run(argv, env=env, capture_output=True, text=True, cwd=ROOT, check=True).stdout)
+    (tmp_path / "cache" / first["key"] / "model.pt").write_bytes(b"garbage")
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, cwd=ROOT, check=True)
+    assert json.loads(done.stdout)["cached"] is False and "failed verification" in done.stderr
+
+
+def test_weights_load_only_as_tensors(isolated_cache, capsys):
+    first = run(Experiment(**TINY), progress=False)
+    entry = _entry(first)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned",))
+
+    torch.save({"weights": Evil()}, entry / "model.pt")
+    record = json.loads((entry / "result.json").read_text())
+    record["files"]["model.pt"] = cache.file_sha256(entry / "model.pt")  # even with a matching hash
+    (entry / "result.json").write_text(json.dumps(record))
+    assert not run(Experiment(**TINY), progress=False).cached
+    assert "pwned" not in capsys.readouterr().out

@@ -1,0 +1,121 @@
+"""The claim-grading rules of book/methods.md §7 on hand-made cases."""
+
+import math
+
+import pandas as pd
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from robustq import verdicts
+from robustq.verdicts import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, Claim, equivalent, paired
+
+
+def test_t_quantiles_are_students_not_two_standard_errors():
+    assert verdicts.t_quantile(3) == pytest.approx(4.303, abs=1e-3)
+    assert verdicts.t_quantile(5) == pytest.approx(2.776, abs=1e-3)
+    assert verdicts.t_quantile(1000) == pytest.approx(1.962, abs=1e-3)
+    with pytest.raises(ValueError, match="at least 2 seeds"):
+        verdicts.t_quantile(1)
+
+
+def _three_seeds(mean, spread):
+    """Differences mean-spread, mean, mean+spread: sd = spread, se = spread/sqrt(3)."""
+    return {0: mean - spread, 1: mean, 2: mean + spread}, {0: 0.0, 1: 0.0, 2: 0.0}
+
+
+def test_paired_at_n3_uses_the_t_quantile():
+    # mean 3, sd 1, se 0.577: t se = 2.48 < 3 (reproduced); 2 se = 1.15 would also pass, so also
+    # check a case between them: mean 2, sd 1.5 -> se 0.866, 2 se = 1.73 < 2 < t se = 3.73.
+    assert paired(*_three_seeds(3.0, 1.0), tau=2).grade == REPRODUCED
+    assert paired(*_three_seeds(2.0, 1.5), tau=2).grade == INCONCLUSIVE
+
+
+def test_paired_at_n5_boundaries():
+    cand = {s: v for s, v in enumerate([1.0, 2.0, 3.0, 4.0, 5.0])}
+    ref = {s: 0.0 for s in range(5)}
+    v = paired(cand, ref, tau=2)
+    assert v.n == 5 and v.mean == 3.0 and v.se == pytest.approx(math.sqrt(2.5) / math.sqrt(5))
+    assert v.mde == pytest.approx(2.776 * v.se, rel=1e-3)
+    assert v.grade == REPRODUCED  # 3 - 1.96 > 0 and 3 >= 2
+    assert paired(cand, ref, tau=3.5).grade == INCONCLUSIVE  # mean below tau, but not surely
+    assert paired(cand, ref, tau=5.5).grade == NOT_REPRODUCED  # 3 + 1.96 < 5.5
+
+
+def test_paired_needs_a_mean_at_least_tau_even_when_significant():
+    cand, ref = _three_seeds(1.5, 0.5)
+    assert paired(cand, ref, tau=2).grade == INCONCLUSIVE  # significant, but 1.5 < 2 and 1.5 + t se > 2
+
+
+def test_paired_negative_effect_is_not_reproduced():
+    assert paired(*_three_seeds(-4.0, 0.5), tau=0).grade == NOT_REPRODUCED
+
+
+def test_fewer_than_two_seeds_are_always_inconclusive():
+    v = paired({0: 90.0}, {0: 10.0}, tau=1)
+    assert v.grade == INCONCLUSIVE and v.n == 1 and math.isnan(v.se) and v.mde == math.inf
+
+
+def test_equivalent_rules():
+    assert equivalent(*_three_seeds(0.2, 0.1), margin=1).grade == REPRODUCED
+    assert equivalent(*_three_seeds(5.0, 0.1), margin=1).grade == NOT_REPRODUCED
+    assert equivalent(*_three_seeds(-5.0, 0.1), margin=1).grade == NOT_REPRODUCED
+    assert equivalent(*_three_seeds(0.2, 2.0), margin=1).grade == INCONCLUSIVE
+    with pytest.raises(ValueError, match="margin must be >= 0"):
+        equivalent([1.0, 2.0], [1.0, 2.0], margin=-1)
+
+
+def test_pairing_is_by_seed_not_by_position():
+    cand = pd.Series({2: 72.0, 0: 70.0, 1: 71.0})
+    ref = pd.Series({0: 60.0, 1: 61.0, 2: 62.0, 3: 99.0})  # seed 3 has no partner
+    d = verdicts.differences(cand, ref)
+    assert sorted(d.index) == [0, 1, 2] and (d == 10.0).all()
+
+
+def test_bad_inputs_name_the_problem():
+    with pytest.raises(ValueError, match="pair them by seed"):
+        paired([1.0, 2.0, 3.0], [1.0, 2.0], tau=1)
+    with pytest.raises(ValueError, match="share no seed"):
+        paired({0: 1.0}, {1: 1.0}, tau=1)
+    with pytest.raises(ValueError, match="NaN"):
+        paired([1.0, float("nan")], [1.0, 2.0], tau=1)
+    with pytest.raises(ValueError, match="tau must be a finite number"):
+        paired([1.0, 2.0], [1.0, 2.0], tau=float("inf"))
+
+
+@given(st.lists(st.floats(-20, 20), min_size=2, max_size=8), st.floats(-5, 5))
+def test_reproduced_and_not_reproduced_exclude_each_other(diffs, tau):
+    ref = {i: 50.0 for i in range(len(diffs))}
+    cand = {i: 50.0 + d for i, d in enumerate(diffs)}
+    v = paired(cand, ref, tau)
+    low, high = v.interval
+    if v.grade == REPRODUCED:
+        assert low > 0 and v.mean >= tau
+    if v.grade == NOT_REPRODUCED:
+        assert high < tau
+
+
+def test_mde_before_the_run():
+    assert verdicts.minimum_detectable_effect(2.0, 5) == pytest.approx(2.776 * 2 / math.sqrt(5), rel=1e-3)
+    assert verdicts.minimum_detectable_effect(2.0, 1) == math.inf
+
+
+def test_claim_grades_and_reports_power():
+    claim = Claim("01", "C1.1", "SymReg beats the baseline", "primary", "paired", 2.0)
+    assert claim.grade(*_three_seeds(3.0, 1.0)).grade == REPRODUCED
+    assert "gradable" in claim.power_note(sd=1.0, n=5, profile="book")
+    assert "underpowered in `book`" in claim.power_note(sd=10.0, n=3, profile="book")
+    with pytest.raises(ValueError, match="rule must be"):
+        Claim("01", "C", "s", "e", "better", 1.0)
+
+
+def test_records_round_trip_through_the_findings_folder(tmp_path):
+    claim = Claim("01", "C1.1", "SymReg beats the baseline", "primary", "paired", 2.0)
+    verdict = claim.grade(*_three_seeds(3.0, 1.0))
+    verdicts.record_claims("01_x", [verdicts.claim_record(claim, verdict, 2.5)], tmp_path)
+    verdicts.record_claims("00_y", [verdicts.claim_record(claim, paired({0: 1.0}, {0: 0.0}, 1), 2.5)], tmp_path)
+    frame = verdicts.load_findings(tmp_path)
+    assert list(frame.grade) == [INCONCLUSIVE, REPRODUCED]  # chapter order
+    assert list(frame.chapter_file) == ["00_y", "01_x"]
+    assert frame.loc[1, "mean"] == 3.0 and frame.loc[1, "n"] == 3
+    assert verdicts.load_findings(tmp_path / "empty").empty
