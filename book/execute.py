@@ -107,13 +107,13 @@ def write_findings(profile: str, executed: list[str]) -> None:
     else:
         findings = findings[findings["chapter_file"].isin(executed)]
         lines += [
-            "| chapter | claim | statement | rule | n | mean ± se | MDE planned / observed | grade |",
+            "| chapter | claim | statement | rule | n | mean ± se | MDE plan / obs. | grade |",
             "| --- | --- | --- | --- | ---: | ---: | ---: | --- |",
         ]
         for row in findings.itertuples():
             rule = f"{row.rule}, {'τ' if row.rule == 'paired' else 'margin'} = {row.threshold:g}"
             lines.append(
-                f"| {{doc}}`{row.chapter_file} <notebooks/{row.chapter_file}>` | {row.claim} | {row.statement} | "
+                f"| {{doc}}`{row.chapter_file[:2]} <notebooks/{row.chapter_file}>` | {row.claim} | {row.statement} | "
                 f"{rule} | {row.n} | {row.mean:+.2f} ± {row.se:.2f} | {row.mde_planned:.2f} / {row.mde:.2f} | "
                 f"**{row.grade}** |"
             )

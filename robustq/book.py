@@ -29,6 +29,7 @@ def setup(profile: str | None, seed: int = 0, **parameters) -> str:
     and silence known-harmless warnings."""
     profile = params.check_all(profile=profile, seed=seed, **parameters)["profile"]
     plots.use_style()
+    pd.set_option("display.max_colwidth", None)  # verdict and power notes are sentences: show them whole
     warnings.filterwarnings("ignore", message="The figure layout has changed to tight")  # seaborn vs constrained
     torch.manual_seed(seed)
     return profile

@@ -33,7 +33,7 @@ import filelock
 from robustq.files import write_atomic
 
 TRAINING_MODULES = ("data", "models", "methods", "qat", "quant", "regularizers", "reparam", "sam", "satnl", "train")
-EVALUATION_MODULES = ("data", "ptq", "qat", "quant")
+EVALUATION_MODULES = ("data", "ptq", "qat", "quant", "train")  # train: its evaluate() scores every model
 MIN_FREE_BYTES = 64 * 2**20  # a checkpoint and a model of the largest network, with room to spare
 QUARANTINE = "quarantine"
 LOCK_TIMEOUT_S = 3600.0  # a run waits at most this long for another process training the same entry

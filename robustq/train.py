@@ -279,7 +279,7 @@ def evaluate(model: nn.Module, loader: BatchLoader) -> float:
 
     Runs in channels_last (1.7x faster convolutions on this CPU, same predictions) and leaves the
     model as it found it: memory format and train/eval mode."""
-    was_training = model.training
+    was_training, memory_format = model.training, _memory_format(model)
     model.eval().to(memory_format=torch.channels_last)
     correct = total = 0
     try:
@@ -288,8 +288,17 @@ def evaluate(model: nn.Module, loader: BatchLoader) -> float:
                 correct += int((model(x.contiguous(memory_format=torch.channels_last)).argmax(1) == y).sum())
                 total += len(y)
     finally:
-        model.to(memory_format=torch.contiguous_format).train(was_training)
+        model.to(memory_format=memory_format).train(was_training)
     return correct / total
+
+
+def _memory_format(model: nn.Module) -> torch.memory_format:
+    """channels_last if the model's 4-D parameters are stored so, else contiguous (judged on the
+    first one whose layout tells the two apart: a 1-channel kernel is both)."""
+    for weight in (p for p in model.parameters() if p.dim() == 4):
+        if weight.is_contiguous() != weight.is_contiguous(memory_format=torch.channels_last):
+            return torch.contiguous_format if weight.is_contiguous() else torch.channels_last
+    return torch.contiguous_format
 
 
 # --- checkpoints ---------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inco
 GRADES = (REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE)
 CONFIDENCE = 0.975  # two-sided 95%
 FINDINGS_ENV = "ROBUSTQ_FINDINGS"
-UNDERPOWERED = "underpowered in `{profile}`; graded in `paper`"
+UNDERPOWERED = "underpowered in the {profile} profile; graded in paper"
 
 PerSeed = Mapping[int, float] | pd.Series | Sequence[float]
 
@@ -75,7 +75,7 @@ class Verdict:
     @property
     def mde(self) -> float:
         """Minimum detectable effect of this comparison: ``t se``."""
-        return self.se * t_quantile(self.n) if self.n >= 2 else math.inf
+        return _half_width(self.se, self.n)
 
     @property
     def interval(self) -> tuple[float, float]:
@@ -109,14 +109,8 @@ def paired(candidate: PerSeed, reference: PerSeed, tau: float) -> Verdict:
     """
     _check_threshold("tau", tau, allow_negative=True)
     mean, se, n = _mean_se(differences(candidate, reference))
-    if n < 2:
-        grade = INCONCLUSIVE
-    elif mean - t_quantile(n) * se > 0 and mean >= tau:
-        grade = REPRODUCED
-    elif mean + t_quantile(n) * se < tau:
-        grade = NOT_REPRODUCED
-    else:
-        grade = INCONCLUSIVE
+    half = _half_width(se, n)
+    grade = _grade(reproduced=mean - half > 0 and mean >= tau, not_reproduced=mean + half < tau)
     return Verdict("paired", grade, mean, se, n, float(tau))
 
 
@@ -128,15 +122,19 @@ def equivalent(candidate: PerSeed, reference: PerSeed, margin: float) -> Verdict
     """
     _check_threshold("margin", margin, allow_negative=False)
     mean, se, n = _mean_se(differences(candidate, reference))
-    if n < 2:
-        grade = INCONCLUSIVE
-    elif abs(mean) + t_quantile(n) * se <= margin:
-        grade = REPRODUCED
-    elif abs(mean) - t_quantile(n) * se > margin:
-        grade = NOT_REPRODUCED
-    else:
-        grade = INCONCLUSIVE
+    half = _half_width(se, n)
+    grade = _grade(reproduced=abs(mean) + half <= margin, not_reproduced=abs(mean) - half > margin)
     return Verdict("equivalent", grade, mean, se, n, float(margin))
+
+
+def _half_width(se: float, n: int) -> float:
+    """``t se``, the half-width of the 95% interval; infinite for fewer than 2 seeds, so that
+    neither rule can fire on one seed."""
+    return t_quantile(n) * se if n >= 2 else math.inf
+
+
+def _grade(reproduced: bool, not_reproduced: bool) -> str:
+    return REPRODUCED if reproduced else NOT_REPRODUCED if not_reproduced else INCONCLUSIVE
 
 
 def _mean_se(d: pd.Series) -> tuple[float, float, int]:
@@ -199,7 +197,7 @@ class Claim:
         if limit == 0:
             return f"MDE {mde:.2g}: smaller true effects will read as inconclusive"
         if mde <= limit:
-            return f"MDE {mde:.2g} ≤ {limit:g}: gradable in `{profile}`"
+            return f"MDE {mde:.2g} ≤ {limit:g}: gradable in the {profile} profile"
         return f"MDE {mde:.2g} > {limit:g}: " + UNDERPOWERED.format(profile=profile)
 
 

@@ -66,3 +66,9 @@ def test_primary_endpoint_is_one_of_the_candidates_and_has_a_planning_spread():
     assert book_settings.ENDPOINT in book_settings.ENDPOINTS
     assert book_settings.PLANNING_SD[book_settings.ENDPOINT] > 0
     assert book_settings.planning_mde(5) < book_settings.planning_mde(3)
+
+
+def test_the_chapters_of_this_build_fit_their_share_of_the_budget():
+    plan = book_settings.run_plan("book")
+    minutes = book_settings.estimate_minutes(plan[plan["chapter"].isin(["00", "01", "02"])])
+    assert minutes <= 15, minutes  # 00-02's share of the book's 40-minute cap

@@ -46,5 +46,5 @@ def test_findings_page_has_one_linked_row_per_claim_of_the_executed_chapters(tmp
     execute.write_findings("book", ["01_error_propagation"])
     text = (tmp_path / "findings.md").read_text()
     rows = [line for line in text.splitlines() if line.startswith("| {doc}")]
-    assert len(rows) == 1 and "<notebooks/01_error_propagation>" in rows[0]
+    assert len(rows) == 1 and "{doc}`01 <notebooks/01_error_propagation>`" in rows[0]
     assert "| C1.1 |" in rows[0] and "+4.00 ± 0.58" in rows[0] and "**reproduced**" in rows[0]

@@ -92,3 +92,16 @@ def test_adam_and_cosine_are_available(synthetic):
 def test_bad_train_config_names_the_field(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**kwargs)
+
+
+def test_evaluation_leaves_the_memory_format_and_mode_as_it_found_them(synthetic):
+    from robustq.data import eval_loader
+    from robustq.train import evaluate
+
+    model = _fresh_model(0, synthetic).to(memory_format=torch.channels_last).train()
+    conv = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][1]  # 16 input channels
+    evaluate(model, eval_loader(synthetic, "test", 256, "cpu"))
+    assert model.training and conv.weight.is_contiguous(memory_format=torch.channels_last)
+    evaluate(model.to(memory_format=torch.contiguous_format).eval(), eval_loader(synthetic, "test", 256, "cpu"))
+    assert not model.training and conv.weight.is_contiguous()
+    assert not conv.weight.is_contiguous(memory_format=torch.channels_last)

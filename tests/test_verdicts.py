@@ -104,7 +104,7 @@ def test_claim_grades_and_reports_power():
     claim = Claim("01", "C1.1", "SymReg beats the baseline", "primary", "paired", 2.0)
     assert claim.grade(*_three_seeds(3.0, 1.0)).grade == REPRODUCED
     assert "gradable" in claim.power_note(sd=1.0, n=5, profile="book")
-    assert "underpowered in `book`" in claim.power_note(sd=10.0, n=3, profile="book")
+    assert "underpowered in the book profile" in claim.power_note(sd=10.0, n=3, profile="book")
     with pytest.raises(ValueError, match="rule must be"):
         Claim("01", "C", "s", "e", "better", 1.0)
 
