@@ -91,7 +91,7 @@ def power_table(claims: Sequence[verdicts.Claim], profile: str) -> pd.DataFrame:
             "rule": f"{claim.rule}, {'τ' if claim.rule == 'paired' else 'margin'} = {claim.threshold:g}",
             "seeds": n,
             "planning sd": sd,
-            "MDE": verdicts.minimum_detectable_effect(sd, n) if math.isfinite(sd) else math.nan,
+            "MDE": book_settings.planning_mde(n, claim.endpoint),
             "power": claim.power_note(sd, n, profile) if math.isfinite(sd) else "no planning sd measured",
         })
     return pd.DataFrame(rows).set_index("claim").round(2)
@@ -108,8 +108,7 @@ def grade_claims(
     records = []
     for claim, candidate, reference in graded:
         verdict = claim.grade(candidate, reference)
-        planned = book_settings.PLANNING_SD.get(claim.endpoint, math.nan)
-        mde_planned = verdicts.minimum_detectable_effect(planned, n) if math.isfinite(planned) else math.nan
+        mde_planned = book_settings.planning_mde(n, claim.endpoint)
         records.append({**verdicts.claim_record(claim, verdict, mde_planned), "profile": profile})
     verdicts.record_claims(chapter, records, verdicts.findings_dir(profile))
     table = pd.DataFrame(records).set_index("claim")

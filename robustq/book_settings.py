@@ -27,6 +27,7 @@ import pandas as pd
 
 from robustq import experiments
 from robustq.experiments import Experiment, Result
+from robustq.verdicts import minimum_detectable_effect
 
 # --- seeds and validation ------------------------------------------------------------------------
 
@@ -110,10 +111,9 @@ def evaluate(result: Result, **settings: Any) -> pd.DataFrame:
 
 @dataclass(frozen=True)
 class Choice:
-    """An open hyperparameter chosen on the selection seed by a rule written before the run.
-
-    ``rule`` takes ``{candidate value: validation accuracy}`` and the baseline's validation
-    accuracy (both in [0, 1]) and returns the chosen value."""
+    """An open hyperparameter chosen on the selection seed by a rule written before the run:
+    ``rule`` states it in words, ``pick`` applies it to ``{candidate value: validation accuracy}``
+    and the baseline's validation accuracy (both in [0, 1]) and returns the chosen value."""
 
     param: str
     candidates: tuple[Any, ...]
@@ -146,22 +146,14 @@ class MethodSettings:
 
 
 WITHIN_HALF_A_POINT = "the largest λ whose validation accuracy stays within 0.5 point of the baseline's"
+SYMREG_LAM = Choice("lam", (0.1, 1.0, 10.0), WITHIN_HALF_A_POINT, largest_within(0.5))
 QAT_PARAMS = {"bit_width": QAT_BIT_WIDTH, "edge_bit_width": EDGE_BIT_WIDTH}
 
 METHODS: dict[str, MethodSettings] = {
     "baseline": MethodSettings("baseline", {}, "01", 1.0),
-    "symreg": MethodSettings(
-        "symreg", {"scope": "channel"}, "01", 1.1,
-        Choice("lam", (0.1, 1.0, 10.0), WITHIN_HALF_A_POINT, largest_within(0.5)),
-    ),
-    "symreg_layer": MethodSettings(
-        "symreg", {"scope": "layer"}, "01", 1.1,
-        Choice("lam", (0.1, 1.0, 10.0), WITHIN_HALF_A_POINT, largest_within(0.5)),
-    ),
-    "symreg_kernel": MethodSettings(
-        "symreg", {"scope": "kernel"}, "01", 1.1,
-        Choice("lam", (0.1, 1.0, 10.0), WITHIN_HALF_A_POINT, largest_within(0.5)),
-    ),
+    "symreg": MethodSettings("symreg", {"scope": "channel"}, "01", 1.1, SYMREG_LAM),
+    "symreg_layer": MethodSettings("symreg", {"scope": "layer"}, "01", 1.1, SYMREG_LAM),
+    "symreg_kernel": MethodSettings("symreg", {"scope": "kernel"}, "01", 1.1, SYMREG_LAM),
     "satnl": MethodSettings("satnl", {}, "02", 1.14),
     # Chapters 03-08 choose their own values when they are written; until then these are the
     # registry's documented defaults, and the run plan counts their models.
@@ -219,13 +211,8 @@ def settings_for(name: str, profile: str | None = None) -> dict[str, Any]:
 def run_graded(name: str, profile: str | None = None, progress: bool = False) -> dict[int, Result]:
     """Method ``name`` with its book settings on every graded seed of the profile."""
     params = settings_for(name, profile)
-    entry = _settings(name)
-    return {
-        seed: experiments.run(
-            Experiment(method=entry.method, method_params=params, seed=seed, profile=profile), progress=progress
-        )
-        for seed in graded_seeds(profile)
-    }
+    return {seed: experiments.run(experiment(name, seed, profile, **params), progress=progress)
+            for seed in graded_seeds(profile)}
 
 
 def graded_seeds(profile: str | None = None) -> tuple[int, ...]:
@@ -240,11 +227,9 @@ def endpoint_values(runs: dict[int, Result], endpoint: Endpoint | None = None) -
 
 
 def planning_mde(n: int, endpoint: str | None = None) -> float:
-    """The minimum detectable effect at ``n`` seeds of the (primary) endpoint, from the spread
-    measured on the selection seeds."""
-    from robustq.verdicts import minimum_detectable_effect
-
-    sd = PLANNING_SD[endpoint or ENDPOINT]
+    """The minimum detectable effect at ``n`` seeds of an endpoint (default: the primary one), from
+    the spread measured on the selection seeds; NaN for an endpoint without a planning spread."""
+    sd = PLANNING_SD.get(endpoint or ENDPOINT, math.nan)
     return math.nan if math.isnan(sd) else minimum_detectable_effect(sd, n)
 
 
