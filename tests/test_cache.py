@@ -150,3 +150,17 @@ def test_weights_load_only_as_tensors(isolated_cache, capsys):
     (entry / "result.json").write_text(json.dumps(record))
     assert not run(Experiment(**TINY), progress=False).cached
     assert "pwned" not in capsys.readouterr().out
+
+
+def test_an_entry_that_cannot_be_moved_aside_is_named_with_the_fix(isolated_cache, monkeypatch, capsys):
+    first = run(Experiment(**TINY), progress=False)
+    entry = _entry(first)
+    (entry / "model.pt").write_bytes(b"garbage")
+
+    def refuse(*_args):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(cache.os, "replace", refuse)  # as a read-only entry would
+    with pytest.raises(cache.CacheError, match="cannot move the failed cache entry"):
+        run(Experiment(**TINY), progress=False)
+    assert str(entry) in capsys.readouterr().err
