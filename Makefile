@@ -37,7 +37,8 @@ book: setup  ## execute every notebook (profile book) and build the HTML book
 	$(PY) book/check_offline.py book/_build/html
 	@echo "Book: $(CURDIR)/book/_build/html/index.html"
 
-test: setup  ## unit, property and doctests; notebooks under the smoke profile
+test: setup  ## notebook lint; unit, property and doctests; notebooks under the smoke profile
+	$(VENV)/bin/ruff check --extend-select E501 notebooks
 	ROBUSTQ_PROFILE=smoke $(PY) -m pytest --nbval-lax tests robustq notebooks
 
 bench: setup  ## speed ratios (printed, not asserted)
