@@ -46,9 +46,11 @@ class CacheError(RuntimeError):
 # --- fingerprints --------------------------------------------------------------------------------
 
 
-def code_fingerprint(modules: Sequence[str]) -> str:
+@lru_cache(maxsize=None)
+def code_fingerprint(modules: tuple[str, ...]) -> str:
     """SHA-256 of ``robustq.<module>`` sources as parsed code without docstrings (``ast.dump``):
-    comments, docstrings and formatting do not change it; any change to what runs does."""
+    comments, docstrings and formatting do not change it; any change to what runs does. Computed
+    once per process: every cache key and evaluation needs it."""
     digest = hashlib.sha256()
     for name in sorted(modules):
         digest.update(name.encode())

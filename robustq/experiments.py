@@ -241,7 +241,7 @@ def sweep(result: Result, **settings: Any) -> pd.DataFrame:
 
     Keyed by the settings, the package version and a fingerprint of the evaluation code; an
     unreadable entry is reported on stderr and recomputed."""
-    material = {"settings": _jsonable(settings), "version": robustq.__version__,
+    material = {"settings": settings, "version": robustq.__version__,  # json writes tuples as lists
                 "code": cache.code_fingerprint(cache.EVALUATION_MODULES)}
     digest = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
     path = cache_dir() / result.experiment.key() / "ptq" / f"{digest}.json"
@@ -256,14 +256,6 @@ def sweep(result: Result, **settings: Any) -> pd.DataFrame:
     frame = ptq.bit_sweep(result, dataset_for(result.experiment), **settings)
     write_atomic(path, lambda tmp: tmp.write_text(frame.to_json(orient="records")))
     return frame
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    return value
 
 
 def _train_and_store(exp: Experiment, entry: Path, progress: bool, device) -> Result:

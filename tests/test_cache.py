@@ -112,7 +112,11 @@ def test_editing_a_method_changes_the_key(monkeypatch):
     before = Experiment(**TINY).key()
     edited = cache.source_ast((ROOT / "robustq" / "methods.py").read_text().replace("lam: float = 1.0", "lam: float = 2.0", 1))
     monkeypatch.setattr(cache, "_module_ast", lambda name, real=cache._module_ast: edited if name == "methods" else real(name))
-    assert Experiment(**TINY).key() != before
+    cache.code_fingerprint.cache_clear()  # a new process would read the edited file
+    try:
+        assert Experiment(**TINY).key() != before
+    finally:
+        cache.code_fingerprint.cache_clear()
 
 
 def test_stale_temporary_files_of_dead_processes_are_removed(isolated_cache):
