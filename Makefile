@@ -18,18 +18,15 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[book,test]'
 	@touch $@
 
-data:  ## Fashion-MNIST: the Debian package when root with apt, else instructions
-	@if [ -f "$(FMNIST_DIR)/t10k-labels-idx1-ubyte.gz" ]; then exit 0; fi; \
-	if [ -z "$${ROBUSTQ_DATA:-}" ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+data: $(STAMP)  ## Fashion-MNIST: the Debian package (installed when root with apt), gunzipped for torchvision
+	@if [ ! -f "$(FMNIST_DIR)/t10k-labels-idx1-ubyte.gz" ] && [ -z "$${ROBUSTQ_DATA:-}" ] \
+	    && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  echo "Installing Fashion-MNIST (Debian package dataset-fashion-mnist)"; \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; }; \
-	else \
-	  echo "Fashion-MNIST not found in $(FMNIST_DIR)." >&2; \
-	  echo "Fix: 'sudo apt-get install dataset-fashion-mnist', or set ROBUSTQ_DATA to a folder holding" >&2; \
-	  echo "train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz" >&2; \
-	  exit 1; \
 	fi
+	@# gunzip into $$ROBUSTQ_CACHE/data/ (once; again when a .gz changes), or one line with the fix
+	$(PY) -m robustq.data
 
 book: setup  ## execute every notebook (profile book) and build the HTML book
 	$(PY) book/execute.py --profile book

@@ -15,7 +15,7 @@ import contextlib
 import json
 import math
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import NoReturn
 
 from robustq import experiments, methods, models, params
@@ -79,20 +79,22 @@ def validate_args(args: argparse.Namespace) -> experiments.Experiment | None:
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
-    params.check("seed", args.seed, label="argument --seed")
+    with _blame("argument --seed"):
+        params.check("seed", args.seed)
     for flag in ("--epochs", "--batch-size", "--train-size"):
-        value = getattr(args, flag[2:].replace("-", "_"))
-        if value is not None and value < 1:
-            _reject(flag, f"must be a positive int, got {value} (or leave it out for the profile's)")
+        value = getattr(args, flag[2:].replace("-", "_"))  # None: the profile's
+        if value is not None:
+            with _blame(f"argument {flag}"):
+                params.check_int(flag[2:], value, minimum=1)
     if not (math.isfinite(args.lr) and args.lr >= 0):
         _reject("--lr", f"must be a finite number >= 0, got {args.lr} (e.g. --lr 0.1)")
-    _check_choice("--optimizer", args.optimizer, OPTIMIZERS)
+    params.check_choice("optimizer", args.optimizer, OPTIMIZERS, label="argument --optimizer")
 
 
 def _experiment(args: argparse.Namespace) -> experiments.Experiment:
-    _check_choice("--method", args.method, methods.available())
-    _check_choice("--dataset", args.dataset, DATASET_NAMES)
-    _check_choice("--model", args.model, models.available())
+    params.check_choice("method", args.method, methods.available(), label="argument --method")
+    params.check_choice("dataset", args.dataset, DATASET_NAMES, label="argument --dataset")
+    params.check_choice("model", args.model, models.available(), label="argument --model")
     with _blame("argument --param"):  # Experiment checks this too, but without naming the argument
         methods.make(args.method, **dict(args.param))
     return experiments.Experiment(
@@ -100,11 +102,6 @@ def _experiment(args: argparse.Namespace) -> experiments.Experiment:
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
         seed=args.seed, train_size=args.train_size, profile=args.profile,
     )
-
-
-def _check_choice(flag: str, value: str, known: Sequence[str]) -> None:
-    if value not in known:
-        _reject(flag, f"unknown {flag[2:]} {value!r}; known: {', '.join(known)}")
 
 
 def _reject(flag: str, message: str) -> NoReturn:

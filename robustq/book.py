@@ -3,7 +3,10 @@ claims with their power before the run, and the verdict table with its record fo
 
 A chapter's first code cell is ``profile = book.setup(profile)``; its claims are
 :class:`robustq.verdicts.Claim` objects written before any model is trained, shown with
-:func:`power_table`, and graded at the end with :func:`grade_claims`.
+:func:`power_table`, and graded at the end with :func:`grade_claims`. Numbers and words that the
+prose quotes are glued (:func:`glue`) and written in Markdown cells as ``{glue:text}`name:.2f```;
+figures are glued (:func:`glue_figure`) and placed with ``{glue:figure}`` and a ``:name:``, so
+that the text can number and reference them. CONTRIBUTING.md has the chapter template.
 """
 
 from __future__ import annotations
@@ -12,9 +15,11 @@ import math
 import warnings
 from collections.abc import Mapping, Sequence
 
+import matplotlib.pyplot as plt
+import myst_nb
+import numpy as np
 import pandas as pd
 import torch
-from IPython.display import Markdown, display
 
 from robustq import book_settings, params, plots, verdicts
 from robustq.data import BatchLoader, Dataset
@@ -35,9 +40,36 @@ def setup(profile: str | None, seed: int = 0, **parameters) -> str:
     return profile
 
 
-def say(text: str) -> None:
-    """Show Markdown whose numbers come from the computation above it."""
-    display(Markdown(text))
+def glue(**values: object) -> None:
+    """Glue each value under its name for the chapter's Markdown, without showing it in the notebook:
+    ``{glue:text}`name``` (or ``name:.2f`` for a number) inline, ``{glue:md}`name``` for Markdown."""
+    for name, value in values.items():
+        if isinstance(value, (np.generic, torch.Tensor)):
+            value = value.item()  # numpy 2 prints np.float64(...), which {glue:text} cannot format
+        myst_nb.glue(name, value, display=False)
+
+
+def glue_figure(name: str, figure: plt.Figure | None = None) -> None:
+    """Glue ``figure`` (default: the current one) for a ``{glue:figure}`` directive and close it.
+
+    The figure is also shown in the notebook, for a reader running it; the chapter tags the cell
+    ``remove-output`` so that the book shows it once, numbered, where the Markdown places it."""
+    figure = figure if figure is not None else plt.gcf()
+    myst_nb.glue(name, figure, display=True)
+    plt.close(figure)
+
+
+def holds(condition: bool, yes: str = "holds", no: str = "does not hold") -> str:
+    """The word the prose uses for a result that is either true or false (glue the result, never
+    type it)."""
+    return yes if bool(condition) else no
+
+
+def number_range(values: pd.Series | Sequence[float], digits: int = 1, unit: str = "") -> str:
+    """``"a to b unit"`` for the smallest and largest of ``values``, or one number if they agree."""
+    lo, hi = float(min(values)), float(max(values))
+    text = f"{lo:.{digits}f}" if f"{lo:.{digits}f}" == f"{hi:.{digits}f}" else f"{lo:.{digits}f} to {hi:.{digits}f}"
+    return f"{text} {unit}".rstrip()
 
 
 def test_batch(data: Dataset, profile: str, n_images: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,14 +1,17 @@
 """Datasets held as uint8 tensors in memory, and a fast vectorised batch loader.
 
-Three datasets:
+The registry (:data:`DATASETS`) has three datasets:
 
-* ``"fashion-mnist"`` (Xiao et al. 2017, arXiv 1708.07747), read from the four IDX gzip files of
-  the Debian package ``dataset-fashion-mnist`` or of a folder named by ``ROBUSTQ_DATA``;
-* ``"cifar10"`` (Krizhevsky 2009, "Learning Multiple Layers of Features from Tiny Images"), read
-  from the official *binary* distribution ``cifar-10-binary.tar.gz`` (never from the pickle one);
+* ``"fashion-mnist"`` (Xiao et al. 2017, arXiv 1708.07747), read by
+  ``torchvision.datasets.FashionMNIST`` from a copy of the four IDX files that
+  :func:`prepare_fashion_mnist` gunzips into the experiment cache, from the ``.gz`` files of the
+  Debian package ``dataset-fashion-mnist`` or of a folder named by ``ROBUSTQ_DATA``;
+* ``"cifar10"`` (Krizhevsky 2009, "Learning Multiple Layers of Features from Tiny Images"), read by
+  ``torchvision.datasets.CIFAR10`` from the Python version, ``cifar-10-batches-py/``, whose MD5
+  sums torchvision checks on every load;
 * ``"synthetic"``, class templates plus noise, for tests that must run in seconds.
 
-Files are parsed once per process; ``load_dataset`` then takes seeded subsets by indexing.
+Files are read once per process; ``load_dataset`` then takes seeded subsets by indexing.
 ``BatchLoader`` keeps the uint8 images on the device and does crop, flip and normalisation on
 whole batches, so an epoch of Fashion-MNIST costs a fraction of a second.
 """
@@ -19,14 +22,11 @@ import gzip
 import hashlib
 import math
 import os
-import tarfile
-import tempfile
-import urllib.error
-import urllib.request
+import shutil
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -34,14 +34,27 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-DATASET_NAMES = ("fashion-mnist", "cifar10", "synthetic")
+from robustq.files import write_atomic
+from robustq.params import check_choice, check_int
 
-# (crop_padding, flip) used for training-time augmentation of each dataset.
-AUGMENTATION_DEFAULTS: dict[str, tuple[int, bool]] = {
-    "fashion-mnist": (2, True),
-    "cifar10": (4, True),
-    "synthetic": (0, False),
+
+class _Spec(NamedTuple):
+    """What a model and the loader need to know about a dataset before reading it; training
+    augmentation is a random crop of the image zero-padded by ``crop_padding`` and, with ``flip``,
+    a random horizontal flip."""
+
+    num_classes: int
+    image_size: int
+    crop_padding: int
+    flip: bool
+
+
+DATASETS: dict[str, _Spec] = {
+    "fashion-mnist": _Spec(num_classes=10, image_size=28, crop_padding=2, flip=True),
+    "cifar10": _Spec(num_classes=10, image_size=32, crop_padding=4, flip=True),
+    "synthetic": _Spec(num_classes=10, image_size=16, crop_padding=0, flip=False),
 }
+DATASET_NAMES = tuple(DATASETS)
 
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -52,55 +65,30 @@ CIFAR10_CLASSES = (
     "dog", "frog", "horse", "ship", "truck",
 )  # fmt: skip
 
-# --- Fashion-MNIST (IDX files) ---------------------------------------------------------------
-
 DATA_ENV_VAR = "ROBUSTQ_DATA"
 DEFAULT_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-FASHION_MNIST_FILES = {
-    "train_images": "train-images-idx3-ubyte.gz",
-    "train_labels": "train-labels-idx1-ubyte.gz",
-    "test_images": "t10k-images-idx3-ubyte.gz",
-    "test_labels": "t10k-labels-idx1-ubyte.gz",
-}
-FASHION_MNIST_OFFICIAL_COUNTS = {"train": 60_000, "test": 10_000}
-IDX_IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions
-IDX_LABELS_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension
-MNIST_IMAGE_SIZE = 28
+FASHION_MNIST_FILES = (
+    "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz",
+)  # fmt: skip
 FASHION_MNIST_INSTALL_HINT = (
-    "install it with `sudo apt-get install dataset-fashion-mnist` or set "
-    f"{DATA_ENV_VAR} to a folder with the four IDX .gz files "
-    f"({', '.join(FASHION_MNIST_FILES.values())})"
+    f"install it with `sudo apt-get install dataset-fashion-mnist` or set {DATA_ENV_VAR} to a folder "
+    f"with the four IDX .gz files ({', '.join(FASHION_MNIST_FILES)})"
 )
-
-# --- CIFAR-10 (binary distribution) ----------------------------------------------------------
+CACHE_ENV_VAR = "ROBUSTQ_CACHE"  # the experiment cache (experiments.cache_dir); decompressed data goes in data/
 
 CIFAR10_ENV_VAR = "ROBUSTQ_CIFAR10"
 DEFAULT_CIFAR10_DIR = Path("~/.cache/robustq/data/cifar10")
-CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"
-CIFAR10_MD5 = "c32a1d4ab5d03f1284b67883e8d87530"
-CIFAR10_ARCHIVE = "cifar-10-binary.tar.gz"
-CIFAR10_ARCHIVE_FOLDER = "cifar-10-batches-bin"
-CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
-CIFAR10_TEST_FILES = ("test_batch.bin",)
-CIFAR10_IMAGE_SIZE = 32
-CIFAR10_RECORD_BYTES = 1 + 3 * CIFAR10_IMAGE_SIZE * CIFAR10_IMAGE_SIZE  # label + R, G, B planes
-CIFAR10_NUM_CLASSES = 10
-
-# --- synthetic --------------------------------------------------------------------------------
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_FOLDER = "cifar-10-batches-py"  # torchvision's CIFAR10.base_folder
 
 SYNTHETIC_TRAIN_SIZE = 2048
 SYNTHETIC_TEST_SIZE = 512
-SYNTHETIC_IMAGE_SIZE = 16
-SYNTHETIC_NUM_CLASSES = 10
+SYNTHETIC_IMAGE_SIZE = DATASETS["synthetic"].image_size
+SYNTHETIC_NUM_CLASSES = DATASETS["synthetic"].num_classes
 SYNTHETIC_SEED = 1234  # fixed: the synthetic data is a dataset, not a per-run draw
 SYNTHETIC_TEMPLATE_GRID = 4  # templates are 4x4 random grids, upsampled: smooth, distinct blobs
 SYNTHETIC_NOISE_STD = 0.2
-
-_DOWNLOAD_CHUNK_BYTES = 1 << 20
-
-
-class DownloadError(RuntimeError):
-    """Fetching a dataset archive failed; the message says how to place the file by hand."""
 
 
 # =============================================================================================
@@ -165,132 +153,32 @@ class Dataset:
 
 
 # =============================================================================================
-# IDX parsing (Fashion-MNIST)
+# Source files, and their parsed splits (cached per process)
 # =============================================================================================
-
-
-def _read_gzip(path: Path, fix_hint: str) -> bytes:
-    """Decompressed bytes of ``path``; missing or corrupt files raise errors naming the fix."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; {fix_hint}")
-    try:
-        return gzip.decompress(path.read_bytes())
-    except EOFError as err:
-        raise ValueError(
-            f"{path} is truncated (the gzip stream ends early: {err}); replace it with a "
-            f"complete copy, i.e. {fix_hint}"
-        ) from err
-    except (gzip.BadGzipFile, zlib.error) as err:
-        raise ValueError(
-            f"{path} is not a valid gzip file ({err}); replace it with the original .gz file, "
-            f"i.e. {fix_hint}"
-        ) from err
-
-
-def _idx_header(data: bytes, path: Path, expected_magic: int, num_dims: int) -> list[int]:
-    """The dimension sizes in an IDX header, after checking its magic number and length."""
-    header_bytes = 4 * (1 + num_dims)
-    if len(data) < header_bytes:
-        raise ValueError(
-            f"{path} is truncated: {len(data)} bytes, shorter than the {header_bytes}-byte IDX "
-            f"header; replace it with a complete copy ({FASHION_MNIST_INSTALL_HINT})"
-        )
-    words = np.frombuffer(data, dtype=">u4", count=1 + num_dims)
-    magic, dims = int(words[0]), [int(d) for d in words[1:]]
-    if magic != expected_magic:
-        kind = "images" if expected_magic == IDX_IMAGES_MAGIC else "labels"
-        raise ValueError(
-            f"{path} has IDX magic number {magic}, expected {expected_magic} (uint8 {kind}); "
-            "check that the file is the right one of the four and not swapped or renamed"
-        )
-    expected_bytes = header_bytes + math.prod(dims)
-    if len(data) != expected_bytes:
-        problem = "truncated" if len(data) < expected_bytes else "longer than its header says"
-        raise ValueError(
-            f"{path} is {problem}: header {dims} needs {expected_bytes} bytes, file has "
-            f"{len(data)}; replace it with a complete copy ({FASHION_MNIST_INSTALL_HINT})"
-        )
-    return dims
-
-
-def read_idx_images(path: str | os.PathLike) -> np.ndarray:
-    """Parse a gzipped IDX image file into a uint8 array ``[N, 28, 28]``.
-
-    Format: big-endian int32 magic 2051, count, rows, cols, then the pixels row-major
-    (LeCun et al., the MNIST database; reused by Fashion-MNIST, Xiao et al. 2017, arXiv 1708.07747).
-    """
-    path = Path(path)
-    data = _read_gzip(path, FASHION_MNIST_INSTALL_HINT)
-    count, rows, cols = _idx_header(data, path, IDX_IMAGES_MAGIC, num_dims=3)
-    if (rows, cols) != (MNIST_IMAGE_SIZE, MNIST_IMAGE_SIZE):
-        raise ValueError(
-            f"{path} holds {rows}x{cols} images, expected {MNIST_IMAGE_SIZE}x{MNIST_IMAGE_SIZE} "
-            "(Fashion-MNIST); point the loader at the Fashion-MNIST files"
-        )
-    return np.frombuffer(data, dtype=np.uint8, offset=16).reshape(count, rows, cols)
-
-
-def read_idx_labels(path: str | os.PathLike, num_classes: int = 10) -> np.ndarray:
-    """Parse a gzipped IDX label file (magic 2049, count, then one byte per label) into uint8 ``[N]``."""
-    path = Path(path)
-    data = _read_gzip(path, FASHION_MNIST_INSTALL_HINT)
-    _idx_header(data, path, IDX_LABELS_MAGIC, num_dims=1)
-    labels = np.frombuffer(data, dtype=np.uint8, offset=8)
-    if labels.size and int(labels.max()) >= num_classes:
-        raise ValueError(
-            f"{path} has label {int(labels.max())}, expected labels in 0..{num_classes - 1}; "
-            "check that this is a Fashion-MNIST label file"
-        )
-    return labels
-
-
-def fashion_mnist_folder(root: str | os.PathLike | None = None) -> Path:
-    """The folder to read Fashion-MNIST from: ``root``, else ``$ROBUSTQ_DATA``, else the Debian path.
-
-    A folder that lacks the files but has a ``fashion-mnist`` subfolder holding them resolves to
-    that subfolder, so ``ROBUSTQ_DATA`` may name a general data folder.
-    """
-    if root is None:
-        root = os.environ.get(DATA_ENV_VAR) or DEFAULT_FASHION_MNIST_DIR
-    folder = Path(root).expanduser()
-    if folder.exists() and not folder.is_dir():
-        raise FileNotFoundError(
-            f"Fashion-MNIST folder {folder} is a file, not a folder; {FASHION_MNIST_INSTALL_HINT}"
-        )
-    if not folder.is_dir():
-        raise FileNotFoundError(
-            f"Fashion-MNIST folder {folder} does not exist; {FASHION_MNIST_INSTALL_HINT}"
-        )
-    subfolder = folder / "fashion-mnist"
-    first_file = FASHION_MNIST_FILES["train_images"]
-    if not (folder / first_file).is_file() and (subfolder / first_file).is_file():
-        folder = subfolder
-    return folder.resolve()
 
 
 def source_files(name: str, root: str | os.PathLike | None = None) -> list[Path]:
     """The files dataset ``name`` is read from (none for ``synthetic``, which is generated): what
     the experiment cache fingerprints, so a model trained on other files is never served."""
+    check_choice("dataset", name, DATASET_NAMES)
     if name == "fashion-mnist":
         folder = fashion_mnist_folder(root)
-        files = [folder / file for file in FASHION_MNIST_FILES.values()]
+        files = [folder / file for file in FASHION_MNIST_FILES]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
-            raise FileNotFoundError(f"Fashion-MNIST folder {folder} lacks {', '.join(missing)}; {FASHION_MNIST_INSTALL_HINT}")
+            raise FileNotFoundError(
+                f"Fashion-MNIST folder {folder} lacks {', '.join(missing)}; {FASHION_MNIST_INSTALL_HINT}"
+            )
         return files
     if name == "cifar10":
-        return _cifar10_sources(cifar10_folder(root))
-    if name == "synthetic":
-        return []
-    raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
+        return _cifar10_files(cifar10_folder(root))
+    return []
 
 
 def _file_signature(paths: Sequence[Path]) -> tuple[tuple[str, int, int], ...]:
-    """(name, size, mtime) of each existing file: changes when a file is replaced, so stale
-    cache entries are never served."""
-    return tuple(
-        (p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in paths if p.is_file()
-    )
+    """(name, size, mtime) of each file: changes when a file is replaced, so stale parses are
+    never served."""
+    return tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in paths)
 
 
 class _Parsed(NamedTuple):
@@ -306,244 +194,173 @@ def _parsed_from_splits(train: Split, test: Split) -> _Parsed:
     return _Parsed(train, test, *channel_mean_std(train.images))
 
 
-def _parsed_from_arrays(
-    train_images: np.ndarray, train_labels: np.ndarray, test_images: np.ndarray,
-    test_labels: np.ndarray,
-) -> _Parsed:  # fmt: skip
-    """uint8 numpy arrays (images with a channel axis) to Splits and statistics; copies once."""
-    def to_split(images: np.ndarray, labels: np.ndarray) -> Split:
-        return Split(torch.from_numpy(images.copy()), torch.from_numpy(labels.astype(np.int64)))
-
-    return _parsed_from_splits(to_split(train_images, train_labels), to_split(test_images, test_labels))
+# --- Fashion-MNIST: Debian's .gz files, gunzipped for torchvision.datasets.FashionMNIST ---------
 
 
-@lru_cache(maxsize=2)
-def _parse_fashion_mnist(folder: str, signature: tuple) -> _Parsed:
-    """Parse the four IDX files of ``folder``; cached per resolved folder and file signature."""
-    paths = {key: Path(folder) / name for key, name in FASHION_MNIST_FILES.items()}
-    arrays = {}
-    for split in ("train", "test"):
-        images = read_idx_images(paths[f"{split}_images"])
-        labels = read_idx_labels(paths[f"{split}_labels"])
-        if images.shape[0] != labels.shape[0]:
-            raise ValueError(
-                f"{paths[f'{split}_images']} has {images.shape[0]} images but "
-                f"{paths[f'{split}_labels']} has {labels.shape[0]} labels, expected equal "
-                "counts; the two files come from different datasets or one is damaged"
-            )
-        official = FASHION_MNIST_OFFICIAL_COUNTS[split]
-        if Path(folder) == DEFAULT_FASHION_MNIST_DIR.resolve() and images.shape[0] != official:
-            raise ValueError(
-                f"{paths[f'{split}_images']} has {images.shape[0]} images, expected {official} "
-                "in the Debian package; reinstall it with "
-                "`sudo apt-get install --reinstall dataset-fashion-mnist`"
-            )
-        arrays[split] = (images[:, None], labels)
-    return _parsed_from_arrays(*arrays["train"], *arrays["test"])
+def fashion_mnist_folder(root: str | os.PathLike | None = None) -> Path:
+    """The folder of the ``.gz`` files: ``root``, else ``$ROBUSTQ_DATA``, else the Debian path.
 
-
-def _fashion_mnist_parsed(root: str | os.PathLike | None) -> _Parsed:
-    folder = fashion_mnist_folder(root)
-    signature = _file_signature([folder / name for name in FASHION_MNIST_FILES.values()])
-    return _parse_fashion_mnist(str(folder), signature)
-
-
-def load_fashion_mnist(root: str | os.PathLike | None = None) -> tuple[Split, Split]:
-    """Official (train, test) splits of Fashion-MNIST (Xiao et al. 2017, arXiv 1708.07747)."""
-    parsed = _fashion_mnist_parsed(root)
-    return parsed.train, parsed.test
-
-
-# =============================================================================================
-# CIFAR-10 binary distribution
-# =============================================================================================
-
-
-def cifar10_folder(root: str | os.PathLike | None = None) -> Path:
-    """The CIFAR-10 folder: ``root``, else ``$ROBUSTQ_CIFAR10``, else ``~/.cache/robustq/data/cifar10``."""
-    if root is None:
-        root = os.environ.get(CIFAR10_ENV_VAR) or DEFAULT_CIFAR10_DIR
-    return Path(root).expanduser().resolve()
-
-
-def parse_cifar10_records(data: bytes, source: str) -> tuple[np.ndarray, np.ndarray]:
-    """Split CIFAR-10 binary records into images uint8 ``[N, 3, 32, 32]`` and labels uint8 ``[N]``.
-
-    Each record is 1 label byte then 3072 pixel bytes: the R, G and B planes, each 32x32
-    row-major (Krizhevsky 2009, the "binary version" of CIFAR-10).
+    A folder that lacks the files but has a ``fashion-mnist`` subfolder holding them resolves to
+    that subfolder, so ``ROBUSTQ_DATA`` may name a general data folder.
     """
-    if len(data) == 0 or len(data) % CIFAR10_RECORD_BYTES:
-        raise ValueError(
-            f"{source} has {len(data)} bytes, expected a positive multiple of "
-            f"{CIFAR10_RECORD_BYTES} (1 label byte + 3072 pixel bytes per record); the file is "
-            "truncated or not from the CIFAR-10 *binary* version: re-download "
-            f"{CIFAR10_ARCHIVE}"
+    if root is None:
+        root = os.environ.get(DATA_ENV_VAR) or DEFAULT_FASHION_MNIST_DIR
+    folder = Path(root).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise FileNotFoundError(
+            f"Fashion-MNIST folder {folder} is a file, not a folder; {FASHION_MNIST_INSTALL_HINT}"
         )
-    records = np.frombuffer(data, dtype=np.uint8).reshape(-1, CIFAR10_RECORD_BYTES)
-    labels = records[:, 0]
-    if int(labels.max()) >= CIFAR10_NUM_CLASSES:
-        raise ValueError(
-            f"{source} has label {int(labels.max())}, expected 0..{CIFAR10_NUM_CLASSES - 1}; "
-            f"it is not a CIFAR-10 batch (CIFAR-100's binary format differs): re-download "
-            f"{CIFAR10_ARCHIVE}"
-        )
-    size = CIFAR10_IMAGE_SIZE
-    return records[:, 1:].reshape(-1, 3, size, size), labels
+    if not folder.is_dir():
+        raise FileNotFoundError(f"Fashion-MNIST folder {folder} does not exist; {FASHION_MNIST_INSTALL_HINT}")
+    subfolder = folder / "fashion-mnist"
+    if not (folder / FASHION_MNIST_FILES[0]).is_file() and (subfolder / FASHION_MNIST_FILES[0]).is_file():
+        folder = subfolder
+    return folder.resolve()
 
 
-def _cifar10_bin_folder(folder: Path) -> Path | None:
-    """The folder holding all six extracted ``.bin`` files, or None."""
-    needed = CIFAR10_TRAIN_FILES + CIFAR10_TEST_FILES
-    for candidate in (folder, folder / CIFAR10_ARCHIVE_FOLDER):
-        if all((candidate / name).is_file() for name in needed):
-            return candidate
-    return None
+def _data_cache_dir() -> Path:
+    """``$ROBUSTQ_CACHE/data``, else ``data/`` in the checkout's or the home's ``.cache/robustq``:
+    the rule of ``experiments.cache_dir``, which cannot be imported here (it imports this module)."""
+    if os.environ.get(CACHE_ENV_VAR):
+        return Path(os.environ[CACHE_ENV_VAR]) / "data"
+    checkout = Path(__file__).resolve().parent.parent
+    base = checkout / ".cache" if (checkout / "pyproject.toml").exists() else Path.home() / ".cache"
+    return base / "robustq" / "data"
 
 
-def _read_cifar10_members(archive: Path, names: Sequence[str]) -> dict[str, bytes]:
-    """Bytes of the named batch files, read straight from the tar.gz without extracting."""
+def prepare_fashion_mnist(root: str | os.PathLike | None = None) -> Path:
+    """The torchvision root for the ``.gz`` files of :func:`fashion_mnist_folder` (``root``): a
+    folder of the experiment cache, one per source folder, whose ``FashionMNIST/raw/`` holds the
+    four files decompressed. A file missing there, or made from another version of its ``.gz`` (a
+    ``.source`` stamp beside it records the path, size and mtime it came from), is gunzipped again;
+    each file is written to a temporary file and renamed, so a damaged ``.gz`` or an interrupt
+    leaves no half-written file."""
+    sources = source_files("fashion-mnist", root)
+    folder = sources[0].parent
+    tv_root = _data_cache_dir() / "fashion-mnist" / hashlib.sha256(str(folder).encode()).hexdigest()[:16]
+    raw = tv_root / "FashionMNIST" / "raw"
+    for source in sources:
+        target = raw / source.name.removesuffix(".gz")
+        stamp = target.with_name(f"{target.name}.source")
+        stat = source.stat()
+        origin = f"{source} {stat.st_size} {stat.st_mtime_ns}\n"
+        if target.is_file() and stamp.is_file() and stamp.read_text() == origin:
+            continue
+        write_atomic(target, partial(_gunzip, source))
+        write_atomic(stamp, lambda tmp, text=origin: tmp.write_text(text))
+    return tv_root
+
+
+def _gunzip(source: Path, target: Path) -> None:
     try:
-        with tarfile.open(archive, "r:gz") as tar:
-            members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()}
-            missing = [name for name in names if name not in members]
-            if missing:
-                raise ValueError(
-                    f"{archive} lacks {', '.join(missing)}; it is not the CIFAR-10 binary "
-                    f"archive: re-download {CIFAR10_URL}"
-                )
-            return {name: tar.extractfile(members[name]).read() for name in names}
-    except (tarfile.TarError, EOFError, zlib.error, OSError) as err:
-        if isinstance(err, FileNotFoundError):
-            raise
+        with gzip.open(source, "rb") as compressed, open(target, "wb") as plain:
+            shutil.copyfileobj(compressed, plain, 1 << 20)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as err:
         raise ValueError(
-            f"{archive} is damaged or truncated ({err}); delete it and download it again "
-            f"(download_cifar10 or {CIFAR10_URL})"
+            f"{source} is damaged: truncated or not a gzip file ({err}); replace it with a complete "
+            f"copy: {FASHION_MNIST_INSTALL_HINT}"
         ) from err
 
 
-def _cifar10_missing_error(folder: Path) -> FileNotFoundError:
-    return FileNotFoundError(
-        f"CIFAR-10 not found in {folder}: expected {CIFAR10_ARCHIVE} or the extracted "
-        f"{', '.join(CIFAR10_TRAIN_FILES + CIFAR10_TEST_FILES)}. Pass download=True to "
-        f"load_dataset (or call download_cifar10), or download {CIFAR10_URL} by hand and place "
-        f"it in {folder} (or set {CIFAR10_ENV_VAR} to the folder that holds it)"
-    )
-
-
-def _cifar10_sources(folder: Path) -> list[Path]:
-    """The files CIFAR-10 is read from: extracted .bin files if present (no decompression),
-    else the archive."""
-    bin_folder = _cifar10_bin_folder(folder)
-    if bin_folder is not None:
-        return [bin_folder / name for name in CIFAR10_TRAIN_FILES + CIFAR10_TEST_FILES]
-    if (folder / CIFAR10_ARCHIVE).is_file():
-        return [folder / CIFAR10_ARCHIVE]
-    raise _cifar10_missing_error(folder)
-
-
 @lru_cache(maxsize=2)
-def _parse_cifar10(sources: tuple[str, ...], signature: tuple) -> _Parsed:
-    """Parse CIFAR-10 from an archive or six .bin files; cached per resolved paths and signature."""
-    names = CIFAR10_TRAIN_FILES + CIFAR10_TEST_FILES
-    if len(sources) == 1:
-        blobs = _read_cifar10_members(Path(sources[0]), names)
-        labelled = {name: f"{sources[0]}:{name}" for name in names}
-    else:
-        blobs = {Path(s).name: Path(s).read_bytes() for s in sources}
-        labelled = {Path(s).name: s for s in sources}
-    parsed = {name: parse_cifar10_records(blobs[name], labelled[name]) for name in names}
+def _fashion_mnist(folder: str, signature: tuple) -> _Parsed:
+    """Official splits of the ``.gz`` files in ``folder``; cached per folder and file signature."""
+    from torchvision.datasets import FashionMNIST  # importing it costs a second: only when used
 
-    def concatenate(files: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        return (
-            np.concatenate([parsed[f][0] for f in files]),
-            np.concatenate([parsed[f][1] for f in files]),
+    tv_root = prepare_fashion_mnist(folder)
+    splits = []
+    for train in (True, False):
+        files = f"{'train' if train else 't10k'}-*"
+        try:
+            tv_split = FashionMNIST(tv_root, train=train, download=False)
+        except (AssertionError, KeyError, RuntimeError, TypeError, ValueError) as err:  # bad IDX header
+            detail = f"{type(err).__name__}: {err}" if str(err) else f"{type(err).__name__} on the header"
+            raise ValueError(
+                f"torchvision cannot read the IDX files {files} gunzipped from {folder} into {tv_root} "
+                f"({detail}); the .gz files are damaged or not Fashion-MNIST: {FASHION_MNIST_INSTALL_HINT}"
+            ) from err
+        images, labels = tv_split.data, tv_split.targets
+        top = int(labels.max()) if len(labels) else 0
+        if tuple(images.shape[1:]) != (28, 28) or len(images) != len(labels) or top >= 10:
+            raise ValueError(
+                f"{folder}/{files}.gz hold {len(images)} images of "
+                f"{tuple(images.shape[1:])} pixels and {len(labels)} labels up to {top}, expected 28x28 "
+                f"images with one label in 0..9 each; the files come from different datasets or are not "
+                f"Fashion-MNIST: {FASHION_MNIST_INSTALL_HINT}"
+            )
+        splits.append(Split(images.unsqueeze(1), labels))
+    return _parsed_from_splits(*splits)
+
+
+# --- CIFAR-10: the Python version, through torchvision.datasets.CIFAR10 -----------------------
+
+
+def cifar10_folder(root: str | os.PathLike | None = None) -> Path:
+    """The torchvision root of CIFAR-10, the folder holding ``cifar-10-batches-py/``: ``root``,
+    else ``$ROBUSTQ_CIFAR10``, else ``~/.cache/robustq/data/cifar10``; a path to
+    ``cifar-10-batches-py`` itself means its parent."""
+    if root is None:
+        root = os.environ.get(CIFAR10_ENV_VAR) or DEFAULT_CIFAR10_DIR
+    folder = Path(root).expanduser().resolve()
+    return folder.parent if folder.name == CIFAR10_FOLDER else folder
+
+
+def _cifar10_checksums() -> dict[str, str]:
+    """File name to MD5 for the seven files torchvision reads, from its own lists."""
+    from torchvision.datasets import CIFAR10
+
+    listed = CIFAR10.train_list + CIFAR10.test_list + [[CIFAR10.meta["filename"], CIFAR10.meta["md5"]]]
+    return {name: md5 for name, md5 in listed}
+
+
+def _cifar10_files(folder: Path) -> list[Path]:
+    files = [folder / CIFAR10_FOLDER / name for name in _cifar10_checksums()]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"CIFAR-10 not found: {folder / CIFAR10_FOLDER} lacks {', '.join(missing)}. Download "
+            f"{CIFAR10_URL} (the Python version) and extract it in {folder}, or set {CIFAR10_ENV_VAR} "
+            f"to the folder that holds {CIFAR10_FOLDER}/, or pass download=True to load_dataset"
         )
-
-    return _parsed_from_arrays(
-        *concatenate(CIFAR10_TRAIN_FILES), *concatenate(CIFAR10_TEST_FILES)
-    )
-
-
-def load_cifar10(
-    root: str | os.PathLike | None = None, *, download: bool = False
-) -> tuple[Split, Split]:
-    """Official (train, test) splits of CIFAR-10 from the binary distribution (Krizhevsky 2009).
-
-    Reads the extracted ``data_batch_*.bin`` / ``test_batch.bin`` files if present, else the
-    members of ``cifar-10-binary.tar.gz`` in memory. Downloads only if ``download=True``.
-    """
-    parsed = _cifar10_parsed(root, download)
-    return parsed.train, parsed.test
+    return files
 
 
 def _cifar10_parsed(root: str | os.PathLike | None, download: bool) -> _Parsed:
     folder = cifar10_folder(root)
-    try:
-        sources = _cifar10_sources(folder)
-    except FileNotFoundError:
-        if not download:
-            raise
-        download_cifar10(folder)
-        sources = _cifar10_sources(folder)
-    return _parse_cifar10(tuple(str(s) for s in sources), _file_signature(sources))
+    if download:
+        from torchvision.datasets import CIFAR10
+
+        try:  # downloads and extracts only what is missing or fails its MD5 check
+            CIFAR10(folder, train=False, download=True)
+        except (OSError, RuntimeError) as err:
+            raise RuntimeError(
+                f"could not download CIFAR-10 into {folder} ({err}); download {CIFAR10_URL} by hand "
+                f"and extract it there"
+            ) from err
+    files = _cifar10_files(folder)
+    return _cifar10(str(folder), _file_signature(files))
 
 
-def _md5_of_file(path: Path) -> str:
-    digest = hashlib.md5()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(_DOWNLOAD_CHUNK_BYTES), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+@lru_cache(maxsize=2)
+def _cifar10(folder: str, signature: tuple) -> _Parsed:
+    """Official splits of CIFAR-10 under ``folder``; cached per folder and file signature."""
+    from torchvision.datasets import CIFAR10
+    from torchvision.datasets.utils import check_integrity
 
-
-def _stream_to_file(url: str, handle, timeout: float) -> str:
-    """Copy the body of ``url`` into ``handle``; return its md5 hex digest."""
-    digest = hashlib.md5()
-    with urllib.request.urlopen(url, timeout=timeout) as response:
-        for chunk in iter(lambda: response.read(_DOWNLOAD_CHUNK_BYTES), b""):
-            digest.update(chunk)
-            handle.write(chunk)
-    return digest.hexdigest()
-
-
-def download_cifar10(
-    root: str | os.PathLike | None = None,
-    *,
-    url: str | None = None,
-    md5: str | None = None,
-    timeout: float = 60.0,
-) -> Path:
-    """Download ``cifar-10-binary.tar.gz`` into ``root`` and return its path.
-
-    The file is written to a temporary file in the same folder, its md5 checked, then moved into
-    place with ``os.replace``, so a failed or interrupted download never leaves a partial archive.
-    An archive already present with the right md5 is kept as is. Failure raises ``DownloadError``.
-    ``url`` and ``md5`` default to the official ``CIFAR10_URL`` and ``CIFAR10_MD5``.
-    """
-    url = CIFAR10_URL if url is None else url
-    md5 = CIFAR10_MD5 if md5 is None else md5
-    folder = cifar10_folder(root)
-    target = folder / CIFAR10_ARCHIVE
-    if target.is_file() and _md5_of_file(target) == md5:
-        return target
-    by_hand = f"download {url} by hand and place it in {folder} as {CIFAR10_ARCHIVE}"
-    folder.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(dir=folder, prefix=".cifar10-", suffix=".part", delete=False)
-    temp_path = Path(handle.name)
-    try:
-        with handle:
-            actual_md5 = _stream_to_file(url, handle, timeout)
-        if actual_md5 != md5:
-            raise DownloadError(
-                f"downloaded {url} has md5 {actual_md5}, expected {md5} (corrupted or changed "
-                f"upstream); the partial file was removed. Try again or {by_hand}"
-            )
-        os.replace(temp_path, target)
-    except (urllib.error.URLError, OSError) as err:
-        raise DownloadError(f"could not download {url} ({err}); {by_hand}") from err
-    finally:
-        temp_path.unlink(missing_ok=True)
-    return target
+    splits = []
+    for train in (True, False):
+        try:
+            tv_split = CIFAR10(folder, train=train, download=False)
+        except RuntimeError as err:  # the files exist (_cifar10_files): an MD5 sum does not match
+            base = Path(folder) / CIFAR10_FOLDER
+            bad = [name for name, md5 in _cifar10_checksums().items() if not check_integrity(base / name, md5)]
+            raise ValueError(
+                f"{', '.join(bad) or 'a file'} in {base} failed torchvision's MD5 check: damaged, or not "
+                f"from the Python version of CIFAR-10; delete {base} and extract {CIFAR10_URL} again"
+            ) from err
+        images = torch.from_numpy(np.ascontiguousarray(tv_split.data.transpose(0, 3, 1, 2)))  # HWC -> CHW
+        splits.append(Split(images, torch.tensor(tv_split.targets, dtype=torch.int64)))
+    return _parsed_from_splits(*splits)
 
 
 # =============================================================================================
@@ -590,7 +407,7 @@ def make_synthetic_splits(
     for name, value in (("num_train", num_train), ("num_test", num_test),
                         ("num_classes", num_classes), ("in_channels", in_channels),
                         ("image_size", image_size)):  # fmt: skip
-        _check_positive_int(name, value)
+        check_int(name, value, minimum=1)
     generator = torch.Generator().manual_seed(seed)
     templates = _class_templates(num_classes, in_channels, image_size, generator)
     train = _sample_templates(templates, num_train, generator)
@@ -601,12 +418,6 @@ def make_synthetic_splits(
 # =============================================================================================
 # load_dataset
 # =============================================================================================
-
-
-def _check_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}; pass e.g. {name}=1000")
-    return value
 
 
 def channel_mean_std(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -634,8 +445,7 @@ def _holdout_indices(
     Validation takes the first ``val_size`` of a seeded permutation and training the next
     ``train_size``, so for one seed smaller training subsets are nested in larger ones.
     """
-    if isinstance(val_size, bool) or not isinstance(val_size, int) or val_size < 0:
-        raise ValueError(f"val_size must be an int >= 0, got {val_size!r}; pass e.g. val_size=5000")
+    check_int("val_size", val_size, example=5000)
     if val_size >= pool_size:
         raise ValueError(
             f"val_size={val_size} leaves no training data: the training split has {pool_size} "
@@ -643,7 +453,7 @@ def _holdout_indices(
         )
     available = pool_size - val_size
     if train_size is not None:
-        _check_positive_int("train_size", train_size)
+        check_int("train_size", train_size, minimum=1, example=1000)
         if train_size > available:
             raise ValueError(
                 f"train_size={train_size} is larger than the {available} training samples "
@@ -658,22 +468,18 @@ def _holdout_indices(
     return order[val_size:end].sort().values, val
 
 
-def _official_splits(
-    name: str, root: str | os.PathLike | None, min_train: int, download: bool
-) -> tuple[_Parsed, int, int]:
-    """(parsed splits, num_classes, image_size) of a named dataset."""
+def _official_splits(name: str, root: str | os.PathLike | None, min_train: int, download: bool) -> _Parsed:
     if name == "fashion-mnist":
         if download:
             raise ValueError(
                 f"fashion-mnist is not downloaded by robustq; {FASHION_MNIST_INSTALL_HINT}, "
                 "then call load_dataset without download=True"
             )
-        return _fashion_mnist_parsed(root), 10, MNIST_IMAGE_SIZE
+        return _fashion_mnist(str(fashion_mnist_folder(root)), _file_signature(source_files(name, root)))
     if name == "cifar10":
-        return _cifar10_parsed(root, download), CIFAR10_NUM_CLASSES, CIFAR10_IMAGE_SIZE
+        return _cifar10_parsed(root, download)
     # synthetic: the pool grows to fit a larger requested training set
-    parsed = _synthetic_cached(max(SYNTHETIC_TRAIN_SIZE, min_train))
-    return parsed, SYNTHETIC_NUM_CLASSES, SYNTHETIC_IMAGE_SIZE
+    return _synthetic_cached(max(SYNTHETIC_TRAIN_SIZE, min_train))
 
 
 @lru_cache(maxsize=4)
@@ -694,31 +500,31 @@ def load_dataset(
 
     ``val_size`` samples of the official training split are held out (seeded) as ``val``;
     ``train_size`` then picks a seeded random subset of the rest (None: all of it). The test split
-    is always the official one. Files are parsed once per process, so repeated calls with other
-    sizes or seeds cost only the indexing. ``download`` applies to CIFAR-10 only.
-    For ``"synthetic"`` the training pool has 2048 samples, or ``train_size + val_size`` if larger.
+    is always the official one. Files are read once per process, so repeated calls with other
+    sizes or seeds cost only the indexing. ``download`` applies to CIFAR-10 only (torchvision
+    fetches the archive and checks its MD5). For ``"synthetic"`` the training pool has 2048
+    samples, or ``train_size + val_size`` if larger.
     """
-    if name not in DATASET_NAMES:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASET_NAMES)}")
+    check_choice("dataset", name, DATASET_NAMES)
     min_train = (train_size if isinstance(train_size, int) else 0) + (
         val_size if isinstance(val_size, int) else 0
     )
-    parsed, num_classes, image_size = _official_splits(name, root, min_train, download)
+    parsed = _official_splits(name, root, min_train, download)
     full_train = parsed.train
     train_indices, val_indices = _holdout_indices(len(full_train), train_size, val_size, seed)
-    crop_padding, flip = AUGMENTATION_DEFAULTS[name]
+    spec = DATASETS[name]
     return Dataset(
         name=name,
         train=full_train if train_indices is None else full_train.subset(train_indices),
         test=parsed.test,
         val=None if val_indices is None else full_train.subset(val_indices),
-        num_classes=num_classes,
+        num_classes=spec.num_classes,
         in_channels=int(full_train.images.shape[1]),
-        image_size=image_size,
+        image_size=spec.image_size,
         mean=parsed.mean,
         std=parsed.std,
-        crop_padding=crop_padding,
-        flip=flip,
+        crop_padding=spec.crop_padding,
+        flip=spec.flip,
     )
 
 
@@ -785,15 +591,11 @@ class BatchLoader:
         seed: int = 0,
         device: str | torch.device = "cpu",
     ) -> None:
-        self.batch_size = _check_positive_int("batch_size", batch_size)
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be an int >= 0, got {seed!r}; pass e.g. seed=0")
+        self.batch_size = check_int("batch_size", batch_size, minimum=1, example=128)
+        check_int("seed", seed)
+        check_int("crop_padding", crop_padding, example=4)
         if len(split) == 0:
             raise ValueError("split is empty; pass a split with at least one sample")
-        if isinstance(crop_padding, bool) or not isinstance(crop_padding, int) or crop_padding < 0:
-            raise ValueError(
-                f"crop_padding must be an int >= 0, got {crop_padding!r}; pass e.g. crop_padding=4"
-            )
         if drop_last and len(split) < batch_size:
             raise ValueError(
                 f"drop_last=True with batch_size={batch_size} > {len(split)} samples yields no "
@@ -810,9 +612,7 @@ class BatchLoader:
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next iteration produce epoch ``epoch`` (order and augmentation)."""
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 0:
-            raise ValueError(f"epoch must be an int >= 0, got {epoch!r}; pass e.g. set_epoch(3)")
-        self.epoch = epoch
+        self.epoch = check_int("epoch", epoch, example=3)
 
     def __len__(self) -> int:
         count = len(self.labels)
@@ -888,3 +688,10 @@ def eval_loader(
     if chosen is None:
         raise ValueError("dataset has no validation split; load it with val_size > 0")
     return BatchLoader(chosen, batch_size, mean=dataset.mean, std=dataset.std, device=device)
+
+
+if __name__ == "__main__":  # `make data`: gunzip Fashion-MNIST for torchvision, or say how to get it
+    try:
+        print(f"Fashion-MNIST ready for torchvision in {prepare_fashion_mnist()}")
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"robustq: error: {error}") from None

@@ -27,6 +27,7 @@ from torch import nn
 
 from robustq import qat, regularizers, sam, satnl
 from robustq.models import stem_and_classifier
+from robustq.params import check_choice
 from robustq.ptq import weighted_layers
 from robustq.quant import validate_bit_width
 from robustq.train import Extensions, StepContext
@@ -84,7 +85,9 @@ class SymReg(Part):
     ``lam * mean_layers sym_reg(W_l)`` with the order-statistic penalty of
     :func:`robustq.regularizers.sym_reg` [recon]. Layers: every conv and linear weight except
     depthwise convs, where the paper reports it hurts [summary]. ``lam`` is not given by the
-    sources [recon]: the chapters sweep it. Acts on the effective weight (after SatNL)."""
+    sources [recon]: the chapters sweep it. Acts on the effective float weight: after SatNL, before
+    any QAT quantizer (:func:`robustq.qat.float_weight`; ``f(theta)``, not ``q(f(theta))``, in
+    ``symreg_satnl_lsq``)."""
 
     lam: float = 1.0
     pairing: str = "1:1"
@@ -94,12 +97,12 @@ class SymReg(Part):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_choice("pairing", self.pairing, regularizers.SYM_PAIRINGS)
-        _check_choice("scope", self.scope, regularizers.SYM_SCOPES)
+        check_choice("pairing", self.pairing, regularizers.SYM_PAIRINGS)
+        check_choice("scope", self.scope, regularizers.SYM_SCOPES)
 
     def penalty(self, model, context):
         layers = [m for _, m in weighted_layers(model) if not (self.skip_depthwise and is_depthwise(m))]
-        terms = [regularizers.sym_reg(m.weight, self.pairing, self.scope, self.normalize) for m in layers]
+        terms = [regularizers.sym_reg(qat.float_weight(m), self.pairing, self.scope, self.normalize) for m in layers]
         return self.lam * torch.stack(terms).mean()
 
 
@@ -114,7 +117,7 @@ class SatNL(Part):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_choice("form", self.form, satnl.SATNL_FORMS)
+        check_choice("form", self.form, satnl.SATNL_FORMS)
 
     def prepare(self, model):
         return satnl.apply_satnl(model, form=self.form, alpha_mult=self.alpha_mult)
@@ -177,7 +180,7 @@ class SinReQ(Part):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_choice("grid", self.grid, regularizers.SINREQ_GRIDS)
+        check_choice("grid", self.grid, regularizers.SINREQ_GRIDS)
 
     def penalty(self, model, context):
         excluded = set(stem_and_classifier(model))
@@ -250,7 +253,7 @@ class QAT(Part):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_choice("quantizer", self.quantizer, qat.QUANTIZERS)
+        check_choice("quantizer", self.quantizer, qat.QUANTIZERS)
         validate_bit_width(self.edge_bit_width)
 
     def prepare(self, model):
@@ -260,6 +263,26 @@ class QAT(Part):
 
     def finalize(self, model):
         return qat.remove_qat(model)
+
+
+@dataclass(frozen=True)
+class QATOnSatNL(QAT):
+    """:class:`QAT` stacked on SatNL: the quantizer rounds SatNL's output, so each layer's forward
+    weight is ``q(f(theta))`` with ``theta`` the trained parameter
+    (``qat.prepare_qat(..., stack_on_satnl=True)``). Place it after :class:`SatNL` in a recipe.
+    Park et al. 2022 combine SymReg and SatNL with LSQ's QAT [summary]; how the two stack is our
+    reconstruction [recon] (book/methods.md §1). After training the quantizer is dropped and SatNL
+    folded, leaving ``f(theta)``: the model is judged by its own quantizer, like ``qat_lsq``."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("quantizer", self.quantizer, qat.STACKABLE_QUANTIZERS)
+
+    def prepare(self, model):
+        return qat.prepare_qat(
+            model, self.quantizer, self.bit_width, per_channel=self.per_channel,
+            edge_bit_width=self.edge_bit_width, stack_on_satnl=True,
+        )
 
 
 # --- methods -------------------------------------------------------------------------------------
@@ -327,6 +350,7 @@ REGISTRY: dict[str, tuple[tuple[type[Part], dict], ...]] = {
     "oscillation": ((Oscillation, {}),),
     "qat_ste": ((QAT, {"quantizer": "ste"}),),
     "qat_lsq": ((QAT, {"quantizer": "lsq"}),),
+    "symreg_satnl_lsq": ((SymReg, {}), (SatNL, {}), (QATOnSatNL, {"quantizer": "lsq"})),
 }
 
 
@@ -393,11 +417,6 @@ def _check_type(owner: str, name: str, value, expected) -> None:
 def _check_nonnegative(owner: str, name: str, value: float) -> None:
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{owner}.{name} must be a finite number >= 0, got {value!r}")
-
-
-def _check_choice(name: str, value: str, allowed: Sequence[str]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
 
 
 def _type_name(expected) -> str:

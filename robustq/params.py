@@ -1,6 +1,8 @@
 """One validator for every user-facing parameter, from the command line or a notebook's papermill
 ``parameters`` cell: a bad value fails before any work, with a message naming the parameter and
-the fix.
+the fix. :func:`check_choice` and :func:`check_int` are the package's only choice and integer
+validators; this module imports no other ``robustq`` module at import time, so any module may use
+them without an import cycle.
 
 Papermill's ``-p NAME VALUE`` passes strings; lists go through ``-y``, e.g.
 ``papermill ... -y "bit_widths: [4, 3]"``.
@@ -9,15 +11,48 @@ Papermill's ``-p NAME VALUE`` passes strings; lists go through ``-y``, e.g.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
-
-from robustq import experiments, quant
 
 YAML_HINT = "pass lists to papermill with -y, e.g. -y '{name}: [4, 3]'"  # -p passes strings
 
 
+def check_choice(name: str, value: Any, allowed: Sequence[Any], *, label: str | None = None) -> Any:
+    """``value`` if it is one of ``allowed``, else ``ValueError`` naming the parameter and the
+    choices: ``"name must be one of ('a', 'b'), got 'c'"``; with ``label`` (a command-line flag,
+    e.g. ``"argument --model"``) ``"argument --model: unknown model 'c'; known: a, b"``."""
+    if value in allowed:
+        return value
+    if label is not None:
+        raise ValueError(f"{label}: unknown {name} {value!r}; known: {', '.join(map(str, allowed))}")
+    raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
+
+
+def check_int(
+    name: str, value: Any, *, minimum: int = 0, example: int | None = None, none_means: str | None = None
+) -> int | None:
+    """``value`` if it is an int (not a bool) >= ``minimum``, else ``ValueError`` naming ``name``
+    and an example value. With ``none_means`` (what None stands for, e.g. "the profile's
+    default"), None is accepted too.
+
+    >>> check_int("batch_size", 0, minimum=1, example=128)
+    Traceback (most recent call last):
+    ValueError: batch_size must be a positive int, got 0 (e.g. 128)
+    """
+    if value is None and none_means is not None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        kind = "a positive int" if minimum == 1 else f"an int >= {minimum}"
+        if none_means is not None:
+            kind += f" or None ({none_means})"
+        raise ValueError(f"{name} must be {kind}, got {value!r} (e.g. {minimum if example is None else example})")
+    return value
+
+
 def _bit_width(name: str, value: Any) -> int:
+    from robustq import quant  # no robustq import at module level: any module may import this one
+
     try:
         return quant.validate_bit_width(value)
     except ValueError as error:
@@ -26,24 +61,12 @@ def _bit_width(name: str, value: Any) -> int:
 
 def _bit_widths(name: str, value: Any) -> list[int]:
     if isinstance(value, str):
-        raise ValueError(f"{name}: must be a list of bit-widths, got the string {value!r}; {YAML_HINT.format(name=name)}")
+        raise ValueError(  # noqa: TRY004 (callers, the CLI and book.parameters, report ValueErrors)
+            f"{name}: must be a list of bit-widths, got the string {value!r}; {YAML_HINT.format(name=name)}"
+        )
     if not isinstance(value, (list, tuple)) or not value:
         raise ValueError(f"{name}: must be a non-empty list of bit-widths (ints in 2..16), got {value!r}")
     return [_bit_width(name, v) for v in value]
-
-
-def _non_negative_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name}: must be an int >= 0, got {value!r} (e.g. 0)")
-    return value
-
-
-def _positive_int_or_none(name: str, value: Any) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: must be a positive int or None (the profile's default), got {value!r}")
-    return value
 
 
 def _ratio(name: str, value: Any) -> float:
@@ -55,22 +78,29 @@ def _ratio(name: str, value: Any) -> float:
 def _profile(name: str, value: Any) -> str:
     if value is not None and not isinstance(value, str):
         raise ValueError(f"{name}: must be a profile name or None, got {value!r}")
+    from robustq import experiments  # here, not at the top: experiments imports data, which imports params
+
     return experiments.resolve_profile(value)
 
 
 CHECKS: dict[str, Callable[[str, Any], Any]] = {
     "profile": _profile,
-    "seed": _non_negative_int,
-    "n_images": _positive_int_or_none,
+    "seed": check_int,
+    "n_images": partial(check_int, minimum=1, none_means="the profile's default"),
     "min_ratio": _ratio,
 }
-SUFFIXES: dict[str, Callable[[str, Any], Any]] = {"_bit_widths": _bit_widths, "bit_widths": _bit_widths, "_bits": _bit_width}
+SUFFIXES: dict[str, Callable[[str, Any], Any]] = {
+    "_bit_widths": _bit_widths, "bit_widths": _bit_widths, "_bits": _bit_width,
+    "_size": partial(check_int, minimum=1, example=4096, none_means="the profile's default"),
+    "_repeats": partial(check_int, minimum=1, example=20),
+}
 
 
 def check(name: str, value: Any, label: str | None = None) -> Any:
     """The validated value of parameter ``name`` (a profile name is resolved); ``ValueError``
     naming the parameter (or ``label``, e.g. a command-line flag) and the fix otherwise. Names
-    ending in ``bit_widths`` take a list of bit-widths, names ending in ``_bits`` one bit-width."""
+    ending in ``bit_widths`` take a list of bit-widths, names ending in ``_bits`` one bit-width,
+    ``_size`` a positive int or None, ``_repeats`` a positive int."""
     if name in CHECKS:
         return CHECKS[name](label or name, value)
     for suffix, checker in SUFFIXES.items():

@@ -11,6 +11,7 @@ settings as one tidy frame. The original model is never modified.
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import itertools
@@ -18,12 +19,14 @@ from collections.abc import Iterable, Sequence
 
 import pandas as pd
 import torch
+import torch.fx
 from torch import nn
 from torch.nn.utils import parametrize
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from robustq import qat, quant
 from robustq.data import BatchLoader, Dataset, Split, eval_loader
-from robustq.models import ConvBN, stem_and_classifier
+from robustq.models import stem_and_classifier
 from robustq.quant import QuantSpec
 from robustq.train import EVAL_BATCH_SIZE, evaluate
 
@@ -34,15 +37,90 @@ WEIGHTED = (nn.Conv2d, nn.Linear)
 
 
 def fold_bn(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` in eval mode with every ``ConvBN`` replaced by one conv with bias:
-    ``W' = W * gamma / sqrt(var + eps)``, ``b' = beta + (b - mean) * gamma / sqrt(var + eps)``
-    (Krishnamoorthi 2018, arXiv 1806.08342, §2.5). Outputs equal the original's in eval mode."""
+    """A copy of ``model`` in eval mode with every ``BatchNorm2d`` folded into the ``Conv2d`` that
+    feeds it: ``W' = W * gamma / sqrt(var + eps)``, ``b' = beta + (b - mean) * gamma / sqrt(var + eps)``
+    (Krishnamoorthi 2018, arXiv 1806.08342, §2.5), computed by torch's
+    ``torch.nn.utils.fusion.fuse_conv_bn_eval``. Outputs equal the original's in eval mode up to
+    float rounding.
+
+    A conv feeds a BN when, in an ``nn.Sequential`` (not overriding ``forward``), the conv is the
+    child right before the BN: our ``ConvBN``, torchvision's ``Conv2dNormActivation`` and ResNet
+    ``downsample``. A Sequential of just the pair becomes the fused conv (so ``ConvBN`` ``stem``
+    folds to the conv ``stem``); otherwise the conv is replaced by the fused conv and the BN by
+    ``nn.Identity``. The other BNs (torchvision ResNet's ``conv1``/``bn1`` attributes) are matched
+    on the model's ``torch.fx`` graph: the BN's input must be the output of a conv that nothing else
+    uses, each called once; the pair is replaced the same way, in the module tree, so module types,
+    names and hooks other than the pair's stay. Raises ``ValueError`` for a BN that follows no conv
+    (or if ``torch.fx`` cannot trace the model to tell).
+    """
     folded = materialize(model)
     for parent in list(folded.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, ConvBN):
-                setattr(parent, name, _fold_conv_bn(child.conv, child.bn))
+            pair = list(child.children()) if _plain_sequential(child) else []
+            if len(pair) == 2 and _foldable(*pair):
+                setattr(parent, name, _fuse(*pair))
+    for sequential in [m for m in folded.modules() if _plain_sequential(m)]:
+        children = list(sequential.named_children())
+        for (conv_name, conv), (bn_name, bn) in itertools.pairwise(children):
+            if _foldable(conv, bn):
+                setattr(sequential, conv_name, _fuse(conv, bn))
+                setattr(sequential, bn_name, nn.Identity())
+    left = [name for name, m in folded.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    if left:
+        _fold_traced(folded, left)
     return folded.eval()
+
+
+def _plain_sequential(module: nn.Module) -> bool:
+    # Only Sequential's own forward guarantees that each child's output is the next child's input.
+    return isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward
+
+
+def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
+    return (
+        type(conv) is nn.Conv2d and type(bn) is nn.BatchNorm2d and bn.running_mean is not None
+        and bn.num_features == conv.out_channels
+    )
+
+
+@torch.no_grad()
+def _fuse(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    fused = fuse_conv_bn_eval(conv, bn)
+    # A bias made from BN's buffers would not require grad; keep every fused parameter as trainable
+    # as the conv's weight, as a freshly built conv would be.
+    fused.bias.requires_grad_(fused.weight.requires_grad)
+    return fused
+
+
+def _fold_traced(model: nn.Module, norms: list[str]) -> None:
+    """Fold each BN of ``norms`` into the conv feeding it in ``model``'s ``torch.fx`` graph, in place."""
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception as error:  # fx raises TraceError, TypeError, ... on data-dependent code
+        raise ValueError(
+            f"cannot fold BatchNorm2d {norms}: they are not right after a Conv2d in an nn.Sequential, "
+            f"and torch.fx cannot trace the model to find their conv ({error}); deploy with fold=False"
+        ) from error
+    modules = dict(model.named_modules())
+    calls = collections.Counter(node.target for node in graph.nodes if node.op == "call_module")
+    for node in graph.nodes:
+        if node.op != "call_module" or node.target not in norms or len(node.args) != 1 or node.kwargs:
+            continue
+        source = node.args[0]
+        if (
+            isinstance(source, torch.fx.Node) and source.op == "call_module" and len(source.users) == 1
+            and calls[source.target] == calls[node.target] == 1
+            and _foldable(modules[source.target], modules[node.target])
+        ):
+            model.set_submodule(source.target, _fuse(modules[source.target], modules[node.target]))
+            model.set_submodule(node.target, nn.Identity())
+    left = [name for name, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    if left:
+        raise ValueError(
+            f"cannot fold BatchNorm2d {left}: each must have running statistics and take the output of a "
+            "Conv2d that nothing else uses (BN after an addition or a ReLU has no conv to fold into); "
+            "deploy with fold=False"
+        )
 
 
 def materialize(model: nn.Module) -> nn.Module:
@@ -53,19 +131,6 @@ def materialize(model: nn.Module) -> nn.Module:
             for name in list(module.parametrizations.keys()):
                 parametrize.remove_parametrizations(module, name, leave_parametrized=True)
     return plain
-
-
-@torch.no_grad()
-def _fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
-    fused = nn.Conv2d(
-        conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
-        conv.dilation, conv.groups, bias=True, padding_mode=conv.padding_mode,
-    ).to(conv.weight.device, conv.weight.dtype)
-    gain = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-    fused.weight.copy_(conv.weight * gain.reshape(-1, 1, 1, 1))
-    fused.bias.copy_(bn.bias + (bias - bn.running_mean) * gain)
-    return fused
 
 
 def weighted_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -180,6 +245,11 @@ def correct_bias(quantized: nn.Module, reference: nn.Module, calib: torch.Tensor
         layer.bias.sub_(shift)
 
 
+class _LayerReached(Exception):
+    """Raised by a forward hook once the only layer asked for has its output: the layers above it
+    need not run."""
+
+
 def _output_means(model: nn.Module, x: torch.Tensor, only: str | None = None) -> dict[str, torch.Tensor]:
     """Per conv/linear layer (or only ``only``), its output's mean per channel on ``x``."""
     means: dict[str, torch.Tensor] = {}
@@ -188,6 +258,8 @@ def _output_means(model: nn.Module, x: torch.Tensor, only: str | None = None) ->
         def store(_module, _args, out):
             dims = [d for d in range(out.dim()) if d != 1]
             means[name] = out.double().mean(dim=dims).to(out.dtype)
+            if name == only:
+                raise _LayerReached
 
         return store
 
@@ -195,6 +267,8 @@ def _output_means(model: nn.Module, x: torch.Tensor, only: str | None = None) ->
     handles = [m.register_forward_hook(hook(n)) for n, m in layers]
     try:
         model.eval()(x)
+    except _LayerReached:
+        pass
     finally:
         for handle in handles:
             handle.remove()

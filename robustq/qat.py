@@ -13,6 +13,10 @@ The latent full-precision weight stays the trainable parameter
 rounding, and ``describe_quantizers`` keeps what ``requantize`` needs to quantize it again exactly
 as trained (LSQ's learned step), or at another bit-width with the same quantizer family (cross-bit
 evaluation, book/methods.md §7).
+
+``prepare_qat(..., stack_on_satnl=True)`` puts an ``"ste"`` or ``"lsq"`` quantizer on top of a
+SatNL weight (``robustq.satnl``): the layer's weight is ``q(f(theta))``, ``theta`` the trained
+parameter; ``remove_qat`` then drops the quantizer and leaves ``f(theta)`` to ``remove_satnl``.
 """
 
 from __future__ import annotations
@@ -27,8 +31,12 @@ from torch.nn.utils import parametrize
 from robustq.models import stem_and_classifier
 from robustq.quant import QuantSpec, quantize, round_ste, validate_bit_width
 from robustq.reparam import register_weight_parametrizations
+from robustq.satnl import SaturatingWeight
 
 QUANTIZERS = ("ste", "lsq", "dorefa", "wrpn")
+# Quantizers that round their input as it comes (``pre_rounding`` is the identity), so they can sit
+# on top of SatNL: DoReFa's tanh and WRPN's clamp would replace SatNL's bound with their own.
+STACKABLE_QUANTIZERS = ("ste", "lsq")
 QAT_LAYER_TYPES = (nn.Conv2d, nn.Linear)
 
 
@@ -184,6 +192,7 @@ def prepare_qat(
     per_channel: bool = False,
     exclude: Iterable[str] = (),
     edge_bit_width: int | None = None,
+    stack_on_satnl: bool = False,
 ) -> nn.Module:
     """Register a weight fake-quantizer (see ``make_weight_quantizer``; book/methods.md §6) on every
     ``nn.Conv2d`` and ``nn.Linear`` of ``model`` whose qualified name is not in ``exclude``.
@@ -192,14 +201,24 @@ def prepare_qat(
     instead of ``bit_width``, as LSQ and SinReQ train (book/methods.md §7, the book's QAT setting);
     ``None`` uses ``bit_width`` everywhere.
 
+    ``stack_on_satnl=True`` accepts layers that already carry SatNL (``robustq.satnl``) and
+    chains the quantizer after it, so the layer's weight is ``q(f(theta))`` (only for
+    ``STACKABLE_QUANTIZERS``; the stack of the ``symreg_satnl_lsq`` method). Any other
+    parametrization is still refused.
+
     Modifies ``model`` in place and returns it. Raises ``ValueError`` if QAT is already prepared,
     or if a target weight already has another parametrization: SatNL must be folded first
-    (``remove_satnl``), or its layers excluded.
+    (``remove_satnl``), or its layers excluded, or stacked on with ``stack_on_satnl=True``.
     """
     validate_bit_width(bit_width)
     edges = set(stem_and_classifier(model)) if edge_bit_width is not None else set()
     edge_bits = validate_bit_width(edge_bit_width) if edges else bit_width
     _check_quantizer_args(quantizer, per_channel)
+    if stack_on_satnl and quantizer not in STACKABLE_QUANTIZERS:
+        raise ValueError(
+            f"stack_on_satnl=True needs a quantizer that rounds SatNL's output as it is, one of "
+            f"{STACKABLE_QUANTIZERS}; got {quantizer!r} (fold SatNL first with remove_satnl instead)"
+        )
     if has_qat(model):
         raise ValueError("QAT is already prepared on this model; call remove_qat first")
     register_weight_parametrizations(
@@ -208,6 +227,7 @@ def prepare_qat(
             quantizer, edge_bits if name in edges else bit_width, layer.weight, per_channel
         ),
         fix="e.g. SatNL: fold it first (remove_satnl) or put the layer in exclude",
+        stack_on=(SaturatingWeight,) if stack_on_satnl else (),
     )
     return model
 
@@ -219,6 +239,9 @@ def remove_qat(model: nn.Module) -> nn.Module:
     what re-quantizing needs (LSQ's learned step): :func:`requantize` then reproduces the trained
     weights exactly, or re-quantizes them at another bit-width (cross-bit, book/methods.md §7).
 
+    A quantizer stacked on SatNL (``prepare_qat(..., stack_on_satnl=True)``) is dropped from the
+    chain alone: the weight stays ``f(theta)``, parametrized by SatNL, for ``remove_satnl``.
+
     The weight ``Parameter`` objects are kept. Modifies ``model`` in place and returns it; raises
     ``ValueError`` if the model has no QAT quantizer.
     """
@@ -226,6 +249,9 @@ def remove_qat(model: nn.Module) -> nn.Module:
     if not layers:
         raise ValueError("the model has no QAT quantizer to remove")
     for layer in layers:
+        if len(layer.parametrizations["weight"]) > 1:
+            _drop_stacked_quantizer(layer)
+            continue
         with torch.no_grad():
             latent = _qat_quantizer(layer).pre_rounding(layer.parametrizations["weight"].original).clone()
         parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
@@ -272,6 +298,37 @@ def requantize(model: nn.Module, descriptions: dict[str, dict], bit_width_of=Non
         quantizer = quantizer_from_description(description, layer.weight, bits)
         layer.weight.copy_(quantizer.quantize_pre_rounded(layer.weight))
     return model
+
+
+def _drop_stacked_quantizer(layer: nn.Module) -> None:
+    chain = layer.parametrizations["weight"]
+    quantizer = _qat_quantizer(layer)
+    if quantizer is not chain[len(chain) - 1] or quantizer.name not in STACKABLE_QUANTIZERS:
+        raise ValueError(
+            f"cannot remove a {quantizer.name!r} quantizer that is not last in its weight's chain of "
+            f"parametrizations ({[type(p).__name__ for p in chain]}); only {STACKABLE_QUANTIZERS} "
+            "stacked last (prepare_qat(..., stack_on_satnl=True)) can be removed alone"
+        )
+    del chain[len(chain) - 1]
+
+
+def float_weight(layer: nn.Module, original: torch.Tensor | None = None) -> torch.Tensor:
+    """The float weight that ``layer``'s QAT quantizer receives: the output of the
+    parametrizations registered before the quantizer (SatNL's ``f(theta)`` when QAT is stacked on
+    SatNL, the latent weight for plain QAT), or ``layer.weight`` when it has no quantizer. With
+    ``original``, the same map evaluated at that tensor in place of the trained parameter (to
+    carry a perturbation of ``theta`` into weight space)."""
+    if not parametrize.is_parametrized(layer, "weight"):
+        return layer.weight if original is None else original
+    if original is None and _qat_quantizer(layer) is None:
+        return layer.weight
+    chain = layer.parametrizations["weight"]
+    value = chain.original if original is None else original
+    for parametrization in chain:
+        if isinstance(parametrization, WeightQuantizer):
+            break
+        value = parametrization(value)
+    return value
 
 
 def has_qat(model: nn.Module) -> bool:

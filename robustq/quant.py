@@ -3,7 +3,9 @@
 ``fake_quant`` is dequantize(quantize(x)) and runs on PyTorch's own fake-quant kernels
 (``torch.fake_quantize_per_tensor_affine`` / ``torch.fake_quantize_per_channel_affine``), so it is
 bit-identical to them. ``choose_qparams`` picks the scale and zero point from a tensor under a
-``QuantSpec``; ``quantize`` does both steps.
+``QuantSpec`` in two steps: the range policy chooses a range, and ``qparams_from_range`` (the only
+place the grid arithmetic below is written) turns it into a scale and zero point. ``quantize``
+does both and fake-quantizes.
 
 Grids (book/methods.md §0):
 
@@ -13,9 +15,10 @@ Grids (book/methods.md §0):
 * asymmetric: ``s = (hi - lo) / (2^b - 1)``, ``z = round(-lo / s)``, codes in ``[0, 2^b - 1]``.
   The range always contains 0, so zero is exactly representable.
 
-Range policies choose the clipping threshold ``t`` (or ``lo, hi``): ``minmax`` (the observed range),
-``mse`` (the clip ratio with least squared error, searched on a grid), ``percentile``, and ``aciq``
-(the analytic clip of Banner et al., arXiv 1810.05723, for a Laplace or Gaussian prior).
+Range policies choose the range ``(lo, hi)`` (``(-t, t)`` on a symmetric grid): ``minmax`` (the
+observed range), ``mse`` (the clip ratio with least squared error, searched on a grid),
+``percentile``, and ``aciq`` (the analytic clip of Banner et al., arXiv 1810.05723, for a Laplace or
+Gaussian prior).
 """
 
 from __future__ import annotations
@@ -169,15 +172,15 @@ class QuantSpec:
 def choose_qparams(
     x: torch.Tensor, spec: QuantSpec, axis: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    """Scale, zero point and code range for ``x`` under ``spec``.
+    """Scale, zero point and code range for ``x`` under ``spec``: the policy's range, turned into
+    qparams by :func:`qparams_from_range`.
 
     Per-channel qparams have the shape of ``x`` reduced to size 1 on every axis but ``axis``.
     Raises ``ValueError`` if ``x`` holds NaN or infinity.
     """
     x = x.detach()
     groups = _as_groups(x, spec.per_channel, axis)
-    lo, hi = (None, _symmetric_bound(groups, spec)) if spec.symmetric else _asymmetric_bounds(groups, spec)
-    scale, zero_point = _grid_qparams(lo, hi, spec, x.dtype)
+    scale, zero_point = qparams_from_range(*_policy_range(groups, spec), spec, x.dtype)
     shape = _qparam_shape(x, spec.per_channel, axis)
     return scale.reshape(shape), zero_point.reshape(shape), *spec.qrange
 
@@ -189,6 +192,50 @@ def quantize(x: torch.Tensor, spec: QuantSpec, axis: int = 0) -> torch.Tensor:
     tensor([-1.0000,  0.3333,  0.6667])
     """
     return fake_quant(x, *choose_qparams(x, spec, axis))
+
+
+def qparams_from_range(
+    lo: torch.Tensor | float,
+    hi: torch.Tensor | float,
+    spec: QuantSpec,
+    dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and int32 zero point of ``spec``'s grid over the range ``[lo, hi]``, elementwise.
+
+    The range is first widened to contain 0, so that zero is exactly representable (Jacob et al.
+    2018, arXiv 1712.05877, §2.1). With ``(qmin, qmax) = spec.qrange`` (Krishnamoorthi 2018,
+    arXiv 1806.08342, §2.1 and §2.2; book/methods.md §0):
+
+    * symmetric: ``s = max(-lo, hi) / qmax``, ``z = 0`` (``narrow_range`` changes only ``qmin``);
+    * asymmetric: ``s = (hi - lo) / (qmax - qmin)``, ``z = clamp(qmin - round(lo / s), qmin, qmax)``.
+
+    ``s`` is at least the smallest normal number of ``dtype`` (default: that of ``lo`` and ``hi``,
+    or torch's default float dtype for integer bounds), so a zero range gives a finite grid that
+    maps 0 to 0. Every range policy ends here, as does the ``mse`` search for each clip ratio.
+
+    >>> qparams_from_range(torch.tensor(-1.0), torch.tensor(3.0), QuantSpec(4, symmetric=False))
+    (tensor(0.2667), tensor(4, dtype=torch.int32))
+    """
+    lo, hi = torch.as_tensor(lo), torch.as_tensor(hi)
+    dtype = dtype or torch.result_type(lo, hi)
+    if not dtype.is_floating_point:  # integer bounds: a scale needs a float dtype
+        dtype = torch.get_default_dtype()
+    lo, hi = _with_zero(lo.to(dtype), hi.to(dtype))
+    qmin, qmax = spec.qrange
+    if spec.symmetric:
+        scale = _safe_scale(torch.maximum(-lo, hi) / qmax, dtype)
+        return scale, torch.zeros_like(scale, dtype=torch.int32)
+    scale = _safe_scale((hi - lo) / (qmax - qmin), dtype)
+    return scale, torch.clamp(qmin - torch.round(lo / scale), qmin, qmax).to(torch.int32)
+
+
+def _with_zero(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return lo.clamp(max=0), hi.clamp(min=0)
+
+
+def _safe_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # An all-zero group has range 0; a tiny positive scale maps it to 0 instead of NaN.
+    return torch.clamp(scale, min=torch.finfo(dtype).tiny)
 
 
 # --- range policies ------------------------------------------------------------------------------
@@ -216,23 +263,6 @@ def _qparam_shape(x: torch.Tensor, per_channel: bool, axis: int) -> tuple[int, .
     return tuple(shape)
 
 
-def _safe_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    # An all-zero group has range 0; a tiny positive scale maps it to 0 instead of NaN.
-    return torch.clamp(scale, min=torch.finfo(dtype).tiny)
-
-
-def _grid_qparams(lo, hi, spec: QuantSpec, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point of the grid over ``[lo, hi]`` (book/methods.md §0); a symmetric grid spans
-    ``[-hi, hi]`` and ignores ``lo``. Shared by ``choose_qparams`` and the ``mse`` search, so the
-    grid searched is the grid used."""
-    qmin, qmax = spec.qrange
-    if spec.symmetric:
-        scale = _safe_scale(hi / qmax, dtype)
-        return scale, torch.zeros_like(scale, dtype=torch.int32)
-    scale = _safe_scale((hi - lo) / (qmax - qmin), dtype)
-    return scale, torch.clamp(qmin - torch.round(lo / scale), qmin, qmax).to(torch.int32)
-
-
 def _check_finite(value: torch.Tensor) -> None:
     # NaN and inf propagate through max/min, so checking the reduced range is enough.
     if not torch.isfinite(value).all():
@@ -242,47 +272,65 @@ def _check_finite(value: torch.Tensor) -> None:
         )
 
 
-def _symmetric_bound(groups: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    absmax = groups.abs().amax(dim=1)
-    _check_finite(absmax)
+def _policy_range(groups: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group, the range ``(lo, hi)`` that ``spec.policy`` chooses, containing 0; a symmetric
+    grid's range is ``(-t, t)`` for its clipping threshold ``t``."""
+    lo, hi = _minmax_range(groups, spec.symmetric)
     if spec.policy == "minmax":
-        return absmax
+        return lo, hi
     if spec.policy == "mse":
-        return absmax * _mse_clip_ratio(groups, spec, lambda r: (-r * absmax, r * absmax))
-    if spec.policy == "percentile":
-        bound = _quantile(groups.abs(), spec.percentile / 100.0)
+        ratio = _mse_clip_ratio(groups, spec, lambda r: (r * lo, r * hi))
+        clip_lo, clip_hi = ratio * lo, ratio * hi
+    elif spec.policy == "percentile":
+        clip_lo, clip_hi = _percentile_range(groups, spec)
     else:
-        spread = _aciq_spread(groups - groups.mean(dim=1, keepdim=True), spec.aciq_prior)
-        bound = torch.minimum(aciq_alpha(spec.bit_width, spec.aciq_prior) * spread, absmax)
+        clip_lo, clip_hi = _aciq_range(groups, spec, lo, hi)
+    clip_lo, clip_hi = _with_zero(clip_lo, clip_hi)
     # A zero clip for a group that is not all zero (percentile on a mostly-zero group, aciq on a
     # constant one) would send all of it to ~0; such a group keeps its min-max range.
-    return torch.where(bound > 0, bound, absmax)
+    kept = clip_hi - clip_lo > 0
+    return torch.where(kept, clip_lo, lo), torch.where(kept, clip_hi, hi)
 
 
-def _asymmetric_bounds(groups: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+def _minmax_range(groups: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The observed range widened to contain 0; symmetric, ``(-max|x|, max|x|)``."""
+    if symmetric:
+        absmax = groups.abs().amax(dim=1)
+        _check_finite(absmax)
+        return -absmax, absmax
     lo, hi = groups.amin(dim=1), groups.amax(dim=1)
     _check_finite(torch.stack([lo, hi]))
-    minmax_lo, minmax_hi = lo.clamp(max=0), hi.clamp(min=0)
-    if spec.policy == "percentile":
-        q = spec.percentile / 100.0
-        lo, hi = _quantile(groups, 1.0 - q), _quantile(groups, q)
-    elif spec.policy == "aciq":
-        mean = groups.mean(dim=1)
-        alpha = aciq_alpha(spec.bit_width, spec.aciq_prior) * _aciq_spread(groups - mean[:, None], spec.aciq_prior)
-        lo, hi = torch.maximum(mean - alpha, lo), torch.minimum(mean + alpha, hi)
-    elif spec.policy == "mse":
-        ratio = _mse_clip_ratio(groups, spec, lambda r: (r * lo.clamp(max=0), r * hi.clamp(min=0)))
-        lo, hi = ratio * lo, ratio * hi
-    lo, hi = lo.clamp(max=0), hi.clamp(min=0)
-    collapsed = lo == hi  # a zero range for a group that may not be all zero: keep its min-max range
-    return torch.where(collapsed, minmax_lo, lo), torch.where(collapsed, minmax_hi, hi)
+    return _with_zero(lo, hi)
+
+
+def _percentile_range(groups: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``p``-th percentile of ``|x|`` (symmetric), or the ``(100 - p)``-th and ``p``-th of ``x``."""
+    q = spec.percentile / 100.0
+    if spec.symmetric:
+        bound = _quantile(groups.abs(), q)
+        return -bound, bound
+    return _quantile(groups, 1.0 - q), _quantile(groups, q)
+
+
+def _aciq_range(groups, spec: QuantSpec, lo, hi) -> tuple[torch.Tensor, torch.Tensor]:
+    """ACIQ's clip (Banner et al., arXiv 1810.05723): ``alpha`` (:func:`aciq_alpha`) times the
+    spread about the mean, within the min-max range ``[lo, hi]``. Symmetric: ``+-alpha`` about 0;
+    asymmetric: ``mean +- alpha``."""
+    mean = groups.mean(dim=1)
+    spread = _aciq_spread(groups - mean[:, None], spec.aciq_prior)
+    alpha = aciq_alpha(spec.bit_width, spec.aciq_prior) * spread
+    if spec.symmetric:
+        bound = torch.minimum(alpha, hi)
+        return -bound, bound
+    return torch.maximum(mean - alpha, lo), torch.minimum(mean + alpha, hi)
 
 
 def _quantile(groups: torch.Tensor, q: float) -> torch.Tensor:
     # Sorting instead of torch.quantile, which refuses inputs above 16M elements.
     ordered = groups.sort(dim=1).values
     position = q * (groups.shape[1] - 1)
-    below, frac = int(math.floor(position)), position - math.floor(position)
+    below = math.floor(position)
+    frac = position - below
     above = min(below + 1, groups.shape[1] - 1)
     return ordered[:, below] * (1 - frac) + ordered[:, above] * frac
 
@@ -297,13 +345,13 @@ def _mse_clip_ratio(groups, spec, bounds_at) -> torch.Tensor:
     """Per group, the clip ratio on ``mse_grid()`` with least quantization MSE (first on ties).
 
     All (group, ratio) pairs are evaluated in batches; each pair's error is, bit for bit, the MSE
-    of ``fake_quant`` on that group alone with the qparams ``choose_qparams`` derives from the
-    ratio's bounds ``bounds_at(ratio)``."""
+    of ``fake_quant`` on that group alone with the qparams :func:`qparams_from_range` gives for the
+    ratio's range ``bounds_at(ratio)``, so the grid searched is the grid used."""
     ratios = mse_grid()
     # Ratios in the dtype torch computes ``python_float * tensor`` in (float32 for float16/bfloat16),
     # so that each bound is the one ``bounds_at(float(ratio))`` gives.
     lo, hi = bounds_at(ratios[:, None].to(groups.device, _opmath_dtype(groups.dtype)))
-    scale, zero_point = _grid_qparams(lo.to(groups.dtype), hi.to(groups.dtype), spec, groups.dtype)
+    scale, zero_point = qparams_from_range(lo, hi, spec, groups.dtype)
     errors = _pair_errors(groups, scale.T.contiguous(), zero_point.T.contiguous(), spec.qrange)
     return _first_least(errors, ratios.to(groups.device, groups.dtype))
 

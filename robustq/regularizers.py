@@ -14,10 +14,13 @@ records its source; paper equation numbers are cited only where we could check t
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+import statistics
+import time
+from collections.abc import Iterable, Sequence
 
 import torch
 
+from robustq.params import check_choice
 from robustq.quant import qrange, round_ste, validate_bit_width
 
 SYM_PAIRINGS = ("1:1", "2:2")
@@ -92,8 +95,8 @@ def sym_reg(
     >>> sym_reg(conv, scope="channel", normalize=False)  # ((-1 + 3)^2 + (0 + 2)^2 + (1 + 1)^2) / 6
     tensor(2.)
     """
-    _check_choice("pairing", pairing, SYM_PAIRINGS)
-    _check_choice("scope", scope, SYM_SCOPES)
+    check_choice("pairing", pairing, SYM_PAIRINGS)
+    check_choice("scope", scope, SYM_SCOPES)
     sets = _symmetry_sets(w, scope)
     ordered = torch.sort(sets, dim=1).values
     sums = _one_to_one_sums(ordered) if pairing == "1:1" else _two_to_two_sums(ordered)
@@ -174,7 +177,7 @@ def sinreq_grid(bit_width: int, grid: str = "wrpn") -> tuple[float, float]:
     as in the released code [code]: WRPN ``delta = 1/(2^(k-1) - 1)``, shift 0; DoReFa
     ``delta = 2/(2^k - 1)``, shift ``delta/2`` (zeros on DoReFa's levels ``2i/(2^k - 1) - 1``)."""
     bit_width = validate_bit_width(bit_width)
-    _check_choice("grid", grid, SINREQ_GRIDS)
+    check_choice("grid", grid, SINREQ_GRIDS)
     if grid == "wrpn":
         return 1.0 / (2 ** (bit_width - 1) - 1), 0.0
     step = 2.0 / (2**bit_width - 1)
@@ -277,6 +280,13 @@ def grad_l1(
     return total
 
 
-def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+def sym_reg_seconds(weights: list[torch.Tensor], pairing: str, scope: str, repeats: int = 20) -> float:
+    """Median wall time of one SymReg penalty over ``weights`` (mean of :func:`sym_reg` over the
+    layers) with its backward pass, in seconds: the cost the 2:2 pairing is said to cut [summary]."""
+    leaves = [w.detach().clone().requires_grad_(True) for w in weights]
+    times = []
+    for _ in range(repeats + 1):  # the first call warms up the allocator and is dropped
+        start = time.perf_counter()
+        torch.stack([sym_reg(w, pairing, scope) for w in leaves]).mean().backward()
+        times.append(time.perf_counter() - start)
+    return float(statistics.median(times[1:]))

@@ -78,12 +78,8 @@ class SAM:
         with_grad = [p for p in self.params if p.grad is not None]
         if not with_grad:
             return
-        preconditioners = [self._preconditioner(p) for p in with_grad]
-        norm = torch.linalg.vector_norm(
-            torch.stack([torch.linalg.vector_norm(t * p.grad) for t, p in zip(preconditioners, with_grad)])
-        )
-        for t, p in zip(preconditioners, with_grad):
-            eps = (self.rho / (norm + _NORM_EPS)) * (t * t * p.grad)
+        steps = perturbations(with_grad, [p.grad for p in with_grad], self.rho, self.adaptive, self.eta)
+        for p, eps in zip(with_grad, steps):
             self._originals[p] = p.detach().clone()
             self.perturbations[p] = eps
             p.add_(eps)
@@ -118,12 +114,24 @@ class SAM:
         """Delegates to the base optimizer."""
         self.base_optimizer.load_state_dict(state_dict)
 
-    def _preconditioner(self, p: torch.Tensor) -> torch.Tensor | float:
-        return p.abs() + self.eta if self.adaptive else 1.0
-
     def __repr__(self) -> str:
         kind = "ASAM" if self.adaptive else "SAM"
         return f"{kind}(rho={self.rho}, eta={self.eta}, base_optimizer={type(self.base_optimizer).__name__})"
+
+
+@torch.no_grad()
+def perturbations(
+    params: list[torch.Tensor], grads: list[torch.Tensor], rho: float, adaptive: bool, eta: float = DEFAULT_ETA
+) -> list[torch.Tensor]:
+    """The ascent step of SAM (Foret et al., arXiv 2010.01412, eq. 2), ``eps = rho g / ||g||``, or
+    of ASAM (Kwon et al., arXiv 2102.11600, eq. 9) with ``adaptive=True``,
+    ``eps = rho T^2 g / ||T g||`` with ``T = |w| + eta`` elementwise; one global norm over every
+    ``(param, grad)`` pair. :class:`SAM` steps with it; :mod:`robustq.analysis` measures it."""
+    preconditioners = [p.abs() + eta if adaptive else 1.0 for p in params]
+    norm = torch.linalg.vector_norm(
+        torch.stack([torch.linalg.vector_norm(t * g) for t, g in zip(preconditioners, grads)])
+    )
+    return [(rho / (norm + _NORM_EPS)) * (t * t * g) for t, g in zip(preconditioners, grads)]
 
 
 def make_sam(

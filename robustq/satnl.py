@@ -99,8 +99,9 @@ def apply_satnl(
     now, from the weights at apply time. The layer's current weights are kept (see
     ``SaturatingWeight.right_inverse``). Modifies ``model`` in place and returns it. Raises
     ``ValueError`` if SatNL is already applied or a target weight already has another
-    parametrization (e.g. a QAT quantizer): SatNL and QAT never share a weight. To combine them,
-    fold SatNL first (``remove_satnl``) or keep their layers disjoint (``include``/``exclude``).
+    parametrization (e.g. a QAT quantizer): SatNL never goes on top of a quantizer. To combine them,
+    fold SatNL first (``remove_satnl``), keep their layers disjoint (``include``/``exclude``), or
+    stack the quantizer on SatNL (``robustq.qat.prepare_qat(..., stack_on_satnl=True)``).
     """
     if form not in SATNL_FORMS:
         raise ValueError(f"form must be one of {SATNL_FORMS}, got {form!r}")

@@ -93,6 +93,19 @@ def test_shift_prediction_tracks_the_measured_shift_in_a_cnn(cnn, images):
     assert frame["measured"].corr(frame["predicted"]) > 0.8
 
 
+def test_clip_curve_splits_the_error_into_rounding_inside_and_clipping_beyond_the_clip():
+    w = torch.distributions.Laplace(0.0, 1.0).sample((3000,))
+    curve = analysis.clip_curve(w, bit_widths=(3,), ratios=[0.3, 0.6, 1.0])
+    power = w.double().pow(2).mean().item()
+    for row in curve.itertuples():
+        t = row.r * w.abs().max().item()
+        error = (quant.fake_quant(w, torch.tensor(row.step), torch.tensor(0), -3, 3) - w).double().pow(2)
+        assert row.clipping == pytest.approx(error[w.abs() > t].sum().item() / w.numel() / power, rel=1e-5)
+        assert row.rounding + row.clipping == pytest.approx(row.rel_mse, rel=1e-9)
+        assert row.step == pytest.approx(t / 3, rel=1e-6)
+    assert curve.loc[curve["r"] == 1.0, "clipping"].item() == 0.0
+
+
 def test_clip_curve_matches_a_direct_computation_on_a_gaussian_sample():
     w = torch.randn(4000, generator=torch.Generator().manual_seed(0))
     ratios = [0.1, 0.25, 0.5, 0.75, 1.0]
@@ -244,3 +257,185 @@ def test_layer_shifts_of_a_bias_corrected_model_are_small_on_the_calibration_bat
     )
     assert (corrected["signed_shift"].abs() < 1e-4).all()
     assert plain["mean_shift"].mean() > corrected["mean_shift"].mean()
+
+
+# --- insight 3: magnitude buckets, Hessian, noise, ASAM's perturbation ----------------------------
+
+import itertools
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from robustq import satnl
+
+
+def _partition_ok(weight, n_buckets):
+    masks = analysis.magnitude_quartile_masks(weight, n_buckets)
+    assert masks.shape == (n_buckets, *weight.shape) and masks.dtype == torch.bool
+    assert torch.equal(masks.sum(dim=0), torch.ones_like(weight, dtype=torch.long))  # disjoint, covering
+    magnitude = weight.abs()
+    for low, high in itertools.pairwise(masks):  # bucket 0 holds the smallest magnitudes
+        if low.any() and high.any():
+            assert magnitude[low].max() < magnitude[high].min()
+    return masks
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 200),
+    n_buckets=st.integers(1, 6),
+    levels=st.one_of(st.none(), st.integers(1, 4)),
+    seed=st.integers(0, 2**16),
+)
+def test_magnitude_masks_partition_random_and_tie_heavy_weights(n, n_buckets, levels, seed):
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(n, generator=generator)
+    if levels is not None:  # a few magnitudes, both signs: ties everywhere
+        weight = torch.randint(-levels, levels + 1, (n,), generator=generator).float() * 0.25
+    masks = _partition_ok(weight, n_buckets)
+    sizes = masks.sum(dim=tuple(range(1, masks.dim())))
+    largest_tie = int(weight.abs().unique(return_counts=True)[1].max())
+    assert int((sizes - n / n_buckets).abs().max()) <= largest_tie
+
+
+def test_magnitude_masks_are_equal_quartiles_without_ties():
+    weight = torch.randn(8, 3, 3, 3, generator=torch.Generator().manual_seed(0))
+    masks = _partition_ok(weight, 4)
+    assert masks.sum(dim=(1, 2, 3, 4)).tolist() == [54, 54, 54, 54]
+    with pytest.raises(ValueError, match="n_buckets must be an integer >= 1"):
+        analysis.magnitude_quartile_masks(weight, 0)
+
+
+def _labelled(model, images):
+    with torch.no_grad():
+        return ptq.materialize(model)(images).argmax(1)  # the float network is right on every image
+
+
+def test_magnitude_sensitivity_quantizes_one_bucket_of_one_layer(cnn, images):
+    labels = _labelled(cnn, images)
+    frame = analysis.magnitude_sensitivity(cnn, images, labels, bit_width=2)
+    layers = [name for name, _ in ptq.weighted_layers(cnn)]
+    assert len(frame) == 4 * len(layers) and list(frame["bucket"].unique()) == [0, 1, 2, 3]
+    assert {"depth", "layer", "bucket", "cost_points", "error_rms"} <= set(frame.columns)
+    # one row by hand: bucket 3 of the last layer
+    net = ptq.materialize(cnn)
+    layer = dict(ptq.weighted_layers(net))[layers[-1]]
+    w = layer.weight.detach().clone()
+    top = analysis.magnitude_quartile_masks(w)[3]
+    with torch.no_grad():
+        layer.weight.copy_(torch.where(top, quant.quantize(w, QuantSpec(2)), w))
+        acc = float((net(images).argmax(1) == labels).double().mean())
+    row = frame[(frame["layer"] == layers[-1]) & (frame["bucket"] == 3)].iloc[0]
+    assert row["cost_points"] == pytest.approx(100 * (1 - acc))
+    fine = analysis.magnitude_sensitivity(cnn, images, labels, bit_width=16)
+    assert fine["cost_points"].abs().max() == 0
+
+
+def test_normalized_sensitivity_gives_every_bucket_the_layer_rms_error(cnn, images):
+    labels = _labelled(cnn, images)
+    frame = analysis.magnitude_sensitivity(cnn, images, labels, bit_width=3, normalize=True)
+    for name, module in ptq.weighted_layers(ptq.materialize(cnn)):
+        w = module.weight.detach()
+        layer_rms = float((quant.quantize(w, QuantSpec(3)) - w).pow(2).mean().sqrt())
+        rms = frame.loc[frame["layer"] == name, "error_rms"]
+        assert rms.to_numpy() == pytest.approx([layer_rms] * 4, rel=1e-4)
+    assert frame["normalized"].all()
+
+
+def test_quartile_contrast_averages_smallest_minus_largest_bucket_over_layers():
+    frame = pd.DataFrame({
+        "model": ["a"] * 4 + ["b"] * 4, "depth": [1, 1, 2, 2] * 2, "layer": ["c1", "c1", "c2", "c2"] * 2,
+        "bucket": [1, 0, 0, 1] * 2, "cost_points": [1.0, 5.0, 3.0, 0.0, 0.0, 0.0, 2.0, 4.0],
+        "error_rms": 0.1, "n_weights": 4,
+    })
+    contrast = analysis.quartile_contrast(frame)
+    assert contrast.to_dict("records") == [
+        {"model": "a", "contrast_points": 3.5, "layers": 2}, {"model": "b", "contrast_points": -1.0, "layers": 2},
+    ]
+    assert analysis.quartile_contrast(frame[frame["model"] == "a"].drop(columns="model"))["contrast_points"].item() == 3.5
+
+
+def _quadratic_problem():
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 5, generator=generator) * torch.tensor([3.0, 1.0, 1.0, 0.5, 0.5])
+    y = torch.randn(64, 1, generator=generator)
+    torch.manual_seed(0)
+    return nn.Linear(5, 1), x, y
+
+
+@pytest.mark.parametrize("parameters", ["weights", "trainable"])
+def test_hessian_power_iteration_finds_the_top_eigenvalue_of_a_quadratic_loss(parameters):
+    model, x, y = _quadratic_problem()
+    design = x if parameters == "weights" else torch.cat([x, torch.ones(64, 1)], dim=1)  # bias: a column of ones
+    expected = float(torch.linalg.eigvalsh(2 * design.double().T @ design.double() / len(x)).max())
+    top = analysis.hessian_top_eigenvalue(model, x, y, iterations=20, parameters=parameters,
+                                          loss_fn=torch.nn.functional.mse_loss)
+    assert top == pytest.approx(expected, rel=1e-3)
+    trace = analysis.hessian_power_iteration(model, x, y, iterations=3, loss_fn=torch.nn.functional.mse_loss)
+    assert trace["iteration"].tolist() == [1, 2, 3]
+
+
+def test_hessian_of_a_satnl_model_is_taken_in_theta():
+    model, x, y = _quadratic_problem()
+    satnl.apply_satnl(model, form="tanh")
+    with torch.no_grad():  # optimal weights: dL/dW = 0, so the Hessian in theta is exactly J^T H_W J
+        solution = torch.linalg.lstsq(x.double(), (y - model.bias).double()).solution.float().T
+        assert solution.abs().max() < 0.99, "the least-squares weights must lie inside tanh's range"
+        model.parametrizations.weight.original.copy_(torch.atanh(solution))
+    slope = (1 - model.weight.detach().pow(2)).double().flatten()  # tanh' = 1 - tanh^2
+    h_w = 2 * x.double().T @ x.double() / len(x)
+    expected = float(torch.linalg.eigvalsh(slope[:, None] * h_w * slope[None, :]).max())
+    top = analysis.hessian_top_eigenvalue(model, x, y, iterations=40, parameters="weights",
+                                          loss_fn=torch.nn.functional.mse_loss)
+    assert top == pytest.approx(expected, rel=1e-3)
+
+
+def test_noise_robustness_is_seeded_and_vanishes_at_16_bits(cnn, images):
+    labels = _labelled(cnn, images)
+    first = analysis.noise_robustness(cnn, images, labels, bit_width=2, draws=3, seed=5)
+    again = analysis.noise_robustness(cnn, images, labels, bit_width=2, draws=3, seed=5)
+    pd.testing.assert_frame_equal(first, again)
+    assert first.columns.tolist() == ["bit_width", "draws", "fp_acc", "acc_mean", "acc_sd", "drop_points"]
+    assert first["fp_acc"].item() == 1.0 and 0 <= first["acc_mean"].item() <= 1
+    fine = analysis.noise_robustness(cnn, images, labels, bit_width=16, draws=2)
+    assert fine["acc_mean"].item() == 1.0 and fine["drop_points"].item() == 0
+
+
+def _hand_layer():
+    layer = nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[0.1, -0.4], [0.7, 0.2]]))
+    return layer, torch.tensor([[1.0, -2.0]]), torch.tensor([1])
+
+
+def _hand_eps(w, grad, rho, eta):
+    t = w.abs() + eta
+    return rho * t * t * grad / torch.linalg.vector_norm(t * grad)
+
+
+def test_asam_perturbation_by_magnitude_matches_a_hand_computation():
+    layer, x, y = _hand_layer()
+    w = layer.weight.detach()
+    probs = torch.softmax(x @ w.T, dim=1)
+    grad = (probs - torch.nn.functional.one_hot(y, 2)).T @ x  # dCE/dW of one sample
+    eps = _hand_eps(w, grad, rho=0.5, eta=0.01)
+    step = float(w.abs().max()) / 3  # W3, symmetric narrow range
+    frame = analysis.asam_perturbation_by_magnitude(layer, x, y, rho=0.5, eta=0.01, bit_width=3)
+    by_magnitude = eps.abs().flatten()[w.abs().flatten().argsort()]  # 4 weights, one per bucket
+    assert frame["n_weights"].tolist() == [1, 1, 1, 1]
+    assert frame["mean_abs_eps"].to_numpy() == pytest.approx(by_magnitude.numpy(), rel=1e-5)
+    assert frame["eps_over_step"].to_numpy() == pytest.approx((by_magnitude / step).numpy(), rel=1e-5)
+
+
+def test_asam_perturbation_of_satnl_lives_on_theta_and_is_carried_by_the_slope():
+    layer, x, y = _hand_layer()
+    satnl.apply_satnl(layer, form="tanh")
+    theta = layer.parametrizations.weight.original.detach()
+    w = torch.tanh(theta)
+    slope = 1 - w.pow(2)
+    probs = torch.softmax(x @ w.T, dim=1)
+    grad_theta = ((probs - torch.nn.functional.one_hot(y, 2)).T @ x) * slope  # chain rule through tanh
+    eps_w = slope * _hand_eps(theta, grad_theta, rho=0.5, eta=0.01)  # eps_w = f'(theta) eps_theta
+    frame = analysis.asam_perturbation_by_magnitude(layer, x, y, rho=0.5, eta=0.01, bit_width=3)
+    by_magnitude = eps_w.abs().flatten()[w.abs().flatten().argsort()]
+    assert frame["mean_abs_eps"].to_numpy() == pytest.approx(by_magnitude.numpy(), rel=1e-5)

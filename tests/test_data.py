@@ -1,19 +1,19 @@
-"""Tests of robustq.data: IDX and CIFAR-10 parsers, download, load_dataset and BatchLoader."""
+"""Tests of robustq.data: Fashion-MNIST and CIFAR-10 through torchvision, load_dataset, BatchLoader."""
 
 from __future__ import annotations
 
 import gzip
 import hashlib
-import io
+import pickle
+import runpy
 import struct
-import tarfile
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torchvision.datasets
+import torchvision.datasets.cifar
 
 from robustq import data
 
@@ -21,13 +21,15 @@ from robustq import data
 # Helpers writing small files in the official formats
 # ---------------------------------------------------------------------------------------------
 
+IMAGES_MAGIC, LABELS_MAGIC = 2051, 2049  # IDX: unsigned bytes in 3 and in 1 dimensions
 
-def idx_images_bytes(images: np.ndarray, magic: int = data.IDX_IMAGES_MAGIC) -> bytes:
+
+def idx_images_bytes(images: np.ndarray, magic: int = IMAGES_MAGIC) -> bytes:
     count, rows, cols = images.shape
     return struct.pack(">4i", magic, count, rows, cols) + images.astype(np.uint8).tobytes()
 
 
-def idx_labels_bytes(labels: np.ndarray, magic: int = data.IDX_LABELS_MAGIC) -> bytes:
+def idx_labels_bytes(labels: np.ndarray, magic: int = LABELS_MAGIC) -> bytes:
     return struct.pack(">2i", magic, len(labels)) + labels.astype(np.uint8).tobytes()
 
 
@@ -36,116 +38,88 @@ def write_gz(path: Path, payload: bytes) -> Path:
     return path
 
 
-def random_mnist(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def random_mnist(count: int, seed: int, size: int = 28) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return rng.integers(0, 256, (count, 28, 28), dtype=np.uint8), rng.integers(0, 10, count)
+    return rng.integers(0, 256, (count, size, size), dtype=np.uint8), rng.integers(0, 10, count)
 
 
 def write_fashion_mnist(folder: Path, train_count: int = 40, test_count: int = 12) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     arrays = {}
-    for split, count, seed in (("train", train_count, 1), ("test", test_count, 2)):
+    for split, prefix, count, seed in (("train", "train", train_count, 1), ("test", "t10k", test_count, 2)):
         images, labels = random_mnist(count, seed)
-        write_gz(folder / data.FASHION_MNIST_FILES[f"{split}_images"], idx_images_bytes(images))
-        write_gz(folder / data.FASHION_MNIST_FILES[f"{split}_labels"], idx_labels_bytes(labels))
+        write_gz(folder / f"{prefix}-images-idx3-ubyte.gz", idx_images_bytes(images))
+        write_gz(folder / f"{prefix}-labels-idx1-ubyte.gz", idx_labels_bytes(labels))
         arrays[split] = (images, labels)
     return arrays
 
 
-def cifar_records(count: int, seed: int) -> tuple[bytes, np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    images = rng.integers(0, 256, (count, 3, 32, 32), dtype=np.uint8)
-    labels = rng.integers(0, 10, count, dtype=np.uint8)
-    records = np.concatenate([labels[:, None], images.reshape(count, -1)], axis=1)
-    return records.tobytes(), images, labels
+def parse_idx_gz(path: Path, header_bytes: int) -> np.ndarray:
+    """An independent reading of an IDX .gz file (what robustq parsed itself before torchvision):
+    the bytes after the header, as uint8."""
+    return np.frombuffer(gzip.decompress(path.read_bytes()), dtype=np.uint8, offset=header_bytes)
 
 
-def cifar_batches(per_file: int = 3) -> dict[str, tuple[bytes, np.ndarray, np.ndarray]]:
-    names = data.CIFAR10_TRAIN_FILES + data.CIFAR10_TEST_FILES
-    return {name: cifar_records(per_file, seed) for seed, name in enumerate(names)}
+def raw_folder(cache: Path) -> Path:
+    """The FashionMNIST/raw folder of the one torchvision root under ``cache``."""
+    (raw,) = (cache / "data" / "fashion-mnist").glob("*/FashionMNIST/raw")
+    return raw
 
 
-def write_cifar_archive(path: Path, batches: dict) -> Path:
-    with tarfile.open(path, "w:gz") as tar:
-        for name, (blob, _, _) in batches.items():
-            info = tarfile.TarInfo(f"{data.CIFAR10_ARCHIVE_FOLDER}/{name}")
-            info.size = len(blob)
-            tar.addfile(info, io.BytesIO(blob))
-    return path
+CIFAR_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch",)
 
 
-def expected_cifar(batches: dict, files: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
-    return (
-        np.concatenate([batches[f][1] for f in files]),
-        np.concatenate([batches[f][2] for f in files]),
-    )
+@pytest.fixture
+def cifar_folder(tmp_path: Path, monkeypatch) -> tuple[Path, dict]:
+    """A small CIFAR-10, Python version, in ``tmp_path/cifar-10-batches-py`` (3 images a batch),
+    with torchvision's MD5 lists pointed at its files; returns (root, {file: (images, labels)})."""
+    base = tmp_path / "cifar-10-batches-py"
+    base.mkdir()
+    rng = np.random.default_rng(0)
+    batches, md5 = {}, {}
+    for name in CIFAR_FILES:
+        images = rng.integers(0, 256, (3, 3, 32, 32), dtype=np.uint8)
+        labels = rng.integers(0, 10, 3).tolist()
+        entry = {"batch_label": name, "data": images.reshape(3, 3072), "labels": labels}
+        (base / name).write_bytes(pickle.dumps(entry))
+        batches[name] = (images, np.array(labels))
+    (base / "batches.meta").write_bytes(pickle.dumps({"label_names": list(data.CIFAR10_CLASSES)}))
+    for name in (*CIFAR_FILES, "batches.meta"):
+        md5[name] = hashlib.md5((base / name).read_bytes()).hexdigest()
+    cifar = torchvision.datasets.CIFAR10
+    monkeypatch.setattr(cifar, "train_list", [[name, md5[name]] for name in CIFAR_FILES[:5]])
+    monkeypatch.setattr(cifar, "test_list", [["test_batch", md5["test_batch"]]])
+    monkeypatch.setattr(cifar, "meta", {**cifar.meta, "md5": md5["batches.meta"]})
+    return tmp_path, batches
 
 
 # ---------------------------------------------------------------------------------------------
-# IDX / Fashion-MNIST
+# Fashion-MNIST: .gz files gunzipped for torchvision.datasets.FashionMNIST
 # ---------------------------------------------------------------------------------------------
 
 
-def test_idx_round_trip(tmp_path: Path) -> None:
-    images, labels = random_mnist(7, seed=0)
-    image_path = write_gz(tmp_path / "img.gz", idx_images_bytes(images))
-    label_path = write_gz(tmp_path / "lab.gz", idx_labels_bytes(labels))
-    np.testing.assert_array_equal(data.read_idx_images(image_path), images)
-    np.testing.assert_array_equal(data.read_idx_labels(label_path), labels)
+def test_fashion_mnist_round_trip(tmp_path: Path, isolated_cache: Path) -> None:
+    arrays = write_fashion_mnist(tmp_path / "gz")
+    dataset = data.load_dataset("fashion-mnist", root=tmp_path / "gz")
+    assert dataset.train.images.shape == (40, 1, 28, 28) and dataset.test.images.shape == (12, 1, 28, 28)
+    assert dataset.train.images.dtype == torch.uint8 and dataset.train.labels.dtype == torch.int64
+    np.testing.assert_array_equal(dataset.train.images[:, 0].numpy(), arrays["train"][0])
+    np.testing.assert_array_equal(dataset.test.labels.numpy(), arrays["test"][1])
+    raw = raw_folder(isolated_cache)  # the decompressed copy torchvision read
+    for source in sorted((tmp_path / "gz").iterdir()):
+        assert (raw / source.stem).read_bytes() == gzip.decompress(source.read_bytes())
+    assert not list(raw.glob(".*"))  # no temporary files left behind
 
 
-def test_idx_wrong_magic_names_file_and_expected(tmp_path: Path) -> None:
-    images, labels = random_mnist(3, seed=0)
-    path = write_gz(tmp_path / "img.gz", idx_images_bytes(images, magic=data.IDX_LABELS_MAGIC))
-    with pytest.raises(ValueError, match=r"img\.gz has IDX magic number 2049, expected 2051"):
-        data.read_idx_images(path)
-    path = write_gz(tmp_path / "lab.gz", idx_labels_bytes(labels, magic=1234))
-    with pytest.raises(ValueError, match=r"lab\.gz has IDX magic number 1234, expected 2049"):
-        data.read_idx_labels(path)
-
-
-def test_idx_truncated_payload(tmp_path: Path) -> None:
-    images, _ = random_mnist(3, seed=0)
-    path = write_gz(tmp_path / "img.gz", idx_images_bytes(images)[:-100])
-    with pytest.raises(ValueError, match=r"img\.gz is truncated: .* needs 2368 bytes, file has 2268"):
-        data.read_idx_images(path)
-
-
-def test_idx_truncated_gzip_stream(tmp_path: Path) -> None:
-    images, _ = random_mnist(3, seed=0)
-    path = tmp_path / "img.gz"
-    path.write_bytes(gzip.compress(idx_images_bytes(images))[:-30])
-    with pytest.raises(ValueError, match=r"img\.gz is truncated .*complete copy"):
-        data.read_idx_images(path)
-
-
-def test_idx_not_gzip(tmp_path: Path) -> None:
-    path = tmp_path / "img.gz"
-    path.write_bytes(b"not gzip at all")
-    with pytest.raises(ValueError, match="not a valid gzip file"):
-        data.read_idx_images(path)
-
-
-def test_idx_wrong_image_size(tmp_path: Path) -> None:
-    small = np.zeros((2, 16, 16), dtype=np.uint8)
-    path = write_gz(tmp_path / "img.gz", idx_images_bytes(small))
-    with pytest.raises(ValueError, match="16x16 images, expected 28x28"):
-        data.read_idx_images(path)
-
-
-def test_idx_label_out_of_range(tmp_path: Path) -> None:
-    path = write_gz(tmp_path / "lab.gz", idx_labels_bytes(np.array([1, 10])))
-    with pytest.raises(ValueError, match=r"label 10, expected labels in 0\.\.9"):
-        data.read_idx_labels(path)
-
-
-def test_fashion_mnist_folder_round_trip(tmp_path: Path) -> None:
-    arrays = write_fashion_mnist(tmp_path)
-    train, test = data.load_fashion_mnist(tmp_path)
-    assert train.images.shape == (40, 1, 28, 28) and test.images.shape == (12, 1, 28, 28)
-    assert train.images.dtype == torch.uint8 and train.labels.dtype == torch.int64
-    np.testing.assert_array_equal(train.images[:, 0].numpy(), arrays["train"][0])
-    np.testing.assert_array_equal(test.labels.numpy(), arrays["test"][1])
+def test_prepare_is_idempotent_and_follows_a_replaced_file(tmp_path: Path, isolated_cache: Path) -> None:
+    write_fashion_mnist(tmp_path, train_count=40)
+    root = data.prepare_fashion_mnist(tmp_path)
+    images = root / "FashionMNIST" / "raw" / "train-images-idx3-ubyte"
+    written = images.stat().st_mtime_ns
+    assert data.prepare_fashion_mnist(tmp_path) == root and images.stat().st_mtime_ns == written
+    assert len(data.load_dataset("fashion-mnist", root=tmp_path).train) == 40
+    write_fashion_mnist(tmp_path, train_count=41)
+    assert len(data.load_dataset("fashion-mnist", root=tmp_path).train) == 41  # gunzipped and read again
 
 
 def test_fashion_mnist_env_var_and_subfolder(tmp_path: Path, monkeypatch) -> None:
@@ -155,164 +129,147 @@ def test_fashion_mnist_env_var_and_subfolder(tmp_path: Path, monkeypatch) -> Non
     assert len(data.load_dataset("fashion-mnist").train) == 40
 
 
-def test_fashion_mnist_count_mismatch(tmp_path: Path) -> None:
-    write_fashion_mnist(tmp_path)
-    _, labels = random_mnist(39, seed=5)
-    write_gz(tmp_path / data.FASHION_MNIST_FILES["train_labels"], idx_labels_bytes(labels))
-    with pytest.raises(ValueError, match="has 40 images but .*train-labels.* has 39 labels"):
-        data.load_fashion_mnist(tmp_path)
-
-
 def test_fashion_mnist_missing_file(tmp_path: Path) -> None:
     write_fashion_mnist(tmp_path)
-    (tmp_path / data.FASHION_MNIST_FILES["test_labels"]).unlink()
-    with pytest.raises(FileNotFoundError, match="t10k-labels.*apt-get install dataset-fashion-mnist"):
-        data.load_fashion_mnist(tmp_path)
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(FileNotFoundError, match="lacks t10k-labels.*apt-get install dataset-fashion-mnist.*ROBUSTQ_DATA"):
+        data.load_dataset("fashion-mnist", root=tmp_path)
 
 
 def test_fashion_mnist_missing_folder(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"does not exist.*apt-get install.*ROBUSTQ_DATA"):
-        data.load_fashion_mnist(tmp_path / "nowhere")
+        data.load_dataset("fashion-mnist", root=tmp_path / "nowhere")
 
 
-def test_replaced_file_is_parsed_again(tmp_path: Path) -> None:
-    write_fashion_mnist(tmp_path, train_count=40)
-    assert len(data.load_fashion_mnist(tmp_path)[0]) == 40
-    write_fashion_mnist(tmp_path, train_count=41)
-    assert len(data.load_fashion_mnist(tmp_path)[0]) == 41
+@pytest.mark.parametrize("damage", ["truncated", "not gzip"])
+def test_a_damaged_gz_names_the_file_and_leaves_no_half_file(tmp_path: Path, isolated_cache: Path,
+                                                             damage: str) -> None:
+    write_fashion_mnist(tmp_path)
+    source = tmp_path / "train-images-idx3-ubyte.gz"
+    source.write_bytes(source.read_bytes()[:-30] if damage == "truncated" else b"not gzip at all")
+    with pytest.raises(ValueError, match=r"train-images-idx3-ubyte\.gz is damaged: .*apt-get install"):
+        data.load_dataset("fashion-mnist", root=tmp_path)
+    raw = raw_folder(isolated_cache)
+    assert not (raw / "train-images-idx3-ubyte").exists() and not list(raw.glob(".*"))
+
+
+def test_a_bad_idx_header_is_reported(tmp_path: Path) -> None:
+    write_fashion_mnist(tmp_path)
+    images, _ = random_mnist(40, seed=1)
+    write_gz(tmp_path / "train-images-idx3-ubyte.gz", idx_images_bytes(images, magic=1234))
+    with pytest.raises(ValueError, match=r"cannot read the IDX files train-\* gunzipped from .*not Fashion-MNIST"):
+        data.load_dataset("fashion-mnist", root=tmp_path)
+
+
+def test_a_truncated_idx_payload_is_reported(tmp_path: Path) -> None:
+    write_fashion_mnist(tmp_path)
+    images, _ = random_mnist(40, seed=1)
+    write_gz(tmp_path / "train-images-idx3-ubyte.gz", idx_images_bytes(images)[:-100])
+    with pytest.raises(ValueError, match="torchvision cannot read"):
+        data.load_dataset("fashion-mnist", root=tmp_path)
+
+
+def test_fashion_mnist_wrong_image_size_or_count(tmp_path: Path) -> None:
+    write_fashion_mnist(tmp_path)
+    write_gz(tmp_path / "t10k-images-idx3-ubyte.gz", idx_images_bytes(random_mnist(12, seed=3, size=16)[0]))
+    with pytest.raises(ValueError, match=r"t10k-\*\.gz hold 12 images of \(16, 16\) pixels.*expected 28x28"):
+        data.load_dataset("fashion-mnist", root=tmp_path)
+    write_fashion_mnist(tmp_path)
+    write_gz(tmp_path / "train-labels-idx1-ubyte.gz", idx_labels_bytes(random_mnist(39, seed=5)[1]))
+    with pytest.raises(ValueError, match="hold 40 images .* and 39 labels"):
+        data.load_dataset("fashion-mnist", root=tmp_path)
+
+
+@pytest.mark.filterwarnings("ignore:'robustq.data' found in sys.modules")
+def test_make_data_entry_point(tmp_path: Path, monkeypatch, capsys) -> None:
+    """``python -m robustq.data`` (``make data``): the torchvision root, or one line with the fix."""
+    write_fashion_mnist(tmp_path)
+    monkeypatch.setenv(data.DATA_ENV_VAR, str(tmp_path))
+    runpy.run_module("robustq.data", run_name="__main__")
+    assert "Fashion-MNIST ready for torchvision in" in capsys.readouterr().out
+    monkeypatch.setenv(data.DATA_ENV_VAR, str(tmp_path / "nowhere"))
+    with pytest.raises(SystemExit, match=r"^robustq: error: .*does not exist.*dataset-fashion-mnist"):
+        runpy.run_module("robustq.data", run_name="__main__")
 
 
 @pytest.mark.skipif(
-    not (data.DEFAULT_FASHION_MNIST_DIR / data.FASHION_MNIST_FILES["train_images"]).is_file(),
+    not (data.DEFAULT_FASHION_MNIST_DIR / data.FASHION_MNIST_FILES[0]).is_file(),
     reason="Debian package dataset-fashion-mnist is not installed",
 )
-def test_debian_fashion_mnist() -> None:
-    train, test = data.load_fashion_mnist(data.DEFAULT_FASHION_MNIST_DIR)
-    assert train.images.shape == (60_000, 1, 28, 28) and len(train.labels) == 60_000
-    assert test.images.shape == (10_000, 1, 28, 28) and len(test.labels) == 10_000
-    assert set(train.labels.unique().tolist()) == set(range(10))
-    dataset = data.load_dataset("fashion-mnist", root=data.DEFAULT_FASHION_MNIST_DIR)
+def test_debian_fashion_mnist_through_torchvision_is_bit_identical() -> None:
+    folder = data.DEFAULT_FASHION_MNIST_DIR
+    dataset = data.load_dataset("fashion-mnist", root=folder)
+    for split, prefix, count in ((dataset.train, "train", 60_000), (dataset.test, "t10k", 10_000)):
+        images = parse_idx_gz(folder / f"{prefix}-images-idx3-ubyte.gz", 16).reshape(count, 1, 28, 28)
+        labels = parse_idx_gz(folder / f"{prefix}-labels-idx1-ubyte.gz", 8)
+        assert torch.equal(split.images, torch.from_numpy(images.copy()))
+        assert torch.equal(split.labels, torch.from_numpy(labels.astype(np.int64)))
+    assert set(dataset.train.labels.unique().tolist()) == set(range(10))
     assert dataset.mean[0] == pytest.approx(0.2860, abs=1e-4)
     assert dataset.std[0] == pytest.approx(0.3530, abs=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------
-# CIFAR-10 binary format
+# CIFAR-10: the Python version through torchvision.datasets.CIFAR10 (MD5 sums patched)
 # ---------------------------------------------------------------------------------------------
 
 
-def test_cifar_from_archive(tmp_path: Path) -> None:
-    batches = cifar_batches()
-    write_cifar_archive(tmp_path / data.CIFAR10_ARCHIVE, batches)
-    train, test = data.load_cifar10(tmp_path)
-    train_images, train_labels = expected_cifar(batches, data.CIFAR10_TRAIN_FILES)
-    assert train.images.shape == (15, 3, 32, 32) and test.images.shape == (3, 3, 32, 32)
-    np.testing.assert_array_equal(train.images.numpy(), train_images)
-    np.testing.assert_array_equal(train.labels.numpy(), train_labels)
-    assert not (tmp_path / data.CIFAR10_ARCHIVE_FOLDER).exists()  # nothing extracted to disk
-
-
-def test_cifar_record_layout_is_label_then_rgb_planes() -> None:
-    record = bytes([7]) + bytes([1]) * 1024 + bytes([2]) * 1024 + bytes([3]) * 1024
-    images, labels = data.parse_cifar10_records(record, "one record")
-    assert labels.tolist() == [7]
-    assert [int(images[0, c, 5, 9]) for c in range(3)] == [1, 2, 3]
-
-
-@pytest.mark.parametrize("subfolder", ["", data.CIFAR10_ARCHIVE_FOLDER])
-def test_cifar_from_extracted_bins(tmp_path: Path, subfolder: str) -> None:
-    batches = cifar_batches()
-    (tmp_path / subfolder).mkdir(exist_ok=True)
-    for name, (blob, _, _) in batches.items():
-        (tmp_path / subfolder / name).write_bytes(blob)
-    train, test = data.load_cifar10(tmp_path)
-    test_images, test_labels = expected_cifar(batches, data.CIFAR10_TEST_FILES)
-    np.testing.assert_array_equal(test.images.numpy(), test_images)
-    np.testing.assert_array_equal(test.labels.numpy(), test_labels)
-    dataset = data.load_dataset("cifar10", root=tmp_path)
+def test_cifar_round_trip(cifar_folder) -> None:
+    root, batches = cifar_folder
+    dataset = data.load_dataset("cifar10", root=root)
+    assert dataset.train.images.shape == (15, 3, 32, 32) and dataset.test.images.shape == (3, 3, 32, 32)
+    train_images = np.concatenate([batches[name][0] for name in CIFAR_FILES[:5]])
+    train_labels = np.concatenate([batches[name][1] for name in CIFAR_FILES[:5]])
+    np.testing.assert_array_equal(dataset.train.images.numpy(), train_images)  # planes R, G, B
+    np.testing.assert_array_equal(dataset.train.labels.numpy(), train_labels)
+    np.testing.assert_array_equal(dataset.test.images.numpy(), batches["test_batch"][0])
     assert (dataset.in_channels, dataset.image_size, dataset.num_classes) == (3, 32, 10)
     assert (dataset.crop_padding, dataset.flip) == (4, True)
+    assert [p.name for p in data.source_files("cifar10", root)] == [*CIFAR_FILES, "batches.meta"]
 
 
-def test_cifar_bad_length(tmp_path: Path) -> None:
-    batches = cifar_batches()
-    blob, images, labels = batches["data_batch_3.bin"]
-    batches["data_batch_3.bin"] = (blob[:-5], images, labels)
-    write_cifar_archive(tmp_path / data.CIFAR10_ARCHIVE, batches)
-    message = r"data_batch_3\.bin has 9214 bytes, expected a positive multiple of 3073"
-    with pytest.raises(ValueError, match=message):
-        data.load_cifar10(tmp_path)
+def test_cifar_root_may_name_the_batches_folder(cifar_folder, monkeypatch) -> None:
+    root, _ = cifar_folder
+    monkeypatch.setenv(data.CIFAR10_ENV_VAR, str(root / "cifar-10-batches-py"))
+    assert data.cifar10_folder() == root.resolve()
+    assert len(data.load_dataset("cifar10").test) == 3
 
 
-def test_cifar_bad_label() -> None:
-    record = bytes([10]) + bytes(3072)
-    with pytest.raises(ValueError, match=r"label 10, expected 0\.\.9"):
-        data.parse_cifar10_records(record, "batch")
-
-
-def test_cifar_missing_member(tmp_path: Path) -> None:
-    batches = cifar_batches()
-    del batches["test_batch.bin"]
-    write_cifar_archive(tmp_path / data.CIFAR10_ARCHIVE, batches)
-    with pytest.raises(ValueError, match=r"lacks test_batch\.bin"):
-        data.load_cifar10(tmp_path)
-
-
-def test_cifar_missing_never_downloads(tmp_path: Path, monkeypatch) -> None:
+def test_cifar_missing_names_the_fix_and_never_downloads(tmp_path: Path, monkeypatch) -> None:
     def no_network(*args, **kwargs):
-        raise AssertionError("load_cifar10 must not download without download=True")
+        raise AssertionError("load_dataset must not download without download=True")
 
-    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", no_network)
     monkeypatch.setenv(data.CIFAR10_ENV_VAR, str(tmp_path))
-    with pytest.raises(FileNotFoundError, match=r"download=True.*by hand and place it in"):
+    message = r"cifar-10-batches-py lacks data_batch_1.*cifar-10-python\.tar\.gz.*extract it in.*ROBUSTQ_CIFAR10"
+    with pytest.raises(FileNotFoundError, match=message):
         data.load_dataset("cifar10")
 
 
-# ---------------------------------------------------------------------------------------------
-# Download (no network: urlopen is replaced)
-# ---------------------------------------------------------------------------------------------
+def test_cifar_md5_mismatch_names_the_file(cifar_folder) -> None:
+    root, _ = cifar_folder
+    batch = root / "cifar-10-batches-py" / "data_batch_3"
+    batch.write_bytes(batch.read_bytes() + b"\0")
+    with pytest.raises(ValueError, match=r"data_batch_3 in .* failed torchvision's MD5 check.*extract"):
+        data.load_dataset("cifar10", root=root)
 
 
-def fake_urlopen(payload: bytes):
-    def urlopen(url, timeout=None):
-        return io.BytesIO(payload)
+def test_cifar_download_goes_through_torchvision(cifar_folder, monkeypatch) -> None:
+    source, _ = cifar_folder
+    calls = []
 
-    return urlopen
+    def fake_download(url, download_root, filename=None, md5=None):  # what torchvision would extract
+        calls.append(url)
+        target = Path(download_root) / "cifar-10-batches-py"
+        target.mkdir(parents=True)
+        for file in (source / "cifar-10-batches-py").iterdir():
+            (target / file.name).write_bytes(file.read_bytes())
 
-
-def test_download_good_md5(tmp_path: Path, monkeypatch) -> None:
-    batches = cifar_batches()
-    archive = write_cifar_archive(tmp_path / "source.tar.gz", batches).read_bytes()
-    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen(archive))
-    folder = tmp_path / "cifar"
-    path = data.download_cifar10(folder, md5=hashlib.md5(archive).hexdigest())
-    assert path == (folder / data.CIFAR10_ARCHIVE).resolve() and path.read_bytes() == archive
-    assert sorted(p.name for p in folder.iterdir()) == [data.CIFAR10_ARCHIVE]
-
-
-def test_download_wrong_md5_leaves_nothing(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen(b"corrupted payload"))
-    with pytest.raises(data.DownloadError, match=r"md5 .*expected c32a1d4a.*by hand and place it in"):
-        data.download_cifar10(tmp_path)
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_download_network_error(tmp_path: Path, monkeypatch) -> None:
-    def offline(url, timeout=None):
-        raise urllib.error.URLError("no route to host")
-
-    monkeypatch.setattr(urllib.request, "urlopen", offline)
-    with pytest.raises(data.DownloadError, match=r"could not download .*by hand and place it in"):
-        data.download_cifar10(tmp_path)
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_load_dataset_download_true(tmp_path: Path, monkeypatch) -> None:
-    archive = write_cifar_archive(tmp_path / "source.tar.gz", cifar_batches()).read_bytes()
-    monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen(archive))
-    monkeypatch.setattr(data, "CIFAR10_MD5", hashlib.md5(archive).hexdigest())
-    dataset = data.load_dataset("cifar10", root=tmp_path / "cifar", download=True)
-    assert len(dataset.train) == 15 and len(dataset.test) == 3
+    monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", fake_download)
+    dataset = data.load_dataset("cifar10", root=source / "fresh", download=True)
+    assert calls == [data.CIFAR10_URL] and len(dataset.train) == 15
+    data.load_dataset("cifar10", root=source / "fresh", download=True)
+    assert len(calls) == 1  # present and verified: not fetched again
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,7 +278,7 @@ def test_load_dataset_download_true(tmp_path: Path, monkeypatch) -> None:
 
 
 def test_unknown_dataset_lists_known() -> None:
-    message = "unknown dataset 'mnist'; choose one of fashion-mnist, cifar10, synthetic"
+    message = r"dataset must be one of \('fashion-mnist', 'cifar10', 'synthetic'\), got 'mnist'"
     with pytest.raises(ValueError, match=message):
         data.load_dataset("mnist")
 
@@ -447,7 +404,7 @@ def test_loader_normalises(split: data.Split) -> None:
 
 
 def test_loader_same_seed_and_epoch_identical(split: data.Split) -> None:
-    options = dict(shuffle=True, augment=True, crop_padding=2, flip=True, seed=7)
+    options = {"shuffle": True, "augment": True, "crop_padding": 2, "flip": True, "seed": 7}
     first, second = loader_for(split, **options), loader_for(split, **options)
     first.set_epoch(3)
     second.set_epoch(3)
@@ -476,7 +433,7 @@ def test_loader_iteration_advances_epoch_and_set_epoch_replays(split: data.Split
 
 
 def test_loader_shuffle_is_a_permutation(split: data.Split) -> None:
-    x, y = concat(list(loader_for(split, shuffle=True, seed=4)))
+    x, _ = concat(list(loader_for(split, shuffle=True, seed=4)))
     plain, _ = concat(list(loader_for(split)))
     assert sorted(map(bytes, x.numpy().reshape(100, -1).view(np.uint8))) == sorted(
         map(bytes, plain.numpy().reshape(100, -1).view(np.uint8))

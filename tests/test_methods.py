@@ -96,3 +96,53 @@ def test_every_method_trains_with_a_falling_loss_and_ends_with_plain_weights(nam
     assert second < first, f"{name}: mean training loss rose from {first:.3f} to {second:.3f}"
     model = method.finalize(result.model)
     assert not any(torch.nn.utils.parametrize.is_parametrized(m) for m in model.modules())
+
+
+# --- symreg_satnl_lsq: LSQ stacked on SatNL, SymReg on f(theta) ----------------------------------
+
+
+def test_symreg_satnl_lsq_accepts_the_parameters_of_its_parts():
+    method = methods.make("symreg_satnl_lsq", bit_width=3, edge_bit_width=8, scope="channel", lam=0.5)
+    params = method.params()
+    assert (params["quantizer"], params["bit_width"], params["scope"], params["lam"]) == ("lsq", 3, "channel", 0.5)
+    with pytest.raises(ValueError, match="has no hyperparameter 'quantizer'"):
+        methods.make("symreg_satnl_lsq", quantizer="dorefa")
+
+
+def test_symreg_satnl_lsq_quantizes_f_theta_and_regularizes_f_theta():
+    from robustq import qat, regularizers
+
+    method = methods.make("symreg_satnl_lsq", bit_width=3, lam=1.0)
+    model = method.prepare(models.make_model("cnn", 1, 10))
+    layers = [m for _, m in methods.weighted_layers(model)]
+    f_theta = [m.parametrizations.weight[0](m.parametrizations.weight.original) for m in layers]
+    for m, w in zip(layers, f_theta):
+        assert torch.equal(m.weight, m.parametrizations.weight[1](w))  # the forward weight is q(f(theta))
+    loss = F.cross_entropy(model(torch.randn(4, 1, 28, 28)), torch.zeros(4, dtype=torch.long))
+    penalty = method.extensions(model).penalty(model, StepContext(loss=loss, activations=[], epoch=0, epochs=1))
+    on_f = torch.stack([regularizers.sym_reg(w, "1:1", "layer") for w in f_theta]).mean()
+    on_q = torch.stack([regularizers.sym_reg(m.weight, "1:1", "layer") for m in layers]).mean()
+    assert torch.equal(penalty, on_f) and not torch.allclose(penalty, on_q)
+    assert set(qat.describe_quantizers(model)) == {name for name, _ in methods.weighted_layers(model)}
+
+
+def test_symreg_satnl_lsq_trains_a_step_and_finalizes_to_f_theta(synthetic):
+    import math
+
+    from robustq import qat
+
+    torch.manual_seed(0)
+    method = methods.make("symreg_satnl_lsq", bit_width=3)
+    model = method.prepare(models.make_model("cnn", synthetic.in_channels, synthetic.num_classes))
+    scale = model.get_submodule(methods.weighted_layers(model)[1][0]).parametrizations.weight[1].scale
+    before = scale.detach().clone()
+    result = train(model, synthetic, TrainConfig(epochs=1, batch_size=256, lr=0.05), method.extensions(model),
+                   progress=False)
+    assert math.isfinite(result.history[-1]["loss"]) and not torch.equal(scale.detach(), before)
+    record = qat.describe_quantizers(result.model)
+    f_theta = {n: m.parametrizations.weight[0](m.parametrizations.weight.original).detach()
+               for n, m in methods.weighted_layers(result.model)}
+    plain = method.finalize(result.model)
+    assert not any(torch.nn.utils.parametrize.is_parametrized(m) for m in plain.modules())
+    assert all(torch.equal(m.weight, f_theta[n]) for n, m in methods.weighted_layers(plain))
+    assert {d["quantizer"] for d in record.values()} == {"lsq"}

@@ -1,11 +1,14 @@
 """Conventions every chapter notebook keeps in git (checked statically, nothing is executed).
 
 Stripped outputs, one papermill ``parameters`` cell holding ``profile``, the python3 kernel, no
-training loop and no package installation inside a notebook, ``NN_snake_case.ipynb`` names.
+training loop and no package installation inside a notebook, ``NN_snake_case.ipynb`` names; the
+house style of CONTRIBUTING.md: short code cells, at most a fifth of them removed from the page,
+prose in Markdown with glued numbers (every ``{glue:...}`` key is glued by a code cell).
 """
 
 from __future__ import annotations
 
+import ast
 import re
 from pathlib import Path
 
@@ -18,6 +21,9 @@ NAME = re.compile(r"\d{2}_[a-z0-9]+(_[a-z0-9]+)*\.ipynb")
 PROFILE_ASSIGNMENT = re.compile(r"^profile\s*=", re.MULTILINE)
 # Training belongs in robustq.train; a notebook that steps an optimizer is training in a cell.
 TRAINING = re.compile(r"\.backward\(|optimizer\.step\(")
+MAX_CELL_LINES = 25
+REMOVED_TAGS = {"remove-input", "remove-cell"}
+GLUE_REFERENCE = re.compile(r"\{glue:(?:text|md|any)\}`([\w-]+)(?::[^`]*)?`|```\{glue:figure\}\s+([\w-]+)")
 INSTALL = re.compile(r"(^|[\s;])[!%]\s*pip\b|\bpip3?\s+install\b|\bconda\s+install\b|\bmamba\s+install\b", re.MULTILINE)
 
 
@@ -54,7 +60,43 @@ def problems(path: Path) -> list[str]:
             found.append(f"{where} looks like a training loop ({match.group(0)!r}); train through robustq")
         if match := INSTALL.search(cell.source):
             found.append(f"{where} installs packages ({match.group(0).strip()!r}); dependencies go in pyproject.toml")
+        if (lines := len(cell.source.splitlines())) > MAX_CELL_LINES:
+            found.append(f"{where} has {lines} lines (at most {MAX_CELL_LINES}: move code into robustq)")
+        if "say(" in cell.source:
+            found.append(f"{where} writes prose from Python (say); glue the numbers and write Markdown")
+    return found + _house_style(nb)
+
+
+def _house_style(nb) -> list[str]:
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    removed = [c for c in code if REMOVED_TAGS & set(c.get("metadata", {}).get("tags", []))]
+    found = []
+    if 5 * len(removed) > len(code):
+        found.append(f"{len(removed)} of {len(code)} code cells are removed from the page (at most a fifth)")
+    glued = set().union(*(_glued_names(c.source) for c in code)) if code else set()
+    for cell in nb.cells:
+        if cell.cell_type != "markdown":
+            continue
+        for match in GLUE_REFERENCE.finditer(cell.source):
+            if (key := match.group(1) or match.group(2)) not in glued:
+                found.append(f"Markdown uses glue key {key!r}, which no code cell glues")
     return found
+
+
+def _glued_names(source: str) -> set[str]:
+    """Keyword names of ``glue(...)`` calls and every string constant (figure names are passed as
+    strings, sometimes through a helper)."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:  # IPython magics: the checks above still ran
+        return set()
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) == "glue":
+            names |= {keyword.arg for keyword in node.keywords if keyword.arg}
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            names.add(node.value)
+    return names
 
 
 def test_there_are_notebooks():
@@ -124,6 +166,31 @@ def test_checker_rejects_single_faults(tmp_path, source, expected):
     else:
         nb.cells.append(new_code_cell(source))
     assert any(expected in line for line in problems(write(nb, tmp_path / "01_fault.ipynb")))
+
+
+def test_checker_enforces_the_house_style(tmp_path):
+    nb = good_notebook()
+    removed = [new_code_cell(f"y{i} = {i}") for i in range(2)]
+    for cell in removed:
+        cell.metadata["tags"] = ["remove-input"]
+    nb.cells += [
+        *removed,
+        new_code_cell("\n".join(f"z{i} = {i}" for i in range(MAX_CELL_LINES + 1))),
+        new_code_cell('book.say(f"{x} points")'),
+        new_code_cell('book.glue(acc=0.9)\nbook.glue_figure("fig-known", fig)'),
+        new_markdown_cell("{glue:text}`acc:.2f` and {glue:text}`typo`\n\n```{glue:figure} fig-known\n```"),
+        new_markdown_cell("```{glue:figure} fig-unknown\n:name: fig-unknown\n```"),
+    ]
+    found = "\n".join(problems(write(nb, tmp_path / "05_style.ipynb")))
+    for expected in [
+        "2 of 7 code cells are removed from the page",
+        f"cell 5 has {MAX_CELL_LINES + 1} lines",
+        "cell 6 writes prose from Python",
+        "glue key 'typo'",
+        "glue key 'fig-unknown'",
+    ]:
+        assert expected in found, f"missing {expected!r} in:\n{found}"
+    assert "'acc'" not in found and "'fig-known'" not in found
 
 
 def test_checker_reports_unreadable_files(tmp_path):

@@ -30,6 +30,95 @@ def test_fold_bn_is_exact_and_removes_every_batchnorm(name, shape):
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
 
 
+TORCHVISION_MODELS = ("mobilenet_v2", "resnet18")
+TORCHVISION_INPUT = (3, 32, 32)
+
+
+@pytest.fixture(scope="module", params=TORCHVISION_MODELS)
+def torchvision_model(request):
+    """A torchvision model, randomly initialised, with non-trivial BN affine parameters and running
+    statistics (from a few train-mode batches), in eval mode."""
+    torchvision_models = pytest.importorskip("torchvision.models")
+    torch.manual_seed(0)
+    model = getattr(torchvision_models, request.param)(num_classes=10)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.add_(0.2 * torch.randn_like(m.weight))
+                m.bias.add_(0.2 * torch.randn_like(m.bias))
+        model.train()
+        for _ in range(3):
+            model(torch.randn(4, *TORCHVISION_INPUT) * 2 + 0.5)
+    return model.eval()
+
+
+def test_fold_bn_is_exact_on_torchvision_models(torchvision_model):
+    # mobilenet_v2: every BN in a Conv2dNormActivation (a Sequential); resnet18: BN as block
+    # attributes (conv1/bn1), matched on the fx graph, and in the downsample Sequential.
+    model = torchvision_model
+    folded = ptq.fold_bn(model)
+    x = torch.randn(2, *TORCHVISION_INPUT)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert type(folded) is type(model)  # folded in the module tree, not turned into an fx GraphModule
+    assert len(ptq.weighted_layers(folded)) == len(ptq.weighted_layers(model))
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), model(x), atol=1e-5, rtol=1e-5)
+    assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+
+
+@pytest.mark.parametrize("fold", [False, True])
+def test_quantize_model_runs_on_torchvision_models(torchvision_model, fold):
+    calib = torch.randn(4, *TORCHVISION_INPUT)
+    a_spec = QuantSpec(8, symmetric=False)
+    quantized = ptq.quantize_model(torchvision_model, QuantSpec(4), a_spec, calib=calib, fold=fold)
+    layers = ptq.weighted_layers(quantized)
+    assert all(layer.weight.unique().numel() <= 15 for _, layer in layers[1:-1])  # 4 bits, narrow range
+    with torch.no_grad():
+        out = quantized(calib)
+    assert out.shape == (4, 10) and torch.isfinite(out).all()
+
+
+class _AttributePair(nn.Module):
+    def __init__(self, relu_first: bool = False) -> None:
+        super().__init__()
+        self.conv, self.bn, self.relu_first = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), relu_first
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(torch.relu(y) if self.relu_first else y)
+
+
+def test_fold_bn_matches_attribute_pairs_on_the_fx_graph():
+    model = _randomize_bn(_AttributePair())
+    folded = ptq.fold_bn(model)
+    assert isinstance(folded.bn, nn.Identity) and folded.conv.bias is not None
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(folded(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+class _Untraceable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) if x.sum() > 0 else self.conv(x)
+
+
+@pytest.mark.parametrize(
+    "model, match",
+    [
+        (nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4)), "nothing else uses"),
+        (_AttributePair(relu_first=True), "nothing else uses"),
+        (_Untraceable(), "torch.fx cannot trace"),
+    ],
+    ids=["sequential-bn-after-relu", "attribute-bn-after-relu", "untraceable"],
+)
+def test_fold_bn_refuses_a_batchnorm_it_cannot_fold(model, match):
+    with pytest.raises(ValueError, match=match):
+        ptq.fold_bn(model)
+
+
 @pytest.fixture(scope="module")
 def trained():
     """A baseline trained for two short epochs on a Fashion-MNIST subset (one epoch of 32 steps is

@@ -287,3 +287,64 @@ def test_lsq_step_is_carried_to_other_bit_widths_with_the_same_clipping_range():
 def test_requantize_rejects_a_record_of_other_layers():
     with pytest.raises(ValueError, match="does not have"):
         requantize(small_cnn(), {"9": {"quantizer": "ste", "bit_width": 3}})
+
+
+# --- QAT stacked on SatNL (the symreg_satnl_lsq stack) -------------------------------------------
+
+
+def _lsq_on_satnl(bit_width: int = 3) -> nn.Module:
+    model = apply_satnl(small_cnn())  # scaled_tanh
+    with torch.no_grad():
+        for layer in model.modules():
+            if parametrize.is_parametrized(layer, "weight"):
+                layer.parametrizations.weight.original.mul_(2.5)  # push some weights into saturation
+    return prepare_qat(model, "lsq", bit_width, stack_on_satnl=True)
+
+
+def test_lsq_stacked_on_satnl_computes_q_of_f_theta_bit_for_bit():
+    model = _lsq_on_satnl()
+    for layer in (model[0], model[3], model[7]):
+        satnl, lsq = layer.parametrizations.weight
+        theta = layer.parametrizations.weight.original.detach()
+        assert torch.equal(layer.weight, lsq(satnl(theta)))  # q(f(theta)), in that order
+        by_hand = satnl.alpha * torch.tanh(theta / satnl.alpha)
+        step = lsq.scale.detach()
+        expected = step * torch.round(torch.clamp(by_hand / step, -3, 3))
+        assert torch.allclose(layer.weight, expected, rtol=0, atol=1e-6)
+        assert torch.allclose(layer.weight / step, torch.round(layer.weight / step), atol=1e-5)  # on LSQ's grid
+
+
+def test_removing_a_stacked_quantizer_leaves_satnl_and_requantizes_exactly():
+    model = _lsq_on_satnl()
+    trained = {name: m.weight.detach().clone() for name, m in model.named_modules() if name in ("0", "3", "7")}
+    record = json.loads(json.dumps(describe_quantizers(model)))
+    assert set(record) == {"0", "3", "7"} and {d["quantizer"] for d in record.values()} == {"lsq"}
+    f_theta = {name: model.get_submodule(name).parametrizations.weight[0](
+        model.get_submodule(name).parametrizations.weight.original).detach() for name in trained}
+    remove_qat(model)
+    assert not has_qat(model)
+    assert all(type(model.get_submodule(n).parametrizations.weight[0]).__name__ == "SaturatingWeight" for n in trained)
+    assert all(torch.equal(model.get_submodule(n).weight, f_theta[n]) for n in trained)
+    from robustq.satnl import remove_satnl
+
+    requantize(remove_satnl(model), record)
+    assert all(torch.equal(model.get_submodule(n).weight, trained[n]) for n in trained)
+
+
+class _Doubler(nn.Module):
+    def forward(self, w):
+        return 2 * w
+
+
+def test_stacking_is_refused_for_other_quantizers_and_other_parametrizations():
+    with pytest.raises(ValueError, match=r"stack_on_satnl=True needs a quantizer .* one of \('ste', 'lsq'\)"):
+        prepare_qat(apply_satnl(small_cnn()), "dorefa", 3, stack_on_satnl=True)
+    with pytest.raises(ValueError, match="already prepared"):
+        prepare_qat(_lsq_on_satnl(), "lsq", 3, stack_on_satnl=True)
+    with pytest.raises(ValueError, match="already has a weight parametrization"):
+        apply_satnl(prepare_qat(small_cnn(), "lsq", 3))  # SatNL never goes on top of a quantizer
+    other = small_cnn()
+    parametrize.register_parametrization(other[3], "weight", _Doubler())
+    with pytest.raises(ValueError, match=r"layer '3' already has a weight parametrization"):
+        prepare_qat(other, "lsq", 3, stack_on_satnl=True)
+    assert not has_qat(other)

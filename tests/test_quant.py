@@ -19,7 +19,16 @@ from hypothesis.extra import numpy as hnp
 from torch.ao.quantization.observer import MinMaxObserver, PerChannelMinMaxObserver
 
 from robustq import quant
-from robustq.quant import ACIQ_PRIORS, POLICIES, QuantSpec, aciq_alpha, choose_qparams, fake_quant, quantize
+from robustq.quant import (
+    ACIQ_PRIORS,
+    POLICIES,
+    QuantSpec,
+    aciq_alpha,
+    choose_qparams,
+    fake_quant,
+    qparams_from_range,
+    quantize,
+)
 
 FAST = settings(max_examples=40, deadline=None)
 # torch's observers never let a scale fall below float32 eps; ours go down to the smallest normal.
@@ -234,6 +243,52 @@ def test_bit_identical_to_torch_per_channel(x, bit_width, symmetric, axis):
     assert torch.equal(quantize(x, spec, axis), reference)
 
 
+# --- the range -> qparams primitive --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "spec, lo, hi, scale, zero_point",
+    [
+        (QuantSpec(4), -1.0, 0.5, torch.tensor(1.0) / 7, 0),  # symmetric: the larger magnitude
+        (QuantSpec(4, narrow_range=False), -0.5, 1.0, torch.tensor(1.0) / 7, 0),  # narrow range: qmin only
+        (QuantSpec(4, symmetric=False), -1.0, 3.0, torch.tensor(4.0) / 15, 4),  # z = round(3.75)
+        (QuantSpec(4, symmetric=False), 0.5, 2.0, torch.tensor(2.0) / 15, 0),  # widened to [0, 2]
+        (QuantSpec(4, symmetric=False), -3.0, -1.0, torch.tensor(3.0) / 15, 15),  # widened to [-3, 0]
+        (QuantSpec(4, symmetric=False), -0.625, 3.125, torch.tensor(3.75) / 15, 2),  # -lo / s = 2.5, to even
+    ],
+    ids=["symmetric", "full-range", "asymmetric", "positive-range", "negative-range", "tie"],
+)
+def test_qparams_from_range_values(spec, lo, hi, scale, zero_point):
+    got_scale, got_zero_point = qparams_from_range(torch.tensor(lo), torch.tensor(hi), spec)
+    assert torch.equal(got_scale, scale) and got_zero_point.dtype == torch.int32
+    assert got_zero_point.item() == zero_point
+    from_floats = qparams_from_range(lo, hi, spec)  # Python floats: float32, as torch.tensor(lo)
+    assert torch.equal(from_floats[0], scale) and from_floats[1].item() == zero_point
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("spec", [QuantSpec(4), QuantSpec(4, symmetric=False)], ids=["sym", "asym"])
+def test_qparams_from_a_zero_range_map_zero_to_zero(spec, dtype):
+    scale, zero_point = qparams_from_range(torch.zeros(3, dtype=dtype), torch.zeros(3, dtype=dtype), spec)
+    assert scale.dtype == dtype and torch.equal(scale, torch.full((3,), torch.finfo(dtype).tiny, dtype=dtype))
+    assert torch.equal(zero_point, torch.zeros(3, dtype=torch.int32))
+    zeros = torch.zeros(3, 5, dtype=dtype)
+    assert torch.equal(fake_quant(zeros, scale[:, None], zero_point[:, None], *spec.qrange), zeros)
+
+
+@FAST
+@given(st.lists(st.tuples(magnitudes, magnitudes), min_size=1, max_size=6), bit_widths, st.booleans())
+def test_qparams_from_range_match_torch_observers(ranges, bit_width, symmetric):
+    # Element by element the observer's qparams of the tensor [-a, b]; all at once, the same.
+    lo = -torch.tensor([a for a, _ in ranges])
+    hi = torch.tensor([b for _, b in ranges])
+    spec = QuantSpec(bit_width, symmetric=symmetric)
+    scale, zero_point = qparams_from_range(lo, hi, spec)
+    for i in range(len(ranges)):
+        expected = torch_qparams_per_tensor(torch.stack([lo[i], hi[i]]), bit_width, symmetric)
+        assert torch.equal(scale[i], expected[0]) and torch.equal(zero_point[i], expected[1])
+
+
 @FAST
 @given(tensors(), specs())
 def test_asymmetric_zero_is_exactly_representable(x, spec):
@@ -279,13 +334,7 @@ def _reference_mse_clip_ratio(groups, spec, bounds_at):
     best_err = torch.full((groups.shape[0],), math.inf, dtype=groups.dtype, device=groups.device)
     best_ratio = torch.ones_like(best_err)
     for ratio in quant.mse_grid().tolist():
-        lo, hi = bounds_at(ratio)
-        if spec.symmetric:
-            scale = quant._safe_scale(hi / qmax, groups.dtype)
-            zero_point = torch.zeros_like(scale, dtype=torch.int32)
-        else:
-            scale = quant._safe_scale((hi - lo) / (qmax - qmin), groups.dtype)
-            zero_point = torch.clamp(qmin - torch.round(lo / scale), qmin, qmax).to(torch.int32)
+        scale, zero_point = quant.qparams_from_range(*bounds_at(ratio), spec, groups.dtype)
         err = (fake_quant(groups, scale[:, None], zero_point[:, None], qmin, qmax) - groups).pow(2).mean(dim=1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
@@ -393,6 +442,16 @@ def test_a_zero_clip_falls_back_to_minmax(policy, x, symmetric):
         spec = QuantSpec(4, symmetric=symmetric, per_channel=per_channel, policy=policy, percentile=90.0)
         minmax = replace(spec, policy="minmax")
         assert torch.equal(quantize(x, spec), quantize(x, minmax))
+
+
+def test_an_aciq_range_that_overflows_falls_back_to_minmax():
+    # The mean of these values overflows to inf and the asymmetric aciq range to (NaN, hi): a NaN
+    # range keeps the min-max range, as a zero one does, instead of giving a NaN scale.
+    x = torch.tensor([3e38, 3e38, 1.0])
+    spec = QuantSpec(4, symmetric=False, policy="aciq")
+    scale, zero_point, _, _ = choose_qparams(x, spec)
+    minmax = choose_qparams(x, replace(spec, policy="minmax"))
+    assert torch.equal(scale, minmax[0]) and torch.equal(zero_point, minmax[1])
 
 
 @pytest.mark.xfail(strict=True, reason="torch bug: fake_quantize_per_channel_affine casts x/scale to int64 "

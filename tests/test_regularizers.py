@@ -7,6 +7,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from robustq.quant import QuantSpec, quantize
+from robustq import regularizers
 from robustq.regularizers import grad_l1, kure, oscillation, sinreq, sinreq_grid, sinreq_lambda, sym_reg
 
 BIT_WIDTHS = range(2, 9)
@@ -495,3 +496,12 @@ def test_grad_l1_rejects_bad_scales(scales, match):
     params, x, y = _mlp_tensors()
     with pytest.raises(ValueError, match=match):
         grad_l1(_mlp_loss(*params, x, y), params, scales=scales)
+
+
+def test_sym_reg_seconds_times_the_penalty_and_its_backward_without_touching_the_weights():
+    weights = [torch.randn(8, 4, 3, 3), torch.randn(10, 32)]
+    before = [w.clone() for w in weights]
+    for pairing in regularizers.SYM_PAIRINGS:
+        seconds = regularizers.sym_reg_seconds(weights, pairing, "channel", repeats=3)
+        assert 0 < seconds < 1
+    assert all(torch.equal(w, b) and w.grad is None for w, b in zip(weights, before))
