@@ -24,22 +24,31 @@ folded into the convs first with ``fold=True`` (:func:`robustq.ptq.fold_bn`).
   :func:`default_ratios`, :func:`policy_grid`, :func:`policy_spread`
 * insight 3 (magnitude buckets, flatness, ASAM): :func:`magnitude_quartile_masks`,
   :func:`magnitude_sensitivity`, :func:`quartile_contrast`, :func:`hessian_power_iteration`,
-  :func:`hessian_top_eigenvalue`, :func:`noise_robustness`, :func:`asam_perturbation_by_magnitude`
+  :func:`hessian_top_eigenvalue`, :func:`noise_robustness`, :func:`asam_perturbation_by_magnitude`,
+  :func:`satnl_latent` (a trained SatNL result back in ``theta`` space)
+* gradient-ℓ1 (chapter 05, Alizadeh et al. 2020, book/methods.md §2): :func:`first_order_bound`,
+  :func:`grad_l1_norm`
+* SinReQ and oscillations (chapters 06, 07, book/methods.md §3, §4): :func:`distance_to_grid`,
+  :func:`grid_distance`, :func:`integer_levels`, :class:`OscillationTracker`,
+  :func:`ste_gradient_decomposition`
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import random
 from collections.abc import Iterable, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustq import ptq, qat, quant, sam
+from robustq import experiments, methods, models, ptq, qat, quant, regularizers, sam, satnl
 from robustq.data import Dataset
+from robustq.params import check_choice
 from robustq.quant import QuantSpec
 
 KL_MAX_BINS = 256
@@ -950,7 +959,526 @@ def asam_perturbation_by_magnitude(
     return pd.DataFrame(rows)
 
 
+LATENT_RTOL = 1e-5  # satnl_latent: largest |f(theta) - W| allowed, relative to the layer's max |W|
+
+
+def satnl_latent(result: experiments.Result) -> nn.Module:
+    """``result``'s trained model back in SatNL's ``theta`` space (Park, Jang & Park, ECCV 2022,
+    arXiv 2208.00338; forms [recon], :mod:`robustq.satnl`), for what training acted on: ASAM's
+    perturbation of ``theta`` (:func:`asam_perturbation_by_magnitude`), gradients and curvature in
+    ``theta``.
+
+    A cached result holds plain weights ``W = f(theta)`` (``method.finalize`` folds SatNL) and no
+    ``alpha``. Here ``alpha`` is recovered by replaying the start of training
+    (``experiments._train_and_store``): ``seed_everything(seed)``, ``dataset_for`` (which draws
+    from private generators only, not the global RNG), ``models.make_model`` and
+    ``method.prepare``, which rebuilds the initial weights bit for bit and so each layer's
+    ``alpha = alpha_mult * std(W_init)``; the cache key covers the training code and the torch
+    version, so a cached result was trained by this same code. The global RNGs (python, numpy,
+    torch) are restored afterwards. Each SatNL layer then gets that parametrization with
+    ``theta = right_inverse(W)`` (large where ``|W|`` is near ``alpha``: expected near
+    saturation). Returns an eval-mode copy; ``result.model`` is not touched.
+
+    SatNL only: a QAT quantizer trained on top of it (``symreg_satnl_lsq``) is not restored. A
+    method without SatNL gets a plain copy of its model (``ptq.materialize``), unchanged.
+
+    Raises ``ValueError`` if the rebuilt layers do not fit the result's model, or if ``f(theta)``
+    differs from the result's weights by more than ``LATENT_RTOL`` times the layer's max ``|W|``
+    (``alpha`` below the trained weights: not recovered). The check cannot catch an ``alpha`` too
+    large; the replay is what makes it right. Also raises for ``form="normalized_tanh"``:
+    ``tanh(theta) / max|tanh(theta)|`` is unchanged by ``theta -> atanh(c tanh(theta))`` for every
+    ``c`` in (0, 1], so the folded weights do not determine the trained ``theta``, nor ``f'``.
+    """
+    latent = ptq.materialize(result.model)
+    exp = result.experiment.resolved()
+    forms = [p.form for p in methods.make(exp.method, **exp.method_params).parts if isinstance(p, methods.SatNL)]
+    if not forms:
+        return latent
+    if forms[0] == "normalized_tanh":
+        raise ValueError(
+            "satnl_latent cannot recover theta for form='normalized_tanh': W = tanh(theta)/max|tanh(theta)| "
+            "does not change when tanh(theta) is scaled, so the folded weights do not determine theta"
+        )
+    initial = _initial_model(exp)
+    layers = dict(ptq.weighted_layers(latent))
+    for name, module in ptq.weighted_layers(initial):
+        chain = module.parametrizations["weight"] if torch.nn.utils.parametrize.is_parametrized(module, "weight") else ()
+        saturating = [p for p in chain if isinstance(p, satnl.SaturatingWeight)]
+        if not saturating:
+            continue
+        layer = layers.get(name)
+        if layer is None or layer.weight.shape != chain.original.shape:
+            raise ValueError(f"satnl_latent: layer {name!r} of the rebuilt {exp.model!r} does not match the result's model")
+        target = layer.weight.detach().clone()
+        parametrization = copy.deepcopy(saturating[0]).to(device=target.device)
+        torch.nn.utils.parametrize.register_parametrization(layer, "weight", parametrization)
+        with torch.no_grad():
+            error = float((layer.weight - target).abs().max())
+        scale = float(target.abs().max())
+        if not error <= LATENT_RTOL * scale:
+            alpha = f" alpha={parametrization.alpha.item():.4g}" if parametrization.form == "scaled_tanh" else ""
+            raise ValueError(
+                f"satnl_latent: layer {name!r}: f(right_inverse(W)) differs from the result's weights by {error:.3g} "
+                f"(max |W| {scale:.4g},{alpha} form={parametrization.form!r}): SatNL's parameters were not recovered"
+            )
+    if not satnl.has_satnl(latent):
+        raise ValueError(f"satnl_latent: the rebuilt {exp.method!r} model has no SatNL layer")
+    return latent.eval()
+
+
+def _initial_model(exp: experiments.Experiment) -> nn.Module:
+    """The prepared model of ``exp`` before its first step, built by the calls
+    ``experiments._train_and_store`` makes, in its order; the caller's RNG states are kept."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))):
+            experiments.seed_everything(exp.seed)
+            data = experiments.dataset_for(exp)
+            model = models.make_model(exp.model, data.in_channels, data.num_classes)
+            method = methods.make(exp.method, **exp.method_params)
+            return method.prepare(model)
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+
+
 __all__ += [  # insight 3
     "asam_perturbation_by_magnitude", "hessian_power_iteration", "hessian_top_eigenvalue",
     "magnitude_quartile_masks", "magnitude_sensitivity", "noise_robustness", "quartile_contrast",
+    "satnl_latent",
+]
+
+
+# --- gradient-ℓ1: the first-order bound (chapter 05) ---------------------------------------------
+
+
+def grad_l1_norm(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, *, loss_fn=F.cross_entropy) -> float:
+    """``sum_l ||dL/dW_l||_1`` over every conv and linear weight: the weight term of gradient-ℓ1
+    regularization (Alizadeh et al., ICLR 2020, arXiv 2002.07520; book/methods.md §2) with unit
+    strength and no weighting, measured on a trained model.
+
+    ``L = loss_fn(model(x), labels)`` on the fixed batch, with a plain eval-mode copy of the model
+    (BN on its running statistics; SatNL and QAT weights replaced by their values), so two models
+    are compared as they deploy. ``model`` is left as it is.
+    """
+    plain = ptq.materialize(model)
+    _, grads = _loss_and_weight_grads(plain, x, labels, loss_fn)
+    return float(sum(g.abs().sum() for g in grads))
+
+
+def first_order_bound(
+    model: nn.Module,
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    bit_widths: Sequence[int],
+    a_bits: int | None = None,
+    *,
+    first_last_8bit: bool = True,
+    loss_fn=F.cross_entropy,
+    dtype: torch.dtype = torch.float64,
+) -> pd.DataFrame:
+    """The first-order view of weight quantization behind gradient-ℓ1 regularization (Alizadeh et
+    al., ICLR 2020, arXiv 2002.07520; book/methods.md §2): how well ``dW . grad L`` predicts the loss
+    change, and how far the [paper] bound ``sum_l (Delta_l / 2) ||dL/dW_l||_1`` sits above it.
+
+    Each bit-width ``b`` deploys the weights as the book's primary setting does
+    (:func:`robustq.ptq.quantize_model` with ``QuantSpec(b)``: symmetric per-tensor min-max, BN
+    unfolded, the stem and the classifier at 8 bits unless ``first_last_8bit=False``). One row per
+    ``b`` (``w_bits``):
+
+    * ``loss_float``, ``loss_quantized``: ``L(W)`` and ``L(q(W))`` on ``(x, labels)``;
+    * ``loss_change``: ``L(q(W)) - L(W)``;
+    * ``first_order``: ``sum_l <q(W_l) - W_l, dL/dW_l>``, the gradient taken at ``W``;
+    * ``bound``: ``sum_l (Delta_l / 2) ||dL/dW_l||_1`` with ``Delta_l`` the step layer ``l`` is
+      quantized with at ``b`` (8 bits for the edges), so ``|first_order| <= bound`` always;
+    * ``ratio``: ``loss_change / first_order`` (NaN when ``first_order`` is 0); near 1 where the
+      first-order term explains the loss change.
+
+    Sums run over every conv/linear weight; biases and BN stay in float. Models are evaluated in
+    eval mode on copies (``model`` is left as it is), in ``dtype`` (float64 by default: at 8 bits
+    the loss change is small enough for float32 rounding to blur it); weights are quantized in the
+    model's own dtype, as deployed. Weights only: ``a_bits`` must be None, because quantized
+    activations would need calibration and a first-order term of their own.
+    """
+    if a_bits is not None:
+        raise ValueError(
+            f"first_order_bound quantizes weights only, got a_bits={a_bits!r}: pass a_bits=None "
+            "(activation quantization would need calibration and its own first-order term)"
+        )
+    bit_widths = [quant.validate_bit_width(b) for b in bit_widths]
+    if not bit_widths:
+        raise ValueError("bit_widths must hold at least one bit-width, e.g. [8, 4, 3, 2]")
+    plain = ptq.materialize(model)
+    reference = copy.deepcopy(plain).to(dtype)
+    x, labels = _in_dtype(x, dtype), _in_dtype(labels, dtype)
+    loss_float, grads = _loss_and_weight_grads(reference, x, labels, loss_fn)
+    rows = []
+    for bit_width in bit_widths:
+        quantized = ptq.quantize_model(model, QuantSpec(bit_width), fold=False, first_last_8bit=first_last_8bit)
+        half_steps = _deployed_half_steps(plain, bit_width, first_last_8bit)
+        deltas = _weight_deltas(quantized, plain, half_steps, dtype)
+        loss_quantized = _loss(quantized.to(dtype), x, labels, loss_fn)
+        first_order = float(sum((d * g).sum() for d, g in zip(deltas, grads)))
+        bound = float(sum(h * g.abs().sum() for h, g in zip(half_steps, grads)))
+        change = loss_quantized - loss_float
+        rows.append({
+            "w_bits": bit_width, "loss_float": loss_float, "loss_quantized": loss_quantized,
+            "loss_change": change, "first_order": first_order, "bound": bound,
+            "ratio": change / first_order if first_order != 0 else math.nan,
+        })
+    return pd.DataFrame(rows)
+
+
+def _in_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Floating tensors (inputs, regression targets) in ``dtype``; class labels as they are."""
+    return t.to(dtype) if t.is_floating_point() else t
+
+
+def _loss(net: nn.Module, x: torch.Tensor, labels: torch.Tensor, loss_fn) -> float:
+    with torch.no_grad():
+        return float(loss_fn(net.eval()(x), labels))
+
+
+def _loss_and_weight_grads(net: nn.Module, x, labels, loss_fn) -> tuple[float, list[torch.Tensor]]:
+    """``L`` and ``dL/dW_l`` of each conv/linear weight of ``net`` (a copy: its weights are made
+    differentiable even if they were frozen)."""
+    weights = [m.weight.requires_grad_(True) for _, m in ptq.weighted_layers(net)]
+    with torch.enable_grad():
+        loss = loss_fn(net.eval()(x), labels)
+        grads = torch.autograd.grad(loss, weights)
+    return float(loss.detach()), [g.detach() for g in grads]
+
+
+def _deployed_half_steps(plain: nn.Module, bit_width: int, first_last_8bit: bool) -> list[float]:
+    """``Delta_l / 2`` of each conv/linear weight as :func:`robustq.ptq.quantize_model` deploys it
+    at ``bit_width``: the stem and the classifier at ``max(8, b)`` when ``first_last_8bit``."""
+    edges = set(models.stem_and_classifier(plain)) if first_last_8bit else set()
+    edge_bits = max(ptq.EDGE_BIT_WIDTH, bit_width)
+    return [_minmax_step(m.weight, edge_bits if name in edges else bit_width) / 2
+            for name, m in ptq.weighted_layers(plain)]
+
+
+def _weight_deltas(quantized: nn.Module, plain: nn.Module, half_steps: list[float],
+                   dtype: torch.dtype) -> list[torch.Tensor]:
+    """``q(W_l) - W_l`` per layer in ``dtype``, checked against ``|q(W_l) - W_l| <= Delta_l / 2``
+    (up to the rounding of the weights' own dtype): a step that disagrees with the quantizer would
+    make ``bound`` wrong without any other sign."""
+    deltas = []
+    for (name, q), (_, w), half_step in zip(ptq.weighted_layers(quantized), ptq.weighted_layers(plain), half_steps):
+        weight = w.weight.detach()
+        delta = q.weight.detach().to(dtype) - weight.to(dtype)
+        rounding = 4 * torch.finfo(weight.dtype).eps * float(weight.abs().max())
+        if float(delta.abs().max()) > half_step + rounding:
+            raise RuntimeError(
+                f"first_order_bound: layer {name!r} moved by {float(delta.abs().max()):.3g} > Delta/2 = "
+                f"{half_step:.3g}; the steps here no longer match ptq.quantize_model's quantizer: update "
+                "_deployed_half_steps"
+            )
+        deltas.append(delta)
+    return deltas
+
+
+__all__ += ["first_order_bound", "grad_l1_norm"]  # gradient-ℓ1 (chapter 05)
+
+
+# --- SinReQ and oscillations (chapters 06, 07) ---
+
+
+GRID_DOMAINS = ("raw", "normalized")
+# TrackOscillation's default EMA momentum (Qualcomm-AI-research/oscillations-qat,
+# utils/oscillation_tracking_utils.py); main.py passes --oscillations-freeze-ema-momentum, default 0.001.
+OSCILLATION_MOMENTUM = 0.01
+# The released 4-bit MobileNetV2 run's final freezing threshold (README, bash/train_mobilenetv2.sh): the
+# repository counts no "oscillating" fraction itself, so this frequency cut-off is our choice [recon].
+OSCILLATION_THRESHOLD = 0.01
+
+
+def _named_layers(model: nn.Module, layers: Iterable[str] | None) -> list[tuple[str, nn.Module]]:
+    """The conv and linear layers of ``model`` named in ``layers`` (all of them if ``None``)."""
+    available = ptq.weighted_layers(model)
+    if layers is None:
+        return available
+    if isinstance(layers, str):
+        raise TypeError(f"layers must be a collection of layer names, got the string {layers!r}; "
+                        "wrap it in a list")
+    wanted = set(layers)
+    unknown = sorted(wanted - {name for name, _ in available})
+    if unknown:
+        raise ValueError(f"layers names no conv/linear layer of the model: {unknown}; "
+                         f"allowed: {[name for name, _ in available]}")
+    return [(name, m) for name, m in available if name in wanted]
+
+
+def grid_distance(w: torch.Tensor, step: float, shift: float = 0.0) -> float:
+    """Mean distance of ``w`` to the nearest point of the lattice ``k * step - shift`` (``k`` any
+    integer), in units of ``step``: in [0, 0.5], 0 on the lattice, 0.25 for weights spread
+    uniformly over many steps. The lattice is where SinReQ's ``sin^2(pi (w + shift) / step)`` is
+    zero (book/methods.md §3)."""
+    position = (w.detach() + shift) / step
+    return float((position - torch.round(position)).abs().mean())
+
+
+@torch.no_grad()
+def distance_to_grid(
+    model: nn.Module,
+    bit_width: int,
+    grid: str = "wrpn",
+    domain: str = "raw",
+    layers: Iterable[str] | None = None,
+) -> pd.DataFrame:
+    """Per conv/linear layer, the mean distance of the latent weights to SinReQ's grid in units of
+    the step (:func:`grid_distance`): the mechanism SinReQ claims, weights pulled onto the levels
+    (Elthakeb et al., arXiv 1905.01416; book/methods.md §3, C6.2). 0 on the grid, about 0.25 for
+    weights with no relation to it.
+
+    ``step`` and ``shift`` are those of :func:`robustq.regularizers.sinreq_grid` [code]: WRPN
+    ``1/(2^(k-1) - 1)``, shift 0; DoReFa ``2/(2^k - 1)``, shift ``step/2``. ``domain="raw"``
+    measures the latent weights themselves, where the released code puts its sinusoid, also for
+    DoReFa; ``domain="normalized"`` measures what the quantizer rounds: ``tanh(w) / max|tanh w|``
+    for DoReFa, ``clamp(w, -1, 1)`` for WRPN (:mod:`robustq.qat`; book/methods.md §6, §8).
+
+    Latent weights are :func:`robustq.qat.float_weight`: the parametrization's ``original`` of a
+    QAT-prepared layer (what SinReQ regularizes), ``layer.weight`` otherwise. A model finalized by
+    ``remove_qat`` keeps the pre-rounded weights, which for DoReFa are already normalized, so
+    measure a trained model before ``method.finalize`` (or from an ``on_epoch_end`` hook of
+    :class:`robustq.train.Extensions`, for the course over training). Columns: ``layer``,
+    ``weights``, ``distance`` and ``outside``, the fraction of the measured weights beyond the
+    grid's range [-1, 1], which the lattice distance ignores.
+    """
+    check_choice("domain", domain, GRID_DOMAINS)
+    step, shift = regularizers.sinreq_grid(bit_width, grid)
+    rows = []
+    for name, layer in _named_layers(model, layers):
+        w = qat.float_weight(layer).detach()
+        if domain == "normalized":
+            w = qat.make_weight_quantizer(grid, bit_width, w).pre_rounding(w)
+        rows.append({"layer": name, "weights": w.numel(), "distance": grid_distance(w, step, shift),
+                     "outside": float((w.abs() > 1).float().mean())})
+    return pd.DataFrame(rows, columns=["layer", "weights", "distance", "outside"])
+
+
+def _weight_quantizer(layer: nn.Module) -> qat.WeightQuantizer | None:
+    if not torch.nn.utils.parametrize.is_parametrized(layer, "weight"):
+        return None
+    return next((p for p in layer.parametrizations["weight"] if isinstance(p, qat.WeightQuantizer)), None)
+
+
+def _quantizer_step(quantizer: qat.WeightQuantizer, v: torch.Tensor) -> tuple[torch.Tensor | float, float]:
+    """``(step, offset)`` with ``quantizer.quantize_pre_rounded(v) = offset + step * level``."""
+    if isinstance(quantizer, qat.STEWeight):
+        return quant.choose_qparams(v, quantizer.spec, axis=0)[0], 0.0
+    if isinstance(quantizer, qat.LSQWeight):
+        return quantizer.scale.detach(), 0.0
+    if isinstance(quantizer, qat.DoReFaWeight):
+        return 2.0 / (2**quantizer.bit_width - 1), -1.0
+    if isinstance(quantizer, qat.WRPNWeight):
+        return 1.0 / (2 ** (quantizer.bit_width - 1) - 1), 0.0
+    raise ValueError(f"no integer levels known for the quantizer {type(quantizer).__name__}; "
+                     "add it to _quantizer_step")
+
+
+@torch.no_grad()
+def integer_levels(
+    model: nn.Module, bit_width: int | None = None, layers: Iterable[str] | None = None
+) -> dict[str, torch.Tensor]:
+    """The integer quantization level of every weight, per conv/linear layer (float tensors
+    holding integers), as :class:`OscillationTracker` follows them.
+
+    A layer with a QAT quantizer (:mod:`robustq.qat`) is read on its own grid: ``q(w) = offset +
+    step * level`` with its current step (LSQ's learned step, the STE quantizer's min-max scale,
+    DoReFa's and WRPN's fixed grids); ``bit_width`` does not apply to it. Any other layer is read
+    on the symmetric per-tensor min-max grid at ``bit_width`` [recon]: ``s = max|w| / (2^(b-1) - 1)``,
+    ``level = round(w / s)`` (:func:`robustq.quant.quantize`, book/methods.md §0), the grid of the
+    oscillation regularizer (book/methods.md §4); the scale follows ``max|w|`` from step to step,
+    as the regularizer's does.
+    """
+    levels = {}
+    for name, layer in _named_layers(model, layers):
+        w = qat.float_weight(layer).detach()
+        quantizer = _weight_quantizer(layer)
+        if quantizer is None:
+            if bit_width is None:
+                raise ValueError(f"layer {name!r} has no QAT quantizer: pass bit_width=... to read it "
+                                 "on a min-max grid")
+            quantizer = qat.STEWeight(bit_width)
+        v = quantizer.pre_rounding(w)
+        step, offset = _quantizer_step(quantizer, v)
+        levels[name] = torch.round((quantizer.quantize_pre_rounded(v) - offset) / step)
+    return levels
+
+
+class _OscillationState:
+    """One tensor's record in :class:`OscillationTracker`: ``TrackOscillation``'s variables."""
+
+    def __init__(self, level: torch.Tensor) -> None:
+        self.level = level.clone()
+        self.direction = torch.zeros_like(level)
+        self.ema = torch.zeros_like(level, dtype=torch.float32)
+        self.count = torch.zeros_like(level, dtype=torch.long)
+        self.steps = 0
+
+    def update(self, level: torch.Tensor, momentum: float) -> None:
+        if level.shape != self.level.shape:
+            raise ValueError(f"levels of shape {tuple(level.shape)} follow levels of shape "
+                             f"{tuple(self.level.shape)}; track each tensor under its own name")
+        delta = torch.round(self.level - level)
+        direction = torch.sign(delta)
+        oscillated = self.direction * direction == -1
+        self.ema = momentum * oscillated + (1 - momentum) * self.ema
+        self.direction = torch.where(delta != 0, direction, self.direction)
+        self.level = level.clone()
+        self.count += oscillated
+        self.steps += 1
+
+
+class OscillationTracker:
+    """Weight oscillations counted as Nagel et al. count them (ICML 2022, arXiv 2203.11086; book/methods.md
+    §6, C7.5), with the semantics of ``TrackOscillation.__call__`` in the released code [code]
+    (Qualcomm-AI-research/oscillations-qat, ``utils/oscillation_tracking_utils.py``).
+
+    Call it after every optimizer step, e.g. as an ``on_step_end`` hook of
+    :class:`robustq.train.Extensions` (``tracker(model, epoch, step)``), or feed it levels with
+    :meth:`update`. Per weight, with ``level`` its integer level (:func:`integer_levels`):
+    ``delta = round(previous level - level)``, ``direction = sign(delta)``; an **oscillation** is
+    ``direction * previous direction == -1``, where the previous direction is that of the weight's
+    last change (0 before its first); its frequency is the EMA
+    ``f = momentum * oscillated + (1 - momentum) * f``. So a weight alternating between two levels
+    counts at every change after its first, a monotone drift never. The first call only records the
+    levels. A weight **oscillates** when ``f > threshold``.
+
+    ``momentum = 0.01`` is ``TrackOscillation``'s default (the released ``main.py`` passes its CLI
+    option, default 0.001). The repository reports no fraction of oscillating weights; its only
+    threshold freezes weights (annealed from 0.1 to 0.005-0.015 in the released runs). Our default
+    ``threshold = 0.01`` is the 4-bit MobileNetV2 run's final one [recon]: with ``momentum = 0.01``
+    one isolated oscillation sets ``f`` to exactly the threshold, which does not exceed it. The
+    released code skips layers above 4 bits (``add_oscillation_trackers(max_bits=4)``); here
+    ``layers`` selects them (default: every conv and linear).
+    """
+
+    def __init__(
+        self,
+        bit_width: int | None = None,
+        *,
+        momentum: float = OSCILLATION_MOMENTUM,
+        threshold: float = OSCILLATION_THRESHOLD,
+        layers: Iterable[str] | None = None,
+    ) -> None:
+        if not 0 < momentum <= 1:
+            raise ValueError(f"momentum must be in (0, 1], got {momentum!r}; TrackOscillation uses 0.01")
+        if not 0 <= threshold < 1:
+            raise ValueError(f"threshold must be in [0, 1), got {threshold!r}: it is a frequency per step")
+        self.bit_width = None if bit_width is None else quant.validate_bit_width(bit_width)
+        self.momentum, self.threshold = momentum, threshold
+        self.layers = None if layers is None else list(layers)
+        self.states: dict[str, _OscillationState] = {}
+
+    def __call__(self, model: nn.Module, epoch: int = 0, step: int = 0) -> None:
+        self.update(integer_levels(model, self.bit_width, self.layers))
+
+    def update(self, levels: dict[str, torch.Tensor]) -> None:
+        """Record one step's integer levels, ``{name: tensor}``."""
+        for name, level in levels.items():
+            if name not in self.states:
+                self.states[name] = _OscillationState(level)
+            self.states[name].update(level, self.momentum)
+
+    def summary(self) -> pd.DataFrame:
+        """One row per tensor: ``weights``, ``steps`` seen, ``oscillating`` (fraction with EMA
+        frequency above ``threshold`` now), ``ever_oscillated`` (fraction that oscillated at least
+        once) and ``oscillations_per_weight`` (mean count)."""
+        rows = [
+            {"layer": name, "weights": s.count.numel(), "steps": s.steps,
+             "oscillating": float((s.ema > self.threshold).float().mean()),
+             "ever_oscillated": float((s.count > 0).float().mean()),
+             "oscillations_per_weight": float(s.count.double().mean())}
+            for name, s in self.states.items()
+        ]
+        columns = ["layer", "weights", "steps", "oscillating", "ever_oscillated", "oscillations_per_weight"]
+        return pd.DataFrame(rows, columns=columns)
+
+    def oscillating_fraction(self) -> float:
+        """The fraction of all tracked weights oscillating now (every layer's weights counted once)."""
+        if not self.states:
+            raise ValueError("the tracker has seen no step yet: call it after optimizer steps first")
+        oscillating = sum(int((s.ema > self.threshold).sum()) for s in self.states.values())
+        return oscillating / sum(s.ema.numel() for s in self.states.values())
+
+
+def _relative_gap(value: torch.Tensor, reference: torch.Tensor) -> float:
+    """``max|value - reference| / max|reference|``: the largest difference in units of the largest
+    entry (elementwise ratios blow up where an entry is near 0)."""
+    scale = reference.abs().max().clamp_min(torch.finfo(reference.dtype).tiny)
+    return float((value - reference).abs().max() / scale)
+
+
+def _maxabs_quantize(w: torch.Tensor, bit_width: int) -> torch.Tensor:
+    """The oscillation regularizer's quantizer, ``s round_ste(w / s)``, ``s = max|w| / (2^(b-1) - 1)``
+    detached: a straight-through QAT with a constant step (book/methods.md §4)."""
+    _, qmax = quant.qrange(bit_width)
+    scale = (w.detach().abs().max() / qmax).clamp_min(torch.finfo(w.dtype).tiny)
+    return scale * quant.round_ste(w / scale)
+
+
+def ste_gradient_decomposition(
+    x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, bit_width: int
+) -> dict[str, float]:
+    """C7.1: the STE gradient of QAT on a linear model is the float gradient plus a term that
+    pushes weights off their level (Wenshøj, Pepin & Selvan, arXiv 2502.00490; book/methods.md §4 [recon]).
+
+    Model ``y_hat = W x`` (``w`` of shape ``(d,)`` for one output, ``(m, d)`` for a layer; ``x`` of
+    shape ``(n, d)``, or ``(n,)`` with ``w`` a scalar for the 1-D case; ``y`` of shape ``(n,)`` or
+    ``(n, m)``), loss ``L(W) = 1/2 mean_n ||y_n - W x_n||^2``, quantizer ``q`` of
+    :func:`_maxabs_quantize` at ``bit_width``. Then exactly
+    ``grad_STE L(q(W)) = grad L(W) + (q(W) - W) C`` with ``C = mean_n x_n x_n^T``; for one input
+    ``C = E[x^2]`` and the term is the gradient of ``1/2 E[x^2] (q(w)^2 - w^2)``. All in float64.
+
+    Returns ``identity_error``, the largest difference between the STE gradient (autograd, forward
+    through ``q``) and ``grad L(W) + (q(W) - W) C`` relative to the largest STE gradient entry
+    (the identity holds iff it is at rounding level, <= 1e-5); ``regularizer_error``, the same for
+    the autograd gradient of :func:`robustq.regularizers.oscillation` against ``2 (q(W) - W) / N``
+    (``N`` weights); ``equivalent_lam = N mean(diag C) / 2``, the strength at which the
+    regularizer's gradient equals the QAT term when ``C`` is a multiple of the identity; and
+    ``regularizer_match``, the gap between ``(q(W) - W) C`` and ``equivalent_lam`` times the
+    regularizer's gradient: 0 (to rounding) for one input, otherwise the share of the QAT term that
+    input correlations and unequal input scales add [recon].
+    """
+    xs, ys, weight = _linear_problem(x, y, w)
+    n_weights = weight.numel()
+    leaf = weight.clone().requires_grad_(True)
+    quantized = _maxabs_quantize(leaf, bit_width)
+    ste = torch.autograd.grad(_half_mse(xs, ys, quantized), leaf)[0]
+    float_grad = torch.autograd.grad(_half_mse(xs, ys, leaf), leaf)[0]
+    moment = xs.T @ xs / xs.shape[0]
+    push = (quantized.detach() - weight) @ moment
+    reg_grad = torch.autograd.grad(regularizers.oscillation(leaf, bit_width), leaf)[0]
+    lam = n_weights * float(torch.diagonal(moment).mean()) / 2
+    return {
+        "identity_error": _relative_gap(float_grad + push, ste),
+        "regularizer_error": _relative_gap(reg_grad, 2 * (quantized.detach() - weight) / n_weights),
+        "equivalent_lam": lam,
+        "regularizer_match": _relative_gap(lam * reg_grad, push),
+    }
+
+
+def _linear_problem(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """``(x, y, W)`` as float64 ``(n, d)``, ``(n, m)`` and ``(m, d)`` tensors, shapes checked."""
+    weight = w.detach().to(torch.float64)
+    weight = weight.reshape(1, -1) if weight.dim() <= 1 else weight
+    xs = x.detach().to(torch.float64)
+    xs = xs.reshape(-1, 1) if xs.dim() == 1 else xs
+    fits = weight.dim() == 2 and xs.dim() == 2 and xs.shape[1] == weight.shape[1]
+    if not fits or y.numel() != xs.shape[0] * weight.shape[0] or y.shape[0] != xs.shape[0]:
+        raise ValueError(
+            f"shapes do not make a linear model y = W x: x {tuple(x.shape)}, y {tuple(y.shape)}, "
+            f"w {tuple(w.shape)}; pass x (n, d), w (d,) or (m, d), y (n,) or (n, m)"
+        )
+    return xs, y.detach().to(torch.float64).reshape(xs.shape[0], -1), weight
+
+
+def _half_mse(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (y - x @ weight.T).pow(2).sum(dim=1).mean()
+
+
+__all__ += [  # SinReQ and oscillations (chapters 06, 07)
+    "OscillationTracker", "distance_to_grid", "grid_distance", "integer_levels", "ste_gradient_decomposition",
 ]

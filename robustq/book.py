@@ -96,14 +96,16 @@ def runs_table(runs: Mapping[str, Mapping[int, Result]]) -> pd.DataFrame:
 
 
 def choices_table(choices: Mapping[str, dict]) -> pd.DataFrame:
-    """The open choices made on the selection seed: candidates' validation accuracy, the rule, the value."""
+    """The open choices made on the selection seed: the reference model's and the candidates'
+    validation accuracy, and the value the rule chose."""
     rows = []
     for name, chosen in choices.items():
         validation = chosen["validation"]
         rows.append({
             "method": name,
-            "baseline val. acc. (%)": round(100 * validation["baseline"], 2),
-            **{f"{chosen['param']} = {value:g}": round(100 * acc, 2)
+            "reference": chosen.get("reference", "baseline"),
+            "reference val. acc. (%)": round(100 * validation["baseline"], 2),
+            **{f"{' = '.join([chosen['param'], *chosen.get('tied', ())])} = {value:g}": round(100 * acc, 2)
                for value, acc in validation.items() if value != "baseline"},
             "chosen": chosen["value"],
         })

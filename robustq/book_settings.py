@@ -25,7 +25,8 @@ from typing import Any
 
 import pandas as pd
 
-from robustq import experiments
+from robustq import analysis, experiments
+from robustq.data import BatchLoader, Dataset
 from robustq.experiments import Experiment, Result
 from robustq.verdicts import minimum_detectable_effect
 
@@ -51,14 +52,35 @@ class Endpoint:
 
     name: str
     description: str
-    sweep: dict[str, Any]
-    worst_over: str | None = None  # take the worst accuracy over this column per bit-width first
+    sweep: dict[str, Any] | tuple[dict[str, Any], ...]  # several sweeps: their rows pooled
+    # take the worst accuracy per bit-width over the settings that vary (named here) first
+    worst_over: str | None = None
+
+    def frame(self, result: Result) -> pd.DataFrame:
+        """Every evaluation the endpoint averages, one row each (cached by :func:`evaluate`)."""
+        sweeps = (self.sweep,) if isinstance(self.sweep, dict) else self.sweep
+        return pd.concat([evaluate(result, **sweep) for sweep in sweeps], ignore_index=True)
 
     def value(self, result: Result) -> float:
-        frame = evaluate(result, **self.sweep)
+        frame = self.frame(result)
         if self.worst_over is not None:
             frame = frame.groupby("w_bits", as_index=False)["acc"].min()
         return 100.0 * float(frame["acc"].mean())
+
+    def by(self, result: Result, column: str) -> pd.Series:
+        """The endpoint computed separately for each value of one swept setting (e.g.
+        ``"symmetric"``), from the same cached evaluations."""
+        frame = self.frame(result)
+        if column not in frame.columns:
+            raise ValueError(f"the {self.name} sweep has no column {column!r}; it has: {', '.join(frame.columns)}")
+        return 100.0 * frame.groupby(column)["acc"].mean()
+
+    def with_settings(self, suffix: str, **settings: Any) -> Endpoint:
+        """The same endpoint with some sweep settings replaced (e.g. ``bias_correction=(True,)``)."""
+        sweeps = (self.sweep,) if isinstance(self.sweep, dict) else self.sweep
+        replaced = tuple({**sweep, **settings} for sweep in sweeps)
+        return dataclasses.replace(self, name=f"{self.name}_{suffix}",
+                                   sweep=replaced[0] if isinstance(self.sweep, dict) else replaced)
 
 
 ENDPOINTS = {
@@ -76,20 +98,53 @@ ENDPOINTS = {
         {"w_bits": (4, 3), "policy": ("minmax", "mse", "percentile", "aciq")},
         worst_over="policy",
     ),
+    "worst_setting3": Endpoint(
+        "worst_setting3",
+        "worst accuracy at W3 over {min-max, MSE, percentile, ACIQ} × {per-tensor, per-channel} × "
+        "{symmetric, asymmetric}",
+        {"w_bits": (3,), "policy": ("minmax", "mse", "percentile", "aciq"), "per_channel": (False, True),
+         "symmetric": (True, False)},
+        worst_over="policy, granularity, symmetry",
+    ),
+    "crossbit": Endpoint(
+        "crossbit",
+        "mean accuracy over W8, W6, W5, W4, W2 (symmetric per-tensor min-max; a QAT model with its own "
+        "quantizer): the bit-widths around the book's 3-bit QAT target",
+        {"w_bits": (8, 6, 5, 4, 2)},
+    ),
+    "target": Endpoint(
+        "target", "accuracy at W3, the book's QAT target (a QAT model with its own quantizer)", {"w_bits": (3,)}
+    ),
+    "above_target": Endpoint(
+        "above_target", "mean accuracy over W8, W6, W5, W4 (symmetric per-tensor min-max or own quantizer)",
+        {"w_bits": (8, 6, 5, 4)},
+    ),
+    "w4_w2": Endpoint(
+        "w4_w2", "mean accuracy at W4 and W2 (symmetric per-tensor min-max or own quantizer)", {"w_bits": (4, 2)}
+    ),
+    "w6a6_w4a4": Endpoint(
+        "w6a6_w4a4",
+        "mean accuracy at W6A6 and W4A4 (weights symmetric per-tensor min-max, activations asymmetric "
+        "per-tensor min-max calibrated on the float model)",
+        ({"w_bits": (6,), "a_bits": (6,)}, {"w_bits": (4,), "a_bits": (4,)}),
+    ),
 }
 
 # Chosen by `python benchmarks/power.py --profile book` on the selection seeds 100-104, by the rule
 # written in that script before it ran: of "w432" and "variants43", the one whose larger MDE at 5
 # seeds over the two comparisons (SymReg and SatNL against the baseline) is smaller. It measured
 # MDE 0.53 points for variants43 and 4.16 for w432 (W2 sits near chance for some seeds and not for
-# others). PLANNING_SD is the standard deviation of paired per-seed differences it measured, in the
-# endpoint's units, per endpoint (the larger over its comparisons); chapters print each claim's
-# minimum detectable effect from it before the run. They are inputs of the plan, not results: the
-# graded numbers are computed in each build.
+# others); a rerun for chapters 03-04 (selection seeds retrained, more endpoints) printed 0.49 and
+# 3.99 and the same choice. PLANNING_SD is the standard deviation of paired per-seed differences
+# that rerun measured, in the endpoint's units, per endpoint (the larger over its comparisons);
+# chapters print each claim's minimum detectable effect from it before the run. They are inputs of
+# the plan, not results: the graded numbers are computed in each build. Endpoints of chapters 05-07
+# (and identity checks) have none yet: their power tables say so.
 ENDPOINT = "variants43"
 PLANNING_SD: dict[str, float] = {
-    "variants43": 0.43, "w432": 3.35, "worst_policy43": 1.19, "float": 0.45,
-    "sqnr_drop_db": 4.96, "bias_drift_pct": 0.66, "log_excess_pct": 4.92,
+    "bias_drift_pct": 0.69, "crossbit": 14.34, "float": 0.5, "log_excess_pct": 4.92,
+    "quartile_contrast_points": 0.13, "sqnr_drop_db": 4.99, "symmetry_gain_contrast": 0.45, "variants43": 0.39,
+    "variants43_vs_bias_corrected": 0.47, "w432": 3.21, "worst_policy43": 1.07, "worst_setting3": 2.05,
 }
 
 
@@ -119,6 +174,12 @@ class Choice:
     candidates: tuple[Any, ...]
     rule: str
     pick: Callable[[dict[Any, float], float], Any] = field(repr=False, compare=False)
+    tied: tuple[str, ...] = ()  # other parameters that take the same value (e.g. lam_a with lam_w)
+    reference: str = "baseline"  # the book method whose validation accuracy the rule compares with
+
+    def assign(self, value: Any) -> dict[str, Any]:
+        """The method parameters one candidate value sets."""
+        return {name: value for name in (self.param, *self.tied)}
 
 
 def largest_within(points: float) -> Callable[[dict[Any, float], float], Any]:
@@ -143,38 +204,62 @@ class MethodSettings:
     chapter: str
     cost: float
     choice: Choice | None = None
+    inherits: str | None = None  # another entry whose choice this one reuses (not chosen again)
+    lazy_every: int = 1  # > 1: lazy regularization with this k, adopted by LAZY_RULE (chapter 05)
 
 
 WITHIN_HALF_A_POINT = "the largest λ whose validation accuracy stays within 0.5 point of the baseline's"
 SYMREG_LAM = Choice("lam", (0.1, 1.0, 10.0), WITHIN_HALF_A_POINT, largest_within(0.5))
 QAT_PARAMS = {"bit_width": QAT_BIT_WIDTH, "edge_bit_width": EDGE_BIT_WIDTH}
+# Gradient-ℓ1 (book/methods.md §2): the [paper] bound's step weighting; one λ for the weight and the
+# activation terms, chosen by the book's rule over two decades.
+GRAD_L1_LAM = Choice("lam_w", (0.01, 0.1, 1.0), WITHIN_HALF_A_POINT, largest_within(0.5), tied=("lam_a",))
+# SinReQ: the released fixed-bit scripts' constant strength (book/methods.md §3), chosen against the
+# QAT model it regularises; DoReFa's SinReQ reuses WRPN's λ.
+SINREQ_LAM = Choice("lam", (0.1, 1.0, 10.0), "the largest λ whose validation accuracy stays within 0.5 point of "
+                    "WRPN's (the same QAT without SinReQ)", largest_within(0.5), reference="wrpn")
+# Oscillation regularizer: the released λ = 14 was tuned for Adam on a ternary MLP (book/methods.md §4);
+# for SGD at 3 bits, three values a decade apart around it, by the book's rule.
+OSCILLATION_LAM = Choice("lam", (1.0, 10.0, 100.0), WITHIN_HALF_A_POINT, largest_within(0.5))
+LAZY_TOLERANCE = 0.10
+LAZY_RULE = ("lazy regularization (the penalty every k-th step, k times as strong) is used in the graded runs "
+             "if, on the selection seed at the chosen λ, the trained model's ‖∇L‖₁ on the validation split "
+             f"is within {LAZY_TOLERANCE:.0%} of the full penalty's")
 
 METHODS: dict[str, MethodSettings] = {
     "baseline": MethodSettings("baseline", {}, "01", 1.0),
     "symreg": MethodSettings("symreg", {"scope": "channel"}, "01", 1.1, SYMREG_LAM),
-    "symreg_layer": MethodSettings("symreg", {"scope": "layer"}, "01", 1.1, SYMREG_LAM),
-    "symreg_kernel": MethodSettings("symreg", {"scope": "kernel"}, "01", 1.1, SYMREG_LAM),
+    # The descriptive scopes reuse the channel scope's λ (the penalty is normalised per set).
+    "symreg_layer": MethodSettings("symreg", {"scope": "layer"}, "01", 1.1, inherits="symreg"),
+    "symreg_kernel": MethodSettings("symreg", {"scope": "kernel"}, "01", 1.1, inherits="symreg"),
     "satnl": MethodSettings("satnl", {}, "02", 1.14),
-    # Chapters 03-08 choose their own values when they are written; until then these are the
+    # The combinations reuse SymReg's λ as chapter 1 chose it: one SymReg in the whole book.
+    "symreg_satnl_asam": MethodSettings("symreg_satnl_asam", {"scope": "channel"}, "04", 2.7, inherits="symreg"),
+    "symreg_satnl_lsq": MethodSettings("symreg_satnl_lsq", {**QAT_PARAMS, "scope": "channel"}, "04", 1.45,
+                                       inherits="symreg"),
+    "asam": MethodSettings("asam", {}, "04", 2.4),
+    # Chapters 05-08 choose their own values when they are written; until then these are the
     # registry's documented defaults, and the run plan counts their models.
-    "symreg_satnl_asam": MethodSettings("symreg_satnl_asam", {"scope": "channel"}, "04", 2.3),
     "kure": MethodSettings("kure", {}, "08", 1.0),
-    "grad_l1": MethodSettings("grad_l1", {}, "05", 3.5),
+    "grad_l1": MethodSettings("grad_l1", {"weighting": "step"}, "05", 4.9, GRAD_L1_LAM, lazy_every=4),
     "wrpn": MethodSettings("wrpn", QAT_PARAMS, "06", 1.1),
-    "sinreq_wrpn": MethodSettings("sinreq_wrpn", QAT_PARAMS, "06", 1.2),
+    "sinreq_wrpn": MethodSettings("sinreq_wrpn", QAT_PARAMS, "06", 1.2, SINREQ_LAM),
     "dorefa": MethodSettings("dorefa", QAT_PARAMS, "06", 1.1),
-    "sinreq_dorefa": MethodSettings("sinreq_dorefa", QAT_PARAMS, "06", 1.2),
-    "qat_ste": MethodSettings("qat_ste", QAT_PARAMS, "07", 1.1),
-    "qat_lsq": MethodSettings("qat_lsq", QAT_PARAMS, "08", 1.2),
-    "oscillation": MethodSettings("oscillation", {"bit_width": QAT_BIT_WIDTH}, "07", 1.0),
-    "satnl_asam": MethodSettings("satnl_asam", {}, "04", 2.1),
+    "sinreq_dorefa": MethodSettings("sinreq_dorefa", QAT_PARAMS, "06", 1.2, inherits="sinreq_wrpn"),
+    "qat_ste": MethodSettings("qat_ste", QAT_PARAMS, "05", 1.05),
+    "qat_lsq": MethodSettings("qat_lsq", QAT_PARAMS, "04", 1.25),
+    "oscillation": MethodSettings("oscillation", {"bit_width": QAT_BIT_WIDTH}, "07", 1.0, OSCILLATION_LAM),
+    "satnl_asam": MethodSettings("satnl_asam", {}, "04", 2.4),
 }
 
 
-def experiment(name: str, seed: int, profile: str | None = None, **params: Any) -> Experiment:
-    """The book's experiment of method settings ``name`` on ``seed`` (``params`` override)."""
+def experiment(name: str, seed: int, profile: str | None = None, *, model: str = "cnn",
+               train_size: int | None = None, **params: Any) -> Experiment:
+    """The book's experiment of method settings ``name`` on ``seed`` (``params`` override the
+    method's; ``model`` and ``train_size`` the recipe's, for checks on another network)."""
     entry = _settings(name)
-    return Experiment(method=entry.method, method_params={**entry.params, **params}, seed=seed, profile=profile)
+    return Experiment(model=model, method=entry.method, method_params={**entry.params, **params}, seed=seed,
+                      train_size=train_size, profile=profile)
 
 
 def selection_experiment(name: str, profile: str | None = None, **params: Any) -> Experiment:
@@ -193,19 +278,50 @@ def choose(name: str, profile: str | None = None, progress: bool = False) -> dic
     choice = _settings(name).choice
     if choice is None:
         return {}
-    baseline = _final_val_acc(experiments.run(selection_experiment("baseline", profile), progress=progress))
+    baseline = _final_val_acc(experiments.run(
+        selection_experiment(choice.reference, profile, **_settings(choice.reference).params), progress=progress))
     accuracy = {
-        value: _final_val_acc(experiments.run(selection_experiment(name, profile, **{choice.param: value}), progress=progress))
+        value: _final_val_acc(experiments.run(selection_experiment(name, profile, **choice.assign(value)),
+                                              progress=progress))
         for value in choice.candidates
     }
-    return {"param": choice.param, "value": choice.pick(accuracy, baseline), "rule": choice.rule,
-            "validation": {**accuracy, "baseline": baseline}}
+    return {"param": choice.param, "tied": choice.tied, "value": choice.pick(accuracy, baseline), "rule": choice.rule,
+            "reference": choice.reference, "validation": {**accuracy, "baseline": baseline}}
 
 
 def settings_for(name: str, profile: str | None = None) -> dict[str, Any]:
-    """Method ``name``'s parameters in the book: fixed ones plus its choice, if it has one."""
-    chosen = choose(name, profile)
-    return {**_settings(name).params, **({chosen["param"]: chosen["value"]} if chosen else {})}
+    """Method ``name``'s parameters in the book: fixed ones plus its choice (or the choice of the
+    entry it inherits from), if it has one, and lazy regularization where :data:`LAZY_RULE` adopts it."""
+    entry = _settings(name)
+    source = entry.inherits or name
+    chosen = choose(source, profile)
+    params = {**entry.params, **(_settings(source).choice.assign(chosen["value"]) if chosen else {})}
+    if entry.lazy_every > 1 and choose_lazy(name, profile)["adopted"]:
+        params["lazy_every"] = entry.lazy_every
+    return params
+
+
+def choose_lazy(name: str, profile: str | None = None, progress: bool = False) -> dict[str, Any]:
+    """:data:`LAZY_RULE` on the selection seed: the full penalty's and the lazy penalty's trained
+    models at the chosen λ, their ‖∇L‖₁ on the validation split, and whether lazy is adopted."""
+    entry = _settings(name)
+    chosen = choose(entry.inherits or name, profile)
+    params = {**entry.params, **_settings(entry.inherits or name).choice.assign(chosen["value"])}
+    norms = {}
+    for k in (1, entry.lazy_every):
+        result = experiments.run(selection_experiment(name, profile, **params, lazy_every=k), progress=progress)
+        x, labels = validation_batch(experiments.dataset_for(result.experiment))
+        norms[k] = analysis.grad_l1_norm(result.model, x, labels)
+    ratio = norms[entry.lazy_every] / norms[1]
+    return {"lazy_every": entry.lazy_every, "norm_full": norms[1], "norm_lazy": norms[entry.lazy_every],
+            "ratio": ratio, "adopted": abs(ratio - 1) <= LAZY_TOLERANCE, "rule": LAZY_RULE}
+
+
+def validation_batch(data: Dataset, n_images: int = 1000):
+    """The first ``n_images`` normalised images of a selection run's validation split and their labels."""
+    if data.val is None:
+        raise ValueError("this dataset has no validation split: pass a selection experiment's (val_size > 0)")
+    return next(iter(BatchLoader(data.val, min(n_images, len(data.val)), mean=data.mean, std=data.std)))
 
 
 def run_graded(name: str, profile: str | None = None, progress: bool = False) -> dict[int, Result]:
@@ -224,6 +340,12 @@ def endpoint_values(runs: dict[int, Result], endpoint: Endpoint | None = None) -
     """Per seed, the endpoint's value (points) of each run."""
     endpoint = endpoint or primary_endpoint()
     return pd.Series({seed: endpoint.value(result) for seed, result in runs.items()}, name=endpoint.name)
+
+
+def endpoint_by(runs: dict[int, Result], column: str, endpoint: Endpoint | None = None) -> pd.DataFrame:
+    """Per seed (rows), the endpoint computed separately for each value of ``column`` (columns)."""
+    endpoint = endpoint or primary_endpoint()
+    return pd.DataFrame({seed: endpoint.by(result, column) for seed, result in runs.items()}).T
 
 
 def planning_mde(n: int, endpoint: str | None = None) -> float:
@@ -251,11 +373,13 @@ def _final_val_acc(result: Result) -> float:
 
 BUDGET_MINUTES = 36.0  # the plan's estimate must fit this (the book's cap is 40 minutes, goal 30)
 
-# Measured on the idle 2-core machine: a baseline model of the book recipe trains in 10.2-10.4 s
-# (benchmarks/power.py, seeds 103 and 104) plus 0.4 s for its test accuracy; one evaluation (a
-# quantized copy and a pass over the 5,000-image test subset, channels_last) takes 0.36-0.40 s.
-SECONDS_PER_UNIT = 11.0
-SECONDS_PER_EVALUATION = 0.4
+# Measured in `make book` on the 2-core machine (chapters 00-04, cold): a baseline model of the book
+# recipe trains in 12.6 s inside a notebook (10.3-10.7 s in benchmarks/power.py); an evaluation (a
+# quantized copy and a pass over the 5,000-image test subset) averages 0.7 s over the mix the
+# chapters run (0.4 s plain min-max, 0.67 s in chapter 03's sixteen-policy sweep, about 1.3 s with
+# bias correction, which recalibrates layer by layer).
+SECONDS_PER_UNIT = 12.6
+SECONDS_PER_EVALUATION = 0.7
 
 
 @dataclass(frozen=True)
@@ -283,7 +407,7 @@ def run_plan(profile: str = "book") -> pd.DataFrame:
     rows = [
         Planned("00", "baseline", "seed 0", 0, 0, "synthetic tensors only"),
         Planned("01", "baseline", "selection", 1, 0, "validation reference of every choice"),
-        *(Planned("01", s, "selection", lam, 0, "λ candidates") for s in ("symreg", "symreg_layer", "symreg_kernel")),
+        Planned("01", "symreg", "selection", lam, 0, "λ candidates"),
         Planned("01", "baseline", "graded", n, 9 * n, "SQNR drop and bias drift per seed (analysis passes)"),
         Planned("01", "symreg", "graded", n, 4 * n, "bias drift per seed"),
         Planned("01", "symreg_layer", "seed 0", 1, 0, "descriptive"),
@@ -297,16 +421,25 @@ def run_plan(profile: str = "book") -> pd.DataFrame:
         Planned("03", "mobilenetv2", "seed 0", 2, 4, "with and without depthwise SymReg, training subset"),
         Planned("04", "symreg_satnl_asam", "graded", n, (primary + 2) * n),
         Planned("04", "satnl", "graded", 0, primary * n + 2 * n, "SatNL alone vs baseline; quartile sensitivity"),
-        Planned("04", "satnl_asam", "seed 0", 2, 2 * primary, "ASAM and SatNL+ASAM, descriptive"),
-        Planned("04", "satnl", "selection", 2, 0, "the other two SatNL forms"),
-        Planned("04", "qat_lsq", "graded", 2 * n, 2 * 5 * n, "LSQ with and without SymReg+SatNL, cross-bit"),
-        Planned("05", "grad_l1", "selection", 3, 0, "two λ candidates and lazy regularization"),
-        Planned("05", "grad_l1", "graded", n, (primary + 2 + 5) * n, "endpoint, W6A6/W4A4, cross-bit"),
+        Planned("04", "asam", "seed 0", 1, primary, "ASAM alone, descriptive"),
+        Planned("04", "satnl_asam", "seed 0", 1, primary, "SatNL+ASAM, descriptive"),
+        Planned("04", "baseline", "seed 0", 0, 40, "Hessian, noise and ASAM-perturbation passes of four models"),
+        Planned("04", "satnl", "selection", 3, 0, "the three SatNL forms"),
+        Planned("04", "qat_lsq", "graded", n, 5 * n, "LSQ, cross-bit"),
+        Planned("04", "symreg_satnl_lsq", "graded", n, 5 * n, "LSQ on SymReg+SatNL, cross-bit"),
+        Planned("05", "grad_l1", "selection", 3, 0, "λ candidates"),
+        Planned("05", "grad_l1", "selection", 1, 0, "lazy regularization, at half the cost (k = 4)"),
+        Planned("05", "grad_l1", "graded", n, (2 + 1 + 6) * n, "W6A6/W4A4, W8A8, W8-W2"),
+        Planned("05", "baseline", "graded", 0, (2 + 1 + 6) * n, "the same for the baseline"),
+        Planned("05", "qat_ste", "graded", n, 6 * n, "own quantizer, W8-W2"),
+        Planned("06", "wrpn", "selection", 1, 0, "the reference of SinReQ's λ rule"),
         Planned("06", "sinreq_wrpn", "selection", 3, 0, "λ candidates"),
         *(Planned("06", m, "graded", n, n) for m in ("wrpn", "sinreq_wrpn", "dorefa", "sinreq_dorefa")),
+        Planned("06", "wrpn", "seed 0", 2, 0, "WRPN and SinReQ-WRPN retraced with a grid-distance hook"),
         Planned("07", "oscillation", "selection", 3, 0, "λ candidates"),
-        Planned("07", "oscillation", "graded", n, 6 * n, "W8-W2"),
-        Planned("07", "qat_ste", "graded", n, 6 * n, "own quantizer, cross-bit"),
+        Planned("07", "oscillation", "graded", n, 12 * n, "W8-W2, unfolded and folded"),
+        Planned("07", "baseline", "graded", 0, 12 * n + 6 * n, "the same for the baseline and STE-QAT"),
+        Planned("07", "baseline", "seed 0", 3, 0, "three models retraced with an oscillation tracker"),
         Planned("08", "kure", "graded", n, primary * n),
         Planned("08", "baseline", "graded", 0, 12 * 6 * n, "primary grid W8-W2 of every method"),
         Planned("08", "baseline", "seed 0", 0, 12 * 9, "secondary settings, descriptive"),
@@ -316,7 +449,7 @@ def run_plan(profile: str = "book") -> pd.DataFrame:
     return frame.assign(units=frame["models"] * cost)
 
 
-MOBILENET_COST = 2.0  # MobileNetV2 on a training subset sized to two baseline models
+MOBILENET_COST = 0.9  # MobileNetV2 on 2,048 training images (4,096 measured 20-22 s: 1.7 units)
 
 
 def estimate_minutes(plan: pd.DataFrame, seconds_per_unit: float = SECONDS_PER_UNIT,

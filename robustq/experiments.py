@@ -258,6 +258,22 @@ def sweep(result: Result, **settings: Any) -> pd.DataFrame:
     return frame
 
 
+def train_observed(exp: Experiment, on_step_end=(), on_epoch_end=(), *, progress: bool = False,
+                   device: torch.device | str | None = None) -> pd.DataFrame:
+    """Train ``exp``'s recipe again, uncached, with measurement hooks (``train.Extensions``
+    ``on_step_end`` / ``on_epoch_end``, e.g. an ``analysis.OscillationTracker``) and return its
+    history. Hooks only observe: on CPU the same seed retraces the cached model's trajectory."""
+    exp = exp.resolved()
+    seed_everything(exp.seed)
+    data = dataset_for(exp)
+    method = methods.make(exp.method, **exp.method_params)
+    model = method.prepare(models.make_model(exp.model, data.in_channels, data.num_classes))
+    extensions = dataclasses.replace(method.extensions(model), on_step_end=list(on_step_end),
+                                     on_epoch_end=list(on_epoch_end))
+    outcome = train(model, data, exp.train_config(), extensions, device=device, progress=progress, desc=f"{exp.method} (seed {exp.seed}, observed)")
+    return pd.DataFrame(outcome.history)
+
+
 def _train_and_store(exp: Experiment, entry: Path, progress: bool, device) -> Result:
     seed_everything(exp.seed)
     data = dataset_for(exp)

@@ -26,9 +26,8 @@ import torch
 from torch import nn
 
 from robustq import qat, regularizers, sam, satnl
-from robustq.models import stem_and_classifier
+from robustq.models import stem_and_classifier, weighted_layers
 from robustq.params import check_choice
-from robustq.ptq import weighted_layers
 from robustq.quant import validate_bit_width
 from robustq.train import Extensions, StepContext
 
@@ -167,35 +166,49 @@ class KURE(Part):
 
 @dataclass(frozen=True)
 class SinReQ(Part):
-    """SinReQ (Elthakeb et al., arXiv 1905.01416) [code]:
-    ``lam(epoch) * sum_layers mean sin^2(pi (w + shift) / Delta)`` on the latent (shadow) weights,
-    with the released code's schedule ``lam(epoch) = lam * 0.5 (1 + tanh((epoch - 0.2 E) / ramp))``.
-    Layers: every conv and linear except the stem conv and the classifier. ``lam`` is our default:
-    the committed scripts set it to 0 (book/methods.md §8)."""
+    """SinReQ (Elthakeb et al., arXiv 1905.01416; book/methods.md §3) [code]:
+    ``strength(epoch) * sum_layers mean sin^2(pi (w + shift) / Delta)`` on the latent (shadow)
+    weights. ``schedule="constant"`` (default): ``strength = lam``, as the fixed-bit scripts
+    (``compress_classifier_sinreq_v2.py``: ``cost_factor = 1``). ``schedule="tanh"``:
+    ``strength = lam * 0.5 (1 + tanh((epoch - 0.2 E) / ramp))`` (:func:`regularizers.sinreq_lambda`),
+    the schedule of the learned-bit-width script ``compress_classifier_sinreq-Learn_cifar10.py``
+    only; ``ramp`` is used by ``"tanh"`` alone. Layers: every conv and linear except the stem conv
+    and the classifier. ``lam = 1`` is ``_v2.py``'s (the ResNet-20 and VGG-11 scripts set 0,
+    book/methods.md §8)."""
 
     lam: float = 1.0
     bit_width: int = 4
     grid: str = "wrpn"
+    schedule: str = "constant"
     ramp: float = 20.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice("grid", self.grid, regularizers.SINREQ_GRIDS)
+        check_choice("schedule", self.schedule, regularizers.SINREQ_SCHEDULES)
+
+    def strength(self, epoch: float, epochs: int) -> float:
+        """The multiplier of the penalty at ``epoch`` (0-based) of ``epochs``."""
+        if self.schedule == "constant":
+            return self.lam
+        return self.lam * regularizers.sinreq_lambda(epoch, epochs, self.ramp)
 
     def penalty(self, model, context):
         excluded = set(stem_and_classifier(model))
         layers = [m for name, m in weighted_layers(model) if name not in excluded]
-        strength = self.lam * regularizers.sinreq_lambda(context.epoch, context.epochs, self.ramp)
         terms = [regularizers.sinreq(latent_weight(m), self.bit_width, self.grid) for m in layers]
-        return strength * torch.stack(terms).sum()
+        return self.strength(context.epoch, context.epochs) * torch.stack(terms).sum()
 
 
 @dataclass(frozen=True)
 class Oscillation(Part):
-    """Oscillation-inducing regularization (Wenshøj, Pepin & Selvan, arXiv 2502.00490) [code]:
-    ``lam * sum_layers mean (q(w)^2 - w^2)`` with the symmetric per-tensor max-abs quantizer at
-    ``bit_width``. Layers: every module with a ``.weight`` (BatchNorm included), as in the released
-    code, minus the qualified names in ``exclude``. ``lam = 14`` is the released MLP example's."""
+    """Oscillation-inducing regularization (Wenshøj, Pepin & Selvan, arXiv 2502.00490; book/methods.md §4)
+    [code]: ``lam * sum_layers mean (q(w)^2 - w^2)`` with the symmetric per-tensor max-abs quantizer
+    at ``bit_width``. Layers: every module with a ``.weight`` (BatchNorm included), as in the released
+    code, minus the qualified names in ``exclude``. The scale ``max|w| / (2^(b-1) - 1)`` is detached
+    by default (``detach_scale=True``, our choice: gradient exactly ``2 (q(w) - w) / N``); the
+    released code does not detach it (``detach_scale=False``; book/methods.md §8). ``lam = 14`` is
+    the released MLP example's."""
 
     lam: float = 14.0
     bit_width: int = 4
@@ -214,25 +227,65 @@ class Oscillation(Part):
 @dataclass(frozen=True)
 class GradL1(Part):
     """Gradient-ℓ1 regularization (Alizadeh et al., ICLR 2020, arXiv 2002.07520, eq. 7), our
-    reconstruction [recon]: ``lam_w sum_l ||dL/dW_l||_1 + lam_a sum_l ||dL/da_l||_1`` by double
-    backprop, ``a_l`` the input of each conv/linear. Gradients are of the batch-mean loss, so each
-    activation term is the mean over samples of the per-sample ℓ1 norm. No penalty during the first
-    ``warmup_epochs`` (a warm start). Strengths are not given for our setting: chapters sweep them."""
+    reconstruction [recon]: ``lam_w sum_l c_l ||dL/dW_l||_1 + lam_a sum_l ||dL/da_l||_1`` by double
+    backprop, ``a_l`` the input of each conv/linear (book/methods.md §2). Gradients are of the
+    batch-mean loss, so each activation term is the mean over samples of the per-sample ℓ1 norm.
+    No penalty during the first ``warmup_epochs`` (a warm start). Strengths are not given for our
+    setting: chapters sweep them.
+
+    * ``weighting="none"`` (default: the behaviour from before these options): ``c_l = 1``.
+      For a conv followed by BN, ``dL/dW`` scales as ``1/||W||``, so this penalty can be lowered by
+      growing the conv's norm without changing the network [recon].
+    * ``weighting="step"``: ``c_l = Delta_l / 2``, the [paper] bound's weighting, with
+      ``Delta_l = max|W_l| / (2^(b-1) - 1)`` at ``b = reference_bit_width`` for every layer, detached
+      (:func:`robustq.regularizers.grad_l1_half_steps`); invariant to that rescaling. ``b`` only
+      rescales the whole weight term by ``1 / (2^(b-1) - 1)``, i.e. it sets the unit of ``lam_w``.
+      Activation terms stay unweighted: their steps would need calibration.
+    * ``lazy_every=k`` (lazy regularization): the penalty is applied only on global steps
+      ``0, k, 2k, ...`` (``StepContext.step``), ``k`` times as strong, so its mean over ``k``
+      consecutive steps equals the full penalty while the double backward runs on 1 step in ``k``.
+      ``1`` (default) is every step.
+    """
 
     lam_w: float = 0.01
     lam_a: float = 0.01
     warmup_epochs: int = 0
+    weighting: str = "none"
+    reference_bit_width: int = 3  # the book's one QAT target (book/methods.md §7)
+    lazy_every: int = 1
 
     capture_activations: typing.ClassVar[bool] = True
     double_backprop: typing.ClassVar[bool] = True
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("weighting", self.weighting, regularizers.GRAD_L1_WEIGHTINGS)
+        try:
+            validate_bit_width(self.reference_bit_width)
+        except ValueError as error:
+            raise ValueError(f"GradL1.reference_bit_width: {error}") from None
+        if self.lazy_every < 1:
+            raise ValueError(f"GradL1.lazy_every must be an int >= 1 (1 = every step, k = every k-th "
+                             f"step), got {self.lazy_every}")
+
     def penalty(self, model, context):
-        if context.epoch < self.warmup_epochs:
+        if not self._applies_at(context):
             return None
         weights = [m.weight for _, m in weighted_layers(model)]
         acts = [a for a in context.activations if a.requires_grad]
-        scales = [self.lam_w] * len(weights) + [self.lam_a] * len(acts)
+        # k times as strong on 1 step in k: the same penalty in expectation over the run
+        scales = [self.lazy_every * c for c in self._weight_strengths(weights)]
+        scales += [self.lazy_every * self.lam_a] * len(acts)
         return regularizers.grad_l1(context.loss, weights + acts, scales=scales)
+
+    def _applies_at(self, context: StepContext) -> bool:
+        return context.epoch >= self.warmup_epochs and context.step % self.lazy_every == 0
+
+    def _weight_strengths(self, weights: list[torch.Tensor]) -> list[float]:
+        if self.weighting == "none":
+            return [self.lam_w] * len(weights)
+        half_steps = regularizers.grad_l1_half_steps(weights, self.reference_bit_width)
+        return [self.lam_w * h for h in half_steps]
 
 
 @dataclass(frozen=True)

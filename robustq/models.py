@@ -37,6 +37,15 @@ MOBILENETV2_BLOCKS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 2, 2)
 MOBILENETV2_HEAD_WIDTH = 256
 
 
+WEIGHTED_TYPES = (nn.Conv2d, nn.Linear)
+
+
+def weighted_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(qualified name, module)`` of every conv and linear layer, in module order: the layers
+    that every quantizer, regularizer, reparametrization and analysis of the package acts on."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, WEIGHTED_TYPES)]
+
+
 class ConvBN(nn.Sequential):
     """Conv2d (no bias, padding ``kernel_size // 2``) followed by BatchNorm2d.
 

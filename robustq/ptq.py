@@ -26,14 +26,13 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from robustq import qat, quant
 from robustq.data import BatchLoader, Dataset, Split, eval_loader
-from robustq.models import stem_and_classifier
+from robustq.models import stem_and_classifier, weighted_layers
 from robustq.quant import QuantSpec
 from robustq.train import EVAL_BATCH_SIZE, evaluate
 
 FLOAT_BITS = 32  # how tidy frames label an unquantized tensor
 EDGE_BIT_WIDTH = 8  # the stem conv and the classifier in the primary deployment setting
 TRAINED = "trained"  # bit_sweep's policy name for a QAT model's own quantizer
-WEIGHTED = (nn.Conv2d, nn.Linear)
 
 
 def fold_bn(model: nn.Module) -> nn.Module:
@@ -132,10 +131,6 @@ def materialize(model: nn.Module) -> nn.Module:
                 parametrize.remove_parametrizations(module, name, leave_parametrized=True)
     return plain
 
-
-def weighted_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """``(qualified name, module)`` of every conv and linear layer, in module order."""
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, WEIGHTED)]
 
 
 def quantize_model(

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from robustq.models import stem_and_classifier
+from robustq.models import stem_and_classifier, weighted_layers
 from robustq.quant import QuantSpec, quantize, round_ste, validate_bit_width
 from robustq.reparam import register_weight_parametrizations
 from robustq.satnl import SaturatingWeight
@@ -37,7 +37,6 @@ QUANTIZERS = ("ste", "lsq", "dorefa", "wrpn")
 # Quantizers that round their input as it comes (``pre_rounding`` is the identity), so they can sit
 # on top of SatNL: DoReFa's tanh and WRPN's clamp would replace SatNL's bound with their own.
 STACKABLE_QUANTIZERS = ("ste", "lsq")
-QAT_LAYER_TYPES = (nn.Conv2d, nn.Linear)
 
 
 class WeightQuantizer(nn.Module):
@@ -354,7 +353,7 @@ def _qat_quantizer(layer: nn.Module) -> WeightQuantizer | None:
 
 
 def _target_layers(model: nn.Module, exclude: Iterable[str]) -> dict[str, nn.Module]:
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, QAT_LAYER_TYPES)}
+    layers = dict(weighted_layers(model))
     if isinstance(exclude, str):
         raise ValueError(f"exclude must be a collection of module names, got the string {exclude!r}")
     unknown = sorted(set(exclude) - set(layers))

@@ -26,6 +26,8 @@ from robustq.quant import qrange, round_ste, validate_bit_width
 SYM_PAIRINGS = ("1:1", "2:2")
 SYM_SCOPES = ("layer", "channel", "kernel")
 SINREQ_GRIDS = ("wrpn", "dorefa")
+SINREQ_SCHEDULES = ("constant", "tanh")
+GRAD_L1_WEIGHTINGS = ("none", "step")  # weight terms: unweighted, or by Delta_l / 2 as in the bound
 KURTOSIS_OF_UNIFORM = 1.8
 SYM_REG_EPS = 1e-12
 
@@ -198,12 +200,15 @@ def sinreq(w: torch.Tensor, bit_width: int, grid: str = "wrpn") -> torch.Tensor:
 
 
 def sinreq_lambda(epoch: float, epochs: int, ramp: float = 20.0) -> float:
-    """SinReQ's strength schedule ``0.5 (1 + tanh((epoch - 0.2 E) / ramp))``
-    (Elthakeb et al., arXiv 1905.01416; [code]: the released code, with ``ramp = 20``).
+    """Strength schedule ``0.5 (1 + tanh((epoch - 0.2 E) / ramp))`` of SinReQ's learned-bit-width
+    script (Elthakeb et al., arXiv 1905.01416; book/methods.md §3).
 
-    The released code trains for hundreds of epochs, where a ramp of 20 epochs is short; for a
-    run of a few epochs pass a smaller ``ramp`` (e.g. ``0.1 * epochs``) so that the strength
-    actually rises from ~0 to ~1 within the run. ``ramp=20`` reproduces the code exactly.
+    [code] Only ``compress_classifier_sinreq-Learn_cifar10.py`` (WaveQ's learned bit-widths) ramps
+    the strength this way, with ``ramp = 20``; the fixed-bit scripts use a constant strength
+    (``cost_factor = 1`` in ``compress_classifier_sinreq_v2.py``), which ``methods.SinReQ`` uses by
+    default (``schedule="constant"``). The released runs last hundreds of epochs, where a ramp of
+    20 epochs is short; for a run of a few epochs pass a smaller ``ramp`` (e.g. ``0.1 * epochs``) so
+    that the strength actually rises from ~0 to ~1 within the run. ``ramp=20`` reproduces the code.
 
     >>> sinreq_lambda(epoch=40, epochs=200)
     0.5
@@ -258,6 +263,8 @@ def grad_l1(
     scale 0 are not differentiated at all. Tensors that do not require grad or that ``loss`` does
     not depend on contribute 0. No batch rescaling is applied: with a batch-mean loss the
     activation gradients scale as 1/batch, a choice the caller reports (book/methods.md §8).
+    The [paper] bound's weighting of each weight tensor by its half-step is
+    ``scales = grad_l1_half_steps(weights, b)`` (times the strength).
     """
     tensors = list(tensors)
     if not tensors:
@@ -278,6 +285,29 @@ def grad_l1(
         if grad is not None:
             total = total + scale * grad.abs().sum()
     return total
+
+
+def grad_l1_half_steps(weights: Iterable[torch.Tensor], bit_width: int) -> list[float]:
+    """Each weight tensor's factor ``Delta_l / 2`` in the [paper] bound of Alizadeh et al. (ICLR
+    2020, arXiv 2002.07520; book/methods.md §2): the first-order loss change under quantization is
+    at most ``sum_l (Delta_l / 2) ||dL/dW_l||_1``.
+
+    ``Delta_l = max|W_l| / (2^(b-1) - 1)`` is the symmetric per-tensor min-max step at bit-width
+    ``b`` (book/methods.md §0). Returned as plain floats, i.e. detached: the step only weighs the
+    layer's term; differentiating through it would add a push on ``max|W_l|``, a different
+    regularizer. One device sync for all tensors.
+
+    >>> grad_l1_half_steps([torch.tensor([0.5, -7.0])], bit_width=4)  # 7 / 7 / 2
+    [0.5]
+    """
+    weights = list(weights)
+    if not weights:
+        raise ValueError("weights must hold at least one tensor, got an empty sequence")
+    if any(w.numel() == 0 for w in weights):
+        raise ValueError("every weight tensor must have at least one element; drop the empty ones")
+    _, qmax = qrange(bit_width)
+    peaks = torch.stack([w.detach().abs().max().to(torch.float64) for w in weights])
+    return (peaks / (2 * qmax)).tolist()
 
 
 def sym_reg_seconds(weights: list[torch.Tensor], pairing: str, scope: str, repeats: int = 20) -> float:

@@ -22,10 +22,10 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from robustq.models import weighted_layers
 from robustq.reparam import register_weight_parametrizations
 
 SATNL_FORMS = ("tanh", "scaled_tanh", "normalized_tanh")
-SATNL_LAYER_TYPES = (nn.Conv2d, nn.Linear)
 # Three standard deviations of the initial weights: beyond every weight of PyTorch's default
 # (uniform, max = sqrt(3) std) init, beyond 99.7% of a Gaussian init.
 DEFAULT_ALPHA_MULT = 3.0
@@ -145,7 +145,7 @@ def _has_satnl_weight(layer: nn.Module) -> bool:
 
 
 def _target_layers(model: nn.Module, include: Iterable[str] | None) -> dict[str, nn.Module]:
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, SATNL_LAYER_TYPES)}
+    layers = dict(weighted_layers(model))
     if include is None:
         return layers
     include = list(include)

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from robustq.data import BatchLoader, Dataset, eval_loader, train_loader
 from robustq.files import write_atomic
+from robustq.models import weighted_layers
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("onecycle", "cosine", "constant")
@@ -67,12 +68,15 @@ class TrainConfig:
 
 @dataclass
 class StepContext:
-    """What a penalty may look at: the task loss, captured layer inputs, and training progress."""
+    """What a penalty may look at: the task loss, captured layer inputs, and training progress.
+    ``step`` counts optimisation steps over the whole run from 0 (``epoch * steps_per_epoch + i``),
+    so a resumed run continues the count; both SAM passes of a step share it."""
 
     loss: torch.Tensor
     activations: list[torch.Tensor]
     epoch: int
     epochs: int
+    step: int = 0
 
 
 @dataclass
@@ -81,12 +85,22 @@ class Extensions:
     ``capture_activations`` records the input of every conv/linear for it; ``wrap_optimizer``
     turns the base optimizer into a two-step one (SAM/ASAM). ``double_backprop`` marks a penalty
     that differentiates gradients (gradient-ℓ1): the loop then keeps the contiguous memory format,
-    which is about 3x faster than channels_last for double backprop on CPU."""
+    which is about 3x faster than channels_last for double backprop on CPU.
+
+    Measurements during training (they never change the loss): each ``on_step_end`` hook is called
+    as ``hook(model, epoch, step)`` after every optimizer step (0-based epoch and step within the
+    epoch) and keeps its own record; each ``on_epoch_end`` hook is called as ``hook(model, epoch)``
+    after the epoch (and its validation) and may return a dict of numbers, merged into that epoch's
+    ``history`` entry (so it is checkpointed). Both run under ``torch.no_grad()``, in train mode;
+    step hooks count in the epoch's wall time. A resumed run calls them only for the epochs it
+    trains."""
 
     penalty: Callable[[nn.Module, StepContext], torch.Tensor] | None = None
     capture_activations: bool = False
     wrap_optimizer: Callable[[list[nn.Parameter], torch.optim.Optimizer], object] | None = None
     double_backprop: bool = False
+    on_step_end: list[Callable[[nn.Module, int, int], object]] = field(default_factory=list)
+    on_epoch_end: list[Callable[[nn.Module, int], dict | None]] = field(default_factory=list)
 
 
 @dataclass
@@ -133,6 +147,7 @@ def train(
         stats = _train_epoch(model, loader, optimizer, stepper, scheduler, extensions, epoch, config, bar, memory_format)
         if val_loader is not None:
             stats["val_acc"] = evaluate(model, val_loader)
+        stats.update(_epoch_hooks(model, extensions.on_epoch_end, epoch, stats))
         history.append(stats)
         if progress:
             _log_epoch(stats, config.epochs, desc, bar)
@@ -155,9 +170,12 @@ def _train_epoch(model, loader, optimizer, stepper, scheduler, extensions, epoch
     try:
         for step, (x, y) in enumerate(loader):
             x = x.contiguous(memory_format=memory_format)
-            loss, logits = _step(model, x, y, optimizer, stepper, extensions, captured, epoch, config)
+            global_step = epoch * len(loader) + step
+            loss, logits = _step(model, x, y, optimizer, stepper, extensions, captured, epoch, global_step,
+                                 config)
             _guard_finite(loss, epoch, step)
             scheduler.step()
+            _step_hooks(model, extensions.on_step_end, epoch, step)
             loss_sum += loss.detach() * len(y)
             correct += (logits.argmax(1) == y).sum()
             seen += len(y)
@@ -178,9 +196,9 @@ def _train_epoch(model, loader, optimizer, stepper, scheduler, extensions, epoch
     }
 
 
-def _step(model, x, y, optimizer, stepper, extensions, captured, epoch, config):
+def _step(model, x, y, optimizer, stepper, extensions, captured, epoch, global_step, config):
     """One optimisation step; with SAM/ASAM the objective is evaluated twice."""
-    loss, logits = _objective(model, x, y, extensions, captured, epoch, config)
+    loss, logits = _objective(model, x, y, extensions, captured, epoch, global_step, config)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if stepper is None:
@@ -188,27 +206,51 @@ def _step(model, x, y, optimizer, stepper, extensions, captured, epoch, config):
         return loss, logits
     stepper.first_step()
     optimizer.zero_grad(set_to_none=True)
-    _objective(model, x, y, extensions, captured, epoch, config)[0].backward()
+    _objective(model, x, y, extensions, captured, epoch, global_step, config)[0].backward()
     stepper.second_step()
     return loss, logits
 
 
-def _objective(model, x, y, extensions, captured, epoch, config):
+def _objective(model, x, y, extensions, captured, epoch, global_step, config):
     """Task loss plus the method's penalty: the single place where methods add loss terms."""
     captured.clear()
     logits = model(x)
     loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
     if extensions.penalty is not None:
-        context = StepContext(loss=loss, activations=list(captured), epoch=epoch, epochs=config.epochs)
+        context = StepContext(loss=loss, activations=list(captured), epoch=epoch, epochs=config.epochs,
+                              step=global_step)
         loss = loss + extensions.penalty(model, context)
     return loss, logits
+
+
+@torch.no_grad()
+def _step_hooks(model, hooks, epoch: int, step: int) -> None:
+    for hook in hooks:
+        hook(model, epoch, step)
+
+
+@torch.no_grad()
+def _epoch_hooks(model, hooks, epoch: int, stats: dict) -> dict:
+    """The values the epoch hooks return, checked not to overwrite the loop's own statistics."""
+    record: dict = {}
+    for hook in hooks:
+        values = hook(model, epoch)
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise TypeError(f"an on_epoch_end hook must return a dict of numbers or None, got {type(values).__name__}")
+        clash = sorted(set(values) & (set(stats) | set(record)))
+        if clash:
+            raise ValueError(f"on_epoch_end hook values {clash} would overwrite history entries; rename them")
+        record.update(values)
+    return record
 
 
 def _capture_inputs(model: nn.Module, captured: list[torch.Tensor]) -> list:
     def hook(_module, inputs):
         captured.append(inputs[0])
 
-    return [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    return [m.register_forward_pre_hook(hook) for _, m in weighted_layers(model)]
 
 
 def _guard_finite(loss: torch.Tensor, epoch: int, step: int) -> None:

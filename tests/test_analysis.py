@@ -439,3 +439,312 @@ def test_asam_perturbation_of_satnl_lives_on_theta_and_is_carried_by_the_slope()
     frame = analysis.asam_perturbation_by_magnitude(layer, x, y, rho=0.5, eta=0.01, bit_width=3)
     by_magnitude = eps_w.abs().flatten()[w.abs().flatten().argsort()]
     assert frame["mean_abs_eps"].to_numpy() == pytest.approx(by_magnitude.numpy(), rel=1e-5)
+
+
+# --- satnl_latent: a trained SatNL result back in theta space ------------------------------------
+
+import dataclasses
+
+from robustq import experiments, methods
+
+LATENT_TINY = {"dataset": "synthetic", "epochs": 1, "batch_size": 64, "train_size": 256, "test_size": 200}
+
+
+@pytest.fixture(scope="module")
+def satnl_result(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ROBUSTQ_CACHE", str(tmp_path_factory.mktemp("latent-cache")))
+        return experiments.run(experiments.Experiment(method="satnl", seed=3, **LATENT_TINY), progress=False)
+
+
+def test_satnl_latent_reproduces_the_trained_weights_with_the_training_alpha(satnl_result):
+    before = torch.get_rng_state()
+    latent = analysis.satnl_latent(satnl_result)
+    assert torch.equal(torch.get_rng_state(), before)  # the replay keeps the caller's RNG
+    assert satnl.has_satnl(latent) and not latent.training
+    trained = dict(ptq.weighted_layers(satnl_result.model))
+    torch.manual_seed(3)  # the initial model, without loading data: alpha = 3 std(W_init)
+    fresh = dict(ptq.weighted_layers(models.make_model("cnn", 1, 10)))
+    for name, layer in ptq.weighted_layers(latent):
+        w = trained[name].weight.detach()
+        assert (layer.weight.detach() - w).abs().max() <= 1e-6 * w.abs().max()
+        alpha = torch.tensor(satnl.DEFAULT_ALPHA_MULT * fresh[name].weight.std().item())
+        assert torch.equal(layer.parametrizations.weight[0].alpha, alpha)
+    x = torch.randn(8, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(latent(x), satnl_result.model(x), atol=1e-5)
+    assert not any(torch.nn.utils.parametrize.is_parametrized(m) for m in satnl_result.model.modules())
+
+
+def test_asam_perturbation_runs_on_the_satnl_latent(satnl_result):
+    latent = analysis.satnl_latent(satnl_result)
+    x = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    frame = analysis.asam_perturbation_by_magnitude(latent, x, torch.arange(16) % 10, rho=0.5)
+    assert len(frame) == 4 * len(ptq.weighted_layers(latent))
+    assert frame["eps_over_step"].notna().all() and (frame["eps_over_step"] >= 0).all()
+
+
+def test_satnl_latent_rejects_weights_its_alpha_cannot_reproduce(satnl_result):
+    tampered = ptq.materialize(satnl_result.model)
+    with torch.no_grad():
+        ptq.weighted_layers(tampered)[0][1].weight.mul_(10.0)  # beyond alpha: saturates
+    with pytest.raises(ValueError, match="were not recovered"):
+        analysis.satnl_latent(dataclasses.replace(satnl_result, model=tampered))
+
+
+def test_satnl_latent_passes_a_method_without_satnl_through_and_refuses_normalized_tanh(cnn):
+    result = experiments.Result(experiments.Experiment(method="baseline", **LATENT_TINY).resolved(), cnn,
+                                {}, pd.DataFrame(), cached=True)
+    plain = analysis.satnl_latent(result)
+    assert plain is not cnn and not satnl.has_satnl(plain)
+    for a, b in zip(plain.state_dict().values(), cnn.state_dict().values()):
+        assert torch.equal(a, b)
+    params = {"form": "normalized_tanh"}
+    normalized = dataclasses.replace(result, experiment=experiments.Experiment(
+        method="satnl", method_params=params, **LATENT_TINY).resolved())
+    assert methods.make("satnl", **params).parts[0].form == "normalized_tanh"
+    with pytest.raises(ValueError, match="normalized_tanh"):
+        analysis.satnl_latent(normalized)
+
+
+# --- gradient-ℓ1: the first-order bound (chapter 05) ---------------------------------------------
+
+
+def _half_squared_error(out, target):
+    return 0.5 * (out - target).pow(2).sum(dim=1).mean()
+
+
+@pytest.fixture(scope="module")
+def linear_regression():
+    generator = torch.Generator().manual_seed(7)
+    model = nn.Linear(5, 3).double()
+    with torch.no_grad():
+        model.weight.copy_(torch.randn(3, 5, dtype=torch.float64, generator=generator))
+    x = torch.randn(32, 5, dtype=torch.float64, generator=generator)
+    return model, x, torch.randn(32, 3, dtype=torch.float64, generator=generator)
+
+
+def test_first_order_bound_on_a_quadratic_loss_matches_the_exact_expansion(linear_regression):
+    model, x, target = linear_regression
+    bits = [2, 3, 4, 8, 12, 16]
+    rows = analysis.first_order_bound(model, x, target, bits, first_last_8bit=False, loss_fn=_half_squared_error)
+    assert rows["w_bits"].tolist() == bits
+    residual = model(x).detach() - target
+    gradient = residual.T @ x / len(x)  # dL/dW of 0.5 mean ||W x + b - t||^2
+    for row in rows.itertuples():
+        delta = quant.quantize(model.weight.detach(), QuantSpec(row.w_bits)) - model.weight.detach()
+        linear_term = float((delta * gradient).sum())
+        quadratic_term = float(0.5 * (x @ delta.T).pow(2).sum(dim=1).mean())  # the loss is exactly quadratic
+        assert row.first_order == pytest.approx(linear_term, rel=1e-10, abs=1e-15)
+        assert row.loss_change == pytest.approx(linear_term + quadratic_term, rel=1e-8, abs=1e-14)
+        assert abs(row.first_order) <= row.bound
+        step = float(model.weight.detach().abs().max()) / (2 ** (row.w_bits - 1) - 1)
+        assert row.bound == pytest.approx(step / 2 * float(gradient.abs().sum()), rel=1e-12)
+    assert rows.set_index("w_bits").loc[16, "ratio"] == pytest.approx(1.0, abs=1e-3)  # tiny steps: first order
+
+
+def test_first_order_bound_on_a_cnn_deploys_edges_at_8_bits_and_keeps_the_model(cnn, images):
+    labels = torch.arange(len(images)) % 10
+    before = {k: v.clone() for k, v in cnn.state_dict().items()}
+    rows = analysis.first_order_bound(cnn, images, labels, [8, 4, 2])
+    assert list(rows.columns) == ["w_bits", "loss_float", "loss_quantized", "loss_change", "first_order", "bound",
+                                  "ratio"]
+    assert (rows["first_order"].abs() <= rows["bound"]).all()
+    assert rows["bound"].is_monotonic_increasing  # coarser steps, same gradient
+    assert all(torch.equal(v, cnn.state_dict()[k]) for k, v in before.items())
+    # at 2 bits the stem and the classifier keep their 8-bit step, so the bound is below the all-2-bit one
+    every_layer = analysis.first_order_bound(cnn, images, labels, [2], first_last_8bit=False)
+    assert rows["bound"].iloc[-1] < every_layer["bound"].iloc[0]
+
+
+@pytest.mark.parametrize(
+    "bits, a_bits, match",
+    [([4], 8, "quantizes weights only"), ([], None, "at least one bit-width"), ([1], None, "bit_width must be in")],
+)
+def test_first_order_bound_rejects_activations_and_bad_bit_widths(linear_regression, bits, a_bits, match):
+    model, x, target = linear_regression
+    with pytest.raises(ValueError, match=match):
+        analysis.first_order_bound(model, x, target, bits, a_bits, first_last_8bit=False, loss_fn=_half_squared_error)
+
+
+def test_grad_l1_norm_by_hand():
+    model = nn.Sequential(nn.Linear(2, 2))
+    with torch.no_grad():
+        model[0].weight.zero_()
+        model[0].bias.zero_()
+    # uniform softmax, label 0: dL/dlogits = (-1/2, 1/2); dL/dW = its outer product with x = (1, 2)
+    norm = analysis.grad_l1_norm(model, torch.tensor([[1.0, 2.0]]), torch.tensor([0]))
+    assert norm == pytest.approx(0.5 * 3 + 0.5 * 3)  # the bias's gradient does not count
+    assert model[0].weight.grad is None
+
+
+# --- SinReQ and oscillations (chapters 06, 07) -----------------------------------------------------
+
+
+def _two_layer_net():
+    return nn.Sequential(nn.Conv2d(1, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 10))
+
+
+def _fill(model, make):
+    with torch.no_grad():
+        for _, layer in ptq.weighted_layers(model):
+            layer.weight.copy_(make(layer.weight.shape))
+
+
+def _grid_levels(bit_width, grid):
+    if grid == "wrpn":
+        n = 2 ** (bit_width - 1) - 1
+        return torch.arange(-n, n + 1) / n
+    n = 2**bit_width - 1
+    return 2 * torch.arange(n + 1) / n - 1
+
+
+@pytest.mark.parametrize("grid", ["wrpn", "dorefa"])
+@pytest.mark.parametrize("bit_width", [2, 3, 4])
+def test_distance_to_grid_is_zero_on_the_grid_and_a_quarter_for_uniform_weights(grid, bit_width):
+    generator = torch.Generator().manual_seed(bit_width)
+    levels = _grid_levels(bit_width, grid)
+    model = _two_layer_net()
+    _fill(model, lambda shape: levels[torch.randint(len(levels), shape, generator=generator)])
+    on_grid = analysis.distance_to_grid(model, bit_width, grid)
+    assert list(on_grid.layer) == ["0", "2"] and list(on_grid.weights) == [72, 1280]
+    assert on_grid.distance.max() < 1e-6 and on_grid.outside.max() == 0.0
+    _fill(model, lambda shape: torch.rand(shape, generator=generator) * 2 - 1)
+    assert analysis.distance_to_grid(model, bit_width, grid, layers=["2"]).distance.item() == pytest.approx(0.25, abs=0.01)
+
+
+def test_distance_to_grid_reads_dorefa_weights_raw_or_tanh_normalized():
+    bit_width, levels = 3, _grid_levels(3, "dorefa")
+    model = _two_layer_net()
+    generator = torch.Generator().manual_seed(0)
+    # tanh(w) = 0.5 * level, so tanh(w) / max|tanh w| is the level itself
+    _fill(model, lambda shape: torch.atanh(0.5 * levels[torch.randint(len(levels), shape, generator=generator)]))
+    assert analysis.distance_to_grid(model, bit_width, "dorefa", "normalized").distance.max() < 1e-6
+    assert analysis.distance_to_grid(model, bit_width, "dorefa", "raw").distance.min() > 0.05
+    with pytest.raises(ValueError, match=r"domain must be one of \('raw', 'normalized'\)"):
+        analysis.distance_to_grid(model, bit_width, "dorefa", "tanh")
+
+
+def test_distance_to_grid_reads_the_latent_weights_of_a_qat_model():
+    from robustq import qat
+
+    model = qat.prepare_qat(_two_layer_net(), "wrpn", 3)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, layer in ptq.weighted_layers(model):
+            layer.parametrizations.weight.original.copy_(torch.rand(layer.weight.shape, generator=generator) * 2 - 1)
+    latent = analysis.distance_to_grid(model, 3, "wrpn")
+    assert latent.distance.min() > 0.2  # the forward weight layer.weight is on the grid: 0
+    with pytest.raises(ValueError, match=r"layers names no conv/linear layer of the model: \['1'\]"):
+        analysis.distance_to_grid(model, 3, layers=["1"])
+
+
+@pytest.mark.parametrize("quantizer", ["ste", "lsq", "dorefa", "wrpn"])
+def test_integer_levels_follow_each_qat_quantizer_grid_one_to_one(quantizer):
+    from robustq import qat
+
+    torch.manual_seed(0)
+    model = qat.prepare_qat(_two_layer_net(), quantizer, 3)
+    levels = analysis.integer_levels(model)
+    for name, layer in ptq.weighted_layers(model):
+        assert torch.equal(levels[name], torch.round(levels[name]))
+        _, by_weight = torch.unique(layer.weight.detach(), return_inverse=True)
+        _, by_level = torch.unique(levels[name], return_inverse=True)
+        assert torch.equal(by_weight, by_level)  # same partition, same order
+
+
+def test_integer_levels_of_a_float_model_are_the_minmax_grid():
+    torch.manual_seed(0)
+    model = _two_layer_net()
+    levels = analysis.integer_levels(model, bit_width=3)
+    for name, layer in ptq.weighted_layers(model):
+        scale = layer.weight.abs().max() / 3
+        assert torch.equal(levels[name], torch.round(layer.weight.detach() / scale))
+    with pytest.raises(ValueError, match="has no QAT quantizer: pass bit_width"):
+        analysis.integer_levels(model)
+
+
+def _track(trajectory, **kwargs):
+    tracker = analysis.OscillationTracker(**kwargs)
+    for levels in zip(*trajectory):
+        tracker.update({"w": torch.tensor(levels, dtype=torch.float32)})
+    return tracker
+
+
+def test_oscillation_tracker_counts_every_reversal_and_no_drift():
+    alternating = [0, 1] * 50
+    drift = list(range(100))
+    rest_then_back = [0, 1, 1, 1, 1, 0] + [0] * 94
+    up_up_down = [0, 1, 2, 1] + [1] * 96
+    tracker = _track([alternating, drift, rest_then_back, up_up_down])
+    state = tracker.states["w"]
+    assert state.count.tolist() == [98, 0, 1, 1] and state.steps == 100
+    assert state.ema[0].item() == pytest.approx(1 - 0.99**98, rel=1e-5)
+    summary = tracker.summary().iloc[0]
+    assert (summary.weights, summary.steps, summary.oscillating, summary.ever_oscillated) == (4, 100, 0.25, 0.75)
+    assert summary.oscillations_per_weight == pytest.approx(100 / 4)
+    assert tracker.oscillating_fraction() == 0.25
+
+
+def test_oscillation_ema_matches_track_oscillation_step_by_step():
+    trajectory = [0, 1, 0, 0, 1, 2, 1, 2]
+    momentum, ema, previous, direction = 0.2, 0.0, trajectory[0], 0
+    tracker = analysis.OscillationTracker(momentum=momentum)
+    for level in trajectory:
+        tracker.update({"w": torch.tensor([float(level)])})
+        switch = (previous > level) - (previous < level)  # sign(previous - level), as in the released code
+        ema = momentum * (direction * switch == -1) + (1 - momentum) * ema
+        direction, previous = (switch if switch else direction), level
+        assert tracker.states["w"].ema.item() == pytest.approx(ema, rel=1e-6)
+
+
+def test_oscillation_tracker_runs_as_a_training_hook(synthetic):
+    from robustq.train import Extensions, TrainConfig, train
+
+    torch.manual_seed(0)
+    tracker = analysis.OscillationTracker(bit_width=3)
+    model = models.make_model("cnn", synthetic.in_channels, synthetic.num_classes)
+    result = train(model, synthetic, TrainConfig(epochs=1, batch_size=128, lr=0.05), Extensions(on_step_end=[tracker]),
+                   progress=False)
+    summary = tracker.summary()
+    assert list(summary.layer) == [name for name, _ in ptq.weighted_layers(result.model)]
+    steps = result.history[0]["images"] // 128
+    assert (summary.steps == steps).all() and summary.ever_oscillated.between(0, 1).all()
+
+
+def test_oscillation_tracker_rejects_bad_settings():
+    with pytest.raises(ValueError, match="momentum must be in"):
+        analysis.OscillationTracker(momentum=0.0)
+    with pytest.raises(ValueError, match="threshold must be in"):
+        analysis.OscillationTracker(threshold=1.5)
+    with pytest.raises(ValueError, match="has seen no step yet"):
+        analysis.OscillationTracker().oscillating_fraction()
+    tracker = _track([[0, 1]])
+    with pytest.raises(ValueError, match="track each tensor under its own name"):
+        tracker.update({"w": torch.zeros(2)})
+
+
+@pytest.mark.parametrize("bit_width", [2, 3, 4])
+def test_ste_gradient_decomposition_is_an_identity_in_one_dimension(bit_width):
+    generator = torch.Generator().manual_seed(bit_width)
+    x = torch.randn(1000, generator=generator) * 1.7 + 0.3
+    y = 0.8 * x + 0.1 * torch.randn(1000, generator=generator)
+    result = analysis.ste_gradient_decomposition(x, y, torch.tensor(0.37), bit_width)
+    assert result["identity_error"] <= 1e-12 and result["regularizer_error"] <= 1e-12
+    assert result["regularizer_match"] <= 1e-12
+    assert result["equivalent_lam"] == pytest.approx(float((x.double() ** 2).mean()) / 2)
+
+
+def test_ste_gradient_decomposition_of_a_layer_and_when_the_regularizer_matches_it():
+    generator = torch.Generator().manual_seed(0)
+    w = torch.randn(3, 8, generator=generator)
+    correlated = torch.randn(500, 8, generator=generator) @ torch.randn(8, 8, generator=generator)
+    y = torch.randn(500, 3, generator=generator)
+    result = analysis.ste_gradient_decomposition(correlated, y, w, 3)
+    assert result["identity_error"] <= 1e-12 and result["regularizer_error"] <= 1e-12
+    assert result["regularizer_match"] > 0.05  # input correlations add to the QAT term
+    whitened = torch.linalg.qr(torch.randn(500, 8, dtype=torch.float64, generator=generator)).Q * math.sqrt(500 * 2.0)
+    matched = analysis.ste_gradient_decomposition(whitened, y, w, 3)  # mean x x^T = 2 I
+    assert matched["regularizer_match"] <= 1e-12 and matched["equivalent_lam"] == pytest.approx(24 * 2.0 / 2)
+    with pytest.raises(ValueError, match="shapes do not make a linear model"):
+        analysis.ste_gradient_decomposition(correlated, y, torch.randn(3, 7), 3)

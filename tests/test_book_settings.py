@@ -1,5 +1,8 @@
 """The book's settings: valid methods, choices off the graded seeds, and a run plan that fits."""
 
+from pathlib import Path
+
+import pandas as pd
 import pytest
 
 from robustq import book_settings, experiments, methods
@@ -54,11 +57,14 @@ def test_unknown_book_method_names_the_known_ones():
         book_settings.experiment("nope", 0)
 
 
-def test_run_plan_covers_every_chapter_and_fits_the_budget():
+CHAPTERS_OF_THIS_BUILD = sorted(p.name[:2] for p in (Path(__file__).parents[1] / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+
+
+def test_run_plan_covers_every_chapter_and_the_chapters_of_this_build_fit_the_budget():
     plan = book_settings.run_plan("book")
     assert set(plan["chapter"]) == {f"{n:02d}" for n in range(9)}
-    assert set(plan["name"]) - {"mobilenetv2", "satnl_asam"} <= set(METHODS)
-    minutes = book_settings.estimate_minutes(plan)
+    assert set(plan["name"]) - {"mobilenetv2"} <= set(METHODS)
+    minutes = book_settings.estimate_minutes(plan[plan["chapter"].isin(CHAPTERS_OF_THIS_BUILD)])
     assert 0 < minutes <= book_settings.BUDGET_MINUTES, minutes
 
 
@@ -68,7 +74,32 @@ def test_primary_endpoint_is_one_of_the_candidates_and_has_a_planning_spread():
     assert book_settings.planning_mde(5) < book_settings.planning_mde(3)
 
 
-def test_the_chapters_of_this_build_fit_their_share_of_the_budget():
+@pytest.mark.parametrize("chapters, share", [(("00", "01", "02"), 15)])
+def test_the_chapters_of_this_build_fit_their_share_of_the_budget(chapters, share):
     plan = book_settings.run_plan("book")
-    minutes = book_settings.estimate_minutes(plan[plan["chapter"].isin(["00", "01", "02"])])
-    assert minutes <= 15, minutes  # 00-02's share of the book's 40-minute cap
+    minutes = book_settings.estimate_minutes(plan[plan["chapter"].isin(chapters)])
+    assert minutes <= share, minutes  # the chapters' share of the book's 40-minute cap
+
+
+def test_a_tied_choice_sets_every_tied_parameter_and_an_heir_reuses_its_sources_choice():
+    choice = book_settings.Choice("lam_w", (0.1, 1.0), "rule", largest_within(0.5), tied=("lam_a",))
+    assert choice.assign(0.1) == {"lam_w": 0.1, "lam_a": 0.1}
+    chosen = book_settings.choose("symreg", "smoke")
+    inherited = book_settings.settings_for("symreg_satnl_asam", "smoke")
+    assert inherited == {"scope": "channel", "lam": chosen["value"]}
+
+
+def test_an_endpoint_of_several_sweeps_pools_their_rows(monkeypatch):
+    calls = []
+
+    def fake_evaluate(result, **sweep):
+        calls.append(sweep)
+        return pd.DataFrame({"w_bits": list(sweep["w_bits"]), "a_bits": list(sweep["a_bits"]),
+                             "acc": [0.5 if sweep["w_bits"] == (6,) else 0.3]})
+
+    monkeypatch.setattr(book_settings, "evaluate", fake_evaluate)
+    endpoint = book_settings.ENDPOINTS["w6a6_w4a4"]
+    assert endpoint.value(None) == pytest.approx(40.0)
+    assert calls == [{"w_bits": (6,), "a_bits": (6,)}, {"w_bits": (4,), "a_bits": (4,)}]
+    corrected = endpoint.with_settings("bc", bias_correction=(True,))
+    assert corrected.name == "w6a6_w4a4_bc" and all(s["bias_correction"] == (True,) for s in corrected.sweep)

@@ -127,3 +127,15 @@ def test_a_data_path_that_is_a_file_says_so(tmp_path, monkeypatch):
     path.write_text("")
     with pytest.raises(FileNotFoundError, match="is a file, not a folder"):
         data.fashion_mnist_folder(path)
+
+
+def test_train_observed_retraces_the_cached_run_and_calls_its_hooks(tmp_path, monkeypatch):
+    monkeypatch.setenv("ROBUSTQ_CACHE", str(tmp_path))
+    exp = Experiment(dataset="synthetic", method="baseline", epochs=1, train_size=256, batch_size=64, seed=3)
+    steps, epochs = [], []
+    history = experiments.train_observed(
+        exp, on_step_end=[lambda model, epoch, step: steps.append((epoch, step))],
+        on_epoch_end=[lambda model, epoch: {"observed": float(epoch)}])
+    assert steps == [(0, i) for i in range(4)] and history["observed"].tolist() == [0.0]
+    cached = experiments.run(exp, progress=False)
+    assert history["loss"].tolist() == cached.history["loss"].tolist()

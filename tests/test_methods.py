@@ -146,3 +146,137 @@ def test_symreg_satnl_lsq_trains_a_step_and_finalizes_to_f_theta(synthetic):
     assert not any(torch.nn.utils.parametrize.is_parametrized(m) for m in plain.modules())
     assert all(torch.equal(m.weight, f_theta[n]) for n, m in methods.weighted_layers(plain))
     assert {d["quantizer"] for d in record.values()} == {"lsq"}
+
+
+# --- gradient-ℓ1: weighting of the weight terms and lazy regularization -------------------------
+
+
+def _conv_bn_net():
+    torch.manual_seed(5)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 2, 3, bias=False), torch.nn.BatchNorm2d(2, eps=1e-12), torch.nn.ReLU(),
+        torch.nn.Flatten(), torch.nn.Linear(2 * 4 * 4, 3),
+    ).double().train()
+
+
+def _grad_l1_context(model, step=0):
+    x = torch.randn(8, 1, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    loss = F.cross_entropy(model(x), torch.arange(8) % 3)
+    return StepContext(loss=loss, activations=[], epoch=0, epochs=1, step=step)
+
+
+def _weight_grad_l1s(model):
+    """``||dL/dW_l||_1`` of the conv and the linear layer, by hand."""
+    weights = [model[0].weight, model[4].weight]
+    return [g.abs().sum() for g in torch.autograd.grad(_grad_l1_context(model).loss, weights)]
+
+
+def test_grad_l1_defaults_keep_the_unweighted_penalty_on_every_step():
+    part = methods.make("grad_l1").parts[0]
+    assert (part.weighting, part.lazy_every, part.reference_bit_width) == ("none", 1, 3)
+    model = _conv_bn_net()
+    expected = part.lam_w * sum(_weight_grad_l1s(model))
+    assert torch.allclose(part.penalty(model, _grad_l1_context(model, step=7)), expected, rtol=1e-12)
+
+
+def test_grad_l1_step_weighting_is_the_papers_bound_by_hand():
+    model = _conv_bn_net()
+    part = methods.GradL1(lam_w=0.5, lam_a=0.0, weighting="step", reference_bit_width=4)
+    half_steps = [float(w.detach().abs().max()) / 7 / 2 for w in (model[0].weight, model[4].weight)]  # qmax(4)=7
+    expected = 0.5 * sum(h * g for h, g in zip(half_steps, _weight_grad_l1s(model)))
+    assert torch.allclose(part.penalty(model, _grad_l1_context(model)), expected, rtol=1e-12)
+
+
+def test_grad_l1_step_weighting_removes_the_conv_bn_scaling_exploit():
+    model, c = _conv_bn_net(), 4.0
+    step, none = (methods.GradL1(lam_w=1.0, lam_a=0.0, weighting=w) for w in ("step", "none"))
+    conv_term, linear_term = _weight_grad_l1s(model)
+    step_before = step.penalty(model, _grad_l1_context(model))
+    with torch.no_grad():
+        model[0].weight.mul_(c)  # BN (batch statistics) undoes it: the same network
+    assert torch.allclose(step.penalty(model, _grad_l1_context(model)), step_before, rtol=1e-9)
+    assert torch.allclose(none.penalty(model, _grad_l1_context(model)), conv_term / c + linear_term, rtol=1e-9)
+
+
+def test_lazy_grad_l1_averages_to_the_full_penalty_over_k_steps():
+    model, k = _conv_bn_net(), 3
+    full = methods.GradL1(lam_a=0.0).penalty(model, _grad_l1_context(model))
+    lazy = methods.GradL1(lam_a=0.0, lazy_every=k)
+    terms = [lazy.penalty(model, _grad_l1_context(model, step)) for step in range(5, 5 + k)]
+    assert [t is not None for t in terms] == [False, True, False]  # only step 6 = 2k
+    assert torch.allclose(sum(t for t in terms if t is not None) / k, full, rtol=1e-12)
+
+
+def _count_double_backprops(monkeypatch):
+    calls = []
+    grad = torch.autograd.grad
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("create_graph", False))
+        return grad(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", counting)
+    return calls
+
+
+@pytest.mark.parametrize("lazy_every, expected", [(1, 6), (2, 3), (4, 2)])
+def test_lazy_grad_l1_runs_the_double_backward_on_every_kth_global_step(synthetic, monkeypatch, lazy_every, expected):
+    import dataclasses
+
+    from robustq.data import Split
+
+    small = dataclasses.replace(synthetic, train=Split(synthetic.train.images[:48], synthetic.train.labels[:48]),
+                                val=None)
+    method = methods.make("grad_l1", lazy_every=lazy_every)
+    model = models.make_model("cnn", small.in_channels, small.num_classes)
+    calls = _count_double_backprops(monkeypatch)
+    train(model, small, TrainConfig(epochs=2, batch_size=16, lr=0.01), method.extensions(model), progress=False)
+    # 2 epochs x 3 steps = global steps 0..5; a per-epoch count would give 4 calls, not 3, for k = 2
+    assert calls == [True] * expected
+
+
+@pytest.mark.parametrize(
+    "params, match",
+    [({"weighting": "layer"}, "weighting must be one of"),
+     ({"reference_bit_width": 1}, "GradL1.reference_bit_width: bit_width must be in 2..16"),
+     ({"lazy_every": 0}, "GradL1.lazy_every must be an int >= 1"),
+     ({"lazy_every": 2.0}, "GradL1.lazy_every must be of type int")],
+)
+def test_grad_l1_rejects_bad_weighting_bit_width_and_lazy_every(params, match):
+    with pytest.raises(ValueError, match=match):
+        methods.make("grad_l1", **params)
+
+
+# --- SinReQ's strength schedule --------------------------------------------------------------------
+
+
+def test_sinreq_schedule_is_constant_by_default_and_tanh_on_request():
+    import math
+
+    constant = methods.make("sinreq_wrpn", lam=0.3).parts[1]
+    assert constant.schedule == "constant"
+    assert [constant.strength(e, 10) for e in range(10)] == [0.3] * 10
+    tanh = methods.make("sinreq_dorefa", lam=0.3, schedule="tanh", ramp=2.0).parts[1]
+    expected = [0.3 * 0.5 * (1 + math.tanh((e - 0.2 * 10) / 2.0)) for e in range(10)]
+    assert [tanh.strength(e, 10) for e in range(10)] == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "tanh"])
+def test_sinreq_penalty_is_the_scheduled_strength_times_the_layer_sum(schedule):
+    from robustq import regularizers
+
+    method = methods.make("sinreq_wrpn", lam=0.5, bit_width=3, schedule=schedule, ramp=1.0)
+    model = method.prepare(models.make_model("cnn", 1, 10))
+    stem, classifier = methods.stem_and_classifier(model)
+    total = sum(regularizers.sinreq(methods.latent_weight(m), 3, "wrpn")
+                for n, m in methods.weighted_layers(model) if n not in (stem, classifier))
+    loss = torch.zeros(())
+    for epoch in (0, 3):
+        context = StepContext(loss=loss, activations=[], epoch=epoch, epochs=5)
+        penalty = method.extensions(model).penalty(model, context)
+        assert torch.allclose(penalty, method.parts[1].strength(epoch, 5) * total)
+
+
+def test_sinreq_rejects_an_unknown_schedule():
+    with pytest.raises(ValueError, match=r"schedule must be one of \('constant', 'tanh'\), got 'cosine'"):
+        methods.make("sinreq_wrpn", schedule="cosine")

@@ -505,3 +505,20 @@ def test_sym_reg_seconds_times_the_penalty_and_its_backward_without_touching_the
         seconds = regularizers.sym_reg_seconds(weights, pairing, "channel", repeats=3)
         assert 0 < seconds < 1
     assert all(torch.equal(w, b) and w.grad is None for w, b in zip(weights, before))
+
+
+def test_grad_l1_half_steps_are_half_the_min_max_step_and_detached():
+    weights = [torch.tensor([0.5, -7.0], requires_grad=True), torch.tensor([[1.4, 0.0]])]
+    half_steps = regularizers.grad_l1_half_steps(weights, bit_width=4)  # qmax = 7
+    assert half_steps == pytest.approx([0.5, 0.1])
+    assert all(isinstance(h, float) for h in half_steps)
+
+
+@pytest.mark.parametrize(
+    "weights, bit_width, match",
+    [([], 4, "at least one tensor"), ([torch.zeros(0)], 4, "at least one element"),
+     ([torch.ones(2)], 1, "bit_width must be in 2..16")],
+)
+def test_grad_l1_half_steps_rejects_bad_arguments(weights, bit_width, match):
+    with pytest.raises(ValueError, match=match):
+        regularizers.grad_l1_half_steps(weights, bit_width)

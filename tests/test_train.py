@@ -105,3 +105,37 @@ def test_evaluation_leaves_the_memory_format_and_mode_as_it_found_them(synthetic
     evaluate(model.to(memory_format=torch.contiguous_format).eval(), eval_loader(synthetic, "test", 256, "cpu"))
     assert not model.training and conv.weight.is_contiguous()
     assert not conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_hooks_record_measurements_without_changing_training(synthetic):
+    config = TrainConfig(epochs=2, batch_size=128, seed=0)
+    plain = train(_fresh_model(0, synthetic), synthetic, config, progress=False)
+    calls = []
+
+    def on_step(model, epoch, step):
+        calls.append((epoch, step, torch.is_grad_enabled()))
+
+    def on_epoch(model, epoch):
+        return {"norm": float(sum(p.detach().pow(2).sum() for p in model.parameters())), "epoch_seen": epoch}
+
+    hooked = train(_fresh_model(0, synthetic), synthetic, config,
+                   Extensions(on_step_end=[on_step], on_epoch_end=[on_epoch, lambda model, epoch: None]), progress=False)
+    assert torch.equal(_weights(hooked.model), _weights(plain.model))
+    steps = plain.history[0]["images"] // 128
+    assert calls == [(e, s, False) for e in range(2) for s in range(steps)]
+    assert [h["epoch_seen"] for h in hooked.history] == [0, 1] and hooked.history[-1]["norm"] > 0
+    assert [h["loss"] for h in hooked.history] == [h["loss"] for h in plain.history]
+
+
+def test_epoch_hook_values_are_checkpointed_and_may_not_overwrite_history(synthetic, tmp_path):
+    checkpoint = tmp_path / "ckpt.pt"
+    config = TrainConfig(epochs=1, batch_size=256)
+    train(_fresh_model(0, synthetic), synthetic, config, Extensions(on_epoch_end=[lambda m, e: {"probe": 1.5}]),
+          checkpoint=checkpoint, progress=False)
+    assert torch.load(checkpoint, weights_only=True)["history"][0]["probe"] == 1.5
+    with pytest.raises(ValueError, match=r"on_epoch_end hook values \['loss'\] would overwrite history entries"):
+        train(_fresh_model(0, synthetic), synthetic, config, Extensions(on_epoch_end=[lambda m, e: {"loss": 0.0}]),
+              progress=False)
+    with pytest.raises(TypeError, match="must return a dict of numbers or None, got float"):
+        train(_fresh_model(0, synthetic), synthetic, config, Extensions(on_epoch_end=[lambda m, e: 1.0]),
+              progress=False)
