@@ -770,18 +770,11 @@ def quartile_contrast(frame: pd.DataFrame, by: Sequence[str] | None = None) -> p
             .agg(contrast_points="mean", layers="size").reset_index())
 
 
-def _trained_weight(module: nn.Module) -> torch.Tensor:
-    """The trained tensor behind ``module.weight``: ``theta`` under SatNL or QAT, else the weight."""
-    if torch.nn.utils.parametrize.is_parametrized(module, "weight"):
-        return module.parametrizations.weight.original
-    return module.weight
-
-
 def _hessian_parameters(net: nn.Module, parameters: str) -> list[torch.Tensor]:
     if parameters not in HESSIAN_PARAMETERS:
         raise ValueError(f"parameters must be one of {HESSIAN_PARAMETERS}, got {parameters!r}")
     if parameters == "weights":
-        return [_trained_weight(m) for _, m in ptq.weighted_layers(net)]
+        return [methods.latent_weight(m) for _, m in ptq.weighted_layers(net)]
     return [p for p in net.parameters() if p.requires_grad]
 
 
@@ -944,7 +937,7 @@ def asam_perturbation_by_magnitude(
     eps_of = {id(p): e for (p, _), e in zip(with_grad, steps)}
     rows = []
     for depth, (name, module) in enumerate(ptq.weighted_layers(net), start=1):
-        theta = _trained_weight(module)
+        theta = methods.latent_weight(module)
         if id(theta) not in eps_of:
             raise ValueError(f"layer {name!r} gets no gradient from the loss: ASAM does not perturb it")
         eps_w = _weight_space(module, theta, eps_of[id(theta)]).abs()
@@ -1027,16 +1020,12 @@ def satnl_latent(result: experiments.Result) -> nn.Module:
 
 
 def _initial_model(exp: experiments.Experiment) -> nn.Module:
-    """The prepared model of ``exp`` before its first step, built by the calls
-    ``experiments._train_and_store`` makes, in its order; the caller's RNG states are kept."""
+    """The prepared model of ``exp`` before its first step (:func:`robustq.experiments.prepared`,
+    as training builds it); the caller's RNG states are kept."""
     python_state, numpy_state = random.getstate(), np.random.get_state()
     try:
         with torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))):
-            experiments.seed_everything(exp.seed)
-            data = experiments.dataset_for(exp)
-            model = models.make_model(exp.model, data.in_channels, data.num_classes)
-            method = methods.make(exp.method, **exp.method_params)
-            return method.prepare(model)
+            return experiments.prepared(exp.resolved())[2]
     finally:
         random.setstate(python_state)
         np.random.set_state(numpy_state)

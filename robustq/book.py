@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from robustq import book_settings, params, plots, verdicts
-from robustq.data import BatchLoader, Dataset
+from robustq.data import Dataset, first_batch
 from robustq.experiments import Result
 
 SMOKE_IMAGES, BOOK_IMAGES = 256, 1000
@@ -76,7 +76,7 @@ def test_batch(data: Dataset, profile: str, n_images: int | None = None) -> tupl
     """The first ``n_images`` normalised images of the (shared, fixed) test split and their labels;
     by default 256 under ``smoke`` and 1000 otherwise."""
     n = n_images or (SMOKE_IMAGES if profile == "smoke" else BOOK_IMAGES)
-    return next(iter(BatchLoader(data.test, min(n, len(data.test)), mean=data.mean, std=data.std)))
+    return first_batch(data, data.test, n)
 
 
 def runs_table(runs: Mapping[str, Mapping[int, Result]]) -> pd.DataFrame:

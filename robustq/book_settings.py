@@ -26,7 +26,7 @@ from typing import Any
 import pandas as pd
 
 from robustq import analysis, experiments
-from robustq.data import BatchLoader, Dataset
+from robustq.data import Dataset, first_batch
 from robustq.experiments import Experiment, Result
 from robustq.verdicts import minimum_detectable_effect
 
@@ -293,20 +293,25 @@ def settings_for(name: str, profile: str | None = None) -> dict[str, Any]:
     """Method ``name``'s parameters in the book: fixed ones plus its choice (or the choice of the
     entry it inherits from), if it has one, and lazy regularization where :data:`LAZY_RULE` adopts it."""
     entry = _settings(name)
-    source = entry.inherits or name
-    chosen = choose(source, profile)
-    params = {**entry.params, **(_settings(source).choice.assign(chosen["value"]) if chosen else {})}
+    params = _chosen_params(name, profile)
     if entry.lazy_every > 1 and choose_lazy(name, profile)["adopted"]:
         params["lazy_every"] = entry.lazy_every
     return params
+
+
+def _chosen_params(name: str, profile: str | None) -> dict[str, Any]:
+    """Fixed parameters plus the value the choice (own or inherited) picked on the selection seed."""
+    entry = _settings(name)
+    source = entry.inherits or name
+    chosen = choose(source, profile)
+    return {**entry.params, **(_settings(source).choice.assign(chosen["value"]) if chosen else {})}
 
 
 def choose_lazy(name: str, profile: str | None = None, progress: bool = False) -> dict[str, Any]:
     """:data:`LAZY_RULE` on the selection seed: the full penalty's and the lazy penalty's trained
     models at the chosen λ, their ‖∇L‖₁ on the validation split, and whether lazy is adopted."""
     entry = _settings(name)
-    chosen = choose(entry.inherits or name, profile)
-    params = {**entry.params, **_settings(entry.inherits or name).choice.assign(chosen["value"])}
+    params = _chosen_params(name, profile)
     norms = {}
     for k in (1, entry.lazy_every):
         result = experiments.run(selection_experiment(name, profile, **params, lazy_every=k), progress=progress)
@@ -321,7 +326,7 @@ def validation_batch(data: Dataset, n_images: int = 1000):
     """The first ``n_images`` normalised images of a selection run's validation split and their labels."""
     if data.val is None:
         raise ValueError("this dataset has no validation split: pass a selection experiment's (val_size > 0)")
-    return next(iter(BatchLoader(data.val, min(n_images, len(data.val)), mean=data.mean, std=data.std)))
+    return first_batch(data, data.val, n_images)
 
 
 def run_graded(name: str, profile: str | None = None, progress: bool = False) -> dict[int, Result]:

@@ -664,6 +664,12 @@ def _normalisation(
     return 1.0 / (255.0 * std_t), -mean_t / std_t
 
 
+def first_batch(data: Dataset, split: Split, n_images: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n_images`` of ``split`` (one of ``data``'s, or a subset of one), normalised with
+    ``data``'s statistics, and their labels: one fixed batch for an analysis."""
+    return next(iter(BatchLoader(split, min(n_images, len(split)), mean=data.mean, std=data.std)))
+
+
 def train_loader(
     dataset: Dataset, batch_size: int, *, seed: int = 0, augment: bool = True,
     drop_last: bool = False, device: str | torch.device = "cpu",

@@ -264,22 +264,26 @@ def train_observed(exp: Experiment, on_step_end=(), on_epoch_end=(), *, progress
     ``on_step_end`` / ``on_epoch_end``, e.g. an ``analysis.OscillationTracker``) and return its
     history. Hooks only observe: on CPU the same seed retraces the cached model's trajectory."""
     exp = exp.resolved()
-    seed_everything(exp.seed)
-    data = dataset_for(exp)
-    method = methods.make(exp.method, **exp.method_params)
-    model = method.prepare(models.make_model(exp.model, data.in_channels, data.num_classes))
+    data, method, model = prepared(exp)
     extensions = dataclasses.replace(method.extensions(model), on_step_end=list(on_step_end),
                                      on_epoch_end=list(on_epoch_end))
     outcome = train(model, data, exp.train_config(), extensions, device=device, progress=progress, desc=f"{exp.method} (seed {exp.seed}, observed)")
     return pd.DataFrame(outcome.history)
 
 
-def _train_and_store(exp: Experiment, entry: Path, progress: bool, device) -> Result:
+def prepared(exp: Experiment):
+    """``(data, method, model)`` of a resolved experiment before its first step: seeded, then the
+    dataset, the initial model and the method's preparation (SatNL, QAT), always in this order, so
+    the initial weights (and SatNL's bounds, drawn from them) are the same wherever it is called."""
     seed_everything(exp.seed)
     data = dataset_for(exp)
     model = models.make_model(exp.model, data.in_channels, data.num_classes)
     method = methods.make(exp.method, **exp.method_params)
-    model = method.prepare(model)
+    return data, method, method.prepare(model)
+
+
+def _train_and_store(exp: Experiment, entry: Path, progress: bool, device) -> Result:
+    data, method, model = prepared(exp)
     outcome = train(
         model, data, exp.train_config(), method.extensions(model), checkpoint=entry / "checkpoint.pt",
         device=device, progress=progress, desc=f"{exp.method} (seed {exp.seed})",

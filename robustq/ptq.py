@@ -25,7 +25,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from robustq import qat, quant
-from robustq.data import BatchLoader, Dataset, Split, eval_loader
+from robustq.data import Dataset, Split, eval_loader, first_batch
 from robustq.models import stem_and_classifier, weighted_layers
 from robustq.quant import QuantSpec
 from robustq.train import EVAL_BATCH_SIZE, evaluate
@@ -301,7 +301,7 @@ def calibration_batch(data: Dataset, size: int = 512, seed: int = 0) -> torch.Te
     generator = torch.Generator().manual_seed(seed)
     index = torch.randperm(len(data.train.labels), generator=generator)[:size]
     subset = Split(data.train.images[index], data.train.labels[index])
-    return next(iter(BatchLoader(subset, len(index), mean=data.mean, std=data.std)))[0]
+    return first_batch(data, subset, len(index))[0]
 
 
 def accuracy(model: nn.Module, data: Dataset, split: str = "test", batch_size: int = EVAL_BATCH_SIZE) -> float:
