@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -72,6 +73,7 @@ def write_status(rows: list[tuple[str, bool, float, str]], profile: str) -> None
         "",
         "| | |",
         "| --- | --- |",
+        f"| commit | {_commit()} |",
         f"| Python | {platform.python_version()} |",
         f"| torch | {torch.__version__} |",
         f"| torch threads | {torch.get_num_threads()} |",
@@ -81,6 +83,18 @@ def write_status(rows: list[tuple[str, bool, float, str]], profile: str) -> None
         "",
     ]
     write_atomic(BOOK / "status.md", lambda tmp: tmp.write_text("\n".join(lines)))
+
+
+def _commit() -> str:
+    """The checkout's commit (with "+ local changes" when the tree differs from it), or why not."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return f"`{commit}`" + (" + local changes" if dirty else "")
 
 
 def write_findings(profile: str, executed: list[str]) -> None:
@@ -118,6 +132,19 @@ def write_findings(profile: str, executed: list[str]) -> None:
                 f"**{row.grade}** |"
             )
     write_atomic(BOOK / "findings.md", lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
+    write_atomic(BOOK / "findings_summary.md", lambda tmp: tmp.write_text(findings_summary(findings)))
+
+
+def findings_summary(findings) -> str:
+    """The front page's table (``intro.md`` includes it): per claim its grade, the numbers and a
+    link to its chapter; the Findings page has the rules and MDEs."""
+    if findings.empty:
+        return "No chapter recorded a graded claim in this build.\n"
+    lines = ["| claim | statement | mean ± se (n) | grade |", "| --- | --- | ---: | --- |"]
+    for row in findings.itertuples():
+        lines.append(f"| {{doc}}`{row.claim} <notebooks/{row.chapter_file}>` | {row.statement} | "
+                     f"{row.mean:+.2f} ± {row.se:.2f} ({row.n}) | **{row.grade}** |")
+    return "\n".join(lines) + "\n"
 
 
 def main() -> int:

@@ -29,7 +29,7 @@ folded into the convs first with ``fold=True`` (:func:`robustq.ptq.fold_bn`).
 * gradient-ℓ1 (chapter 05, Alizadeh et al. 2020, book/methods.md §2): :func:`first_order_bound`,
   :func:`grad_l1_norm`
 * SinReQ and oscillations (chapters 06, 07, book/methods.md §3, §4): :func:`distance_to_grid`,
-  :func:`grid_distance`, :func:`integer_levels`, :class:`OscillationTracker`,
+  :func:`grid_distance`, :func:`integer_levels`, :class:`OscillationTracker`, :class:`WeightTrajectory`,
   :func:`ste_gradient_decomposition`
 """
 
@@ -1173,7 +1173,7 @@ __all__ += ["first_order_bound", "grad_l1_norm"]  # gradient-ℓ1 (chapter 05)
 # --- SinReQ and oscillations (chapters 06, 07) ---
 
 
-GRID_DOMAINS = ("raw", "normalized")
+GRID_DOMAINS = regularizers.SINREQ_DOMAINS
 # TrackOscillation's default EMA momentum (Qualcomm-AI-research/oscillations-qat,
 # utils/oscillation_tracking_utils.py); main.py passes --oscillations-freeze-ema-momentum, default 0.001.
 OSCILLATION_MOMENTUM = 0.01
@@ -1391,6 +1391,37 @@ class OscillationTracker:
             raise ValueError("the tracker has seen no step yet: call it after optimizer steps first")
         oscillating = sum(int((s.ema > self.threshold).sum()) for s in self.states.values())
         return oscillating / sum(s.ema.numel() for s in self.states.values())
+
+
+class WeightTrajectory:
+    """An ``on_step_end`` hook (:class:`robustq.train.Extensions`) that records ``count`` weights
+    of one layer after every step, the latent weights a QAT quantizer receives
+    (:func:`robustq.qat.float_weight`): the trajectories of QAT and of the oscillation regularizer
+    (Wenshøj, Pepin & Selvan, arXiv 2502.00490; book/methods.md §4). The weights are the layer's first
+    ``count`` in a fixed random order (``seed``), so they are not all from one output channel."""
+
+    def __init__(self, layer: str, count: int = 4, seed: int = 0) -> None:
+        if count < 1:
+            raise ValueError(f"count must be >= 1 weights to follow, got {count}")
+        self.layer, self.count, self.seed = layer, count, seed
+        self.index: torch.Tensor | None = None
+        self.rows: list[dict] = []
+
+    def __call__(self, model: nn.Module, epoch: int = 0, step: int = 0) -> None:
+        modules = dict(model.named_modules())
+        if self.layer not in modules:
+            raise ValueError(f"no layer {self.layer!r} in the model; its conv/linear layers are "
+                             f"{[name for name, _ in models.weighted_layers(model)]}")
+        weight = qat.float_weight(modules[self.layer]).detach().flatten()
+        if self.index is None:
+            generator = torch.Generator().manual_seed(self.seed)
+            self.index = torch.randperm(weight.numel(), generator=generator)[: self.count]
+        for rank, value in enumerate(weight[self.index].tolist()):
+            self.rows.append({"step": len(self.rows) // self.count, "weight": rank, "value": value})
+
+    def frame(self) -> pd.DataFrame:
+        """Columns ``step`` (0 = after the first step), ``weight`` (0 .. count-1) and ``value``."""
+        return pd.DataFrame(self.rows, columns=["step", "weight", "value"])
 
 
 def _relative_gap(value: torch.Tensor, reference: torch.Tensor) -> float:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import matplotlib.pyplot as plt
 import myst_nb
@@ -24,8 +25,11 @@ import torch
 from robustq import book_settings, params, plots, verdicts
 from robustq.data import Dataset, first_batch
 from robustq.experiments import Result
+from robustq.files import write_atomic
 
 SMOKE_IMAGES, BOOK_IMAGES = 256, 1000
+# executed chapters: book/execute.py writes them here, and Jupyter Book renders them from here
+BOOK_NOTEBOOKS = Path(__file__).resolve().parents[1] / "book" / "notebooks"
 
 
 def setup(profile: str | None, seed: int = 0, **parameters) -> str:
@@ -148,6 +152,16 @@ def grade_claims(
     table = pd.DataFrame(records).set_index("claim")
     table["mean ± se"] = [f"{m:+.2f} ± {s:.2f}" for m, s in zip(table["mean"], table["se"])]
     return table[["statement", "rule", "threshold", "n", "mean ± se", "mde", "grade"]].round(2)
+
+
+def write_download(frame: pd.DataFrame, name: str) -> Path:
+    """Write ``frame`` as the CSV file ``name`` beside the executed notebooks (``book/notebooks/``,
+    where a chapter's ``{download}`name``` link finds it), atomically, and return its path."""
+    if Path(name).name != name or not name.endswith(".csv"):
+        raise ValueError(f"a download is a plain file name ending in .csv, got {name!r}")
+    path = BOOK_NOTEBOOKS / name
+    write_atomic(path, lambda tmp: frame.to_csv(tmp, index=False))
+    return path
 
 
 def _mean_sd(values: pd.Series) -> str:

@@ -174,18 +174,23 @@ class SinReQ(Part):
     the schedule of the learned-bit-width script ``compress_classifier_sinreq-Learn_cifar10.py``
     only; ``ramp`` is used by ``"tanh"`` alone. Layers: every conv and linear except the stem conv
     and the classifier. ``lam = 1`` is ``_v2.py``'s (the ResNet-20 and VGG-11 scripts set 0,
-    book/methods.md §8)."""
+    book/methods.md §8). ``domain="raw"`` (default) puts the sinusoid on the latent weights, as the
+    released code does for both grids [code]; ``"normalized"`` puts it on what the QAT quantizer
+    rounds (``tanh(w) / max|tanh w|`` for DoReFa, ``clamp(w, -1, 1)`` for WRPN), where DoReFa's
+    levels actually are [recon] (book/methods.md §8)."""
 
     lam: float = 1.0
     bit_width: int = 4
     grid: str = "wrpn"
     schedule: str = "constant"
     ramp: float = 20.0
+    domain: str = "raw"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice("grid", self.grid, regularizers.SINREQ_GRIDS)
         check_choice("schedule", self.schedule, regularizers.SINREQ_SCHEDULES)
+        check_choice("domain", self.domain, regularizers.SINREQ_DOMAINS)
 
     def strength(self, epoch: float, epochs: int) -> float:
         """The multiplier of the penalty at ``epoch`` (0-based) of ``epochs``."""
@@ -196,8 +201,14 @@ class SinReQ(Part):
     def penalty(self, model, context):
         excluded = set(stem_and_classifier(model))
         layers = [m for name, m in weighted_layers(model) if name not in excluded]
-        terms = [regularizers.sinreq(latent_weight(m), self.bit_width, self.grid) for m in layers]
+        terms = [regularizers.sinreq(self._sinusoid_input(m), self.bit_width, self.grid) for m in layers]
         return self.strength(context.epoch, context.epochs) * torch.stack(terms).sum()
+
+    def _sinusoid_input(self, layer: nn.Module) -> torch.Tensor:
+        w = latent_weight(layer)
+        if self.domain == "raw":
+            return w
+        return qat.make_weight_quantizer(self.grid, self.bit_width, w).pre_rounding(w)
 
 
 @dataclass(frozen=True)

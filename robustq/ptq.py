@@ -305,8 +305,24 @@ def calibration_batch(data: Dataset, size: int = 512, seed: int = 0) -> torch.Te
 
 
 def accuracy(model: nn.Module, data: Dataset, split: str = "test", batch_size: int = EVAL_BATCH_SIZE) -> float:
-    """Top-1 accuracy in [0, 1] on ``data.<split>``, in large batches."""
-    return evaluate(model, eval_loader(data, split, batch_size, next(model.parameters()).device))
+    """Top-1 accuracy in [0, 1] on ``data.<split>``, in large batches.
+
+    The pass runs on :func:`inference_copy`: BatchNorm fused into the conv before it, after the
+    weights were quantized, so a model deployed with BN unfolded is still scored as deployed."""
+    return evaluate(inference_copy(model), eval_loader(data, split, batch_size, next(model.parameters()).device))
+
+
+def inference_copy(model: nn.Module) -> nn.Module:
+    """``fold_bn(model)`` where it applies, else an eval-mode copy: the same function in exact
+    arithmetic (outputs within float rounding), about a quarter faster on CPU, where the separate BN
+    pass over every activation is memory-bound. Used only to compute outputs, never to quantize.
+    A model still parametrized (a QAT model during training) is returned as it is."""
+    if any(parametrize.is_parametrized(m) for m in model.modules()):
+        return model
+    try:
+        return fold_bn(model)
+    except ValueError:  # a BN with no conv to fuse into: evaluate the model as it is
+        return materialize(model)
 
 
 def bit_sweep(

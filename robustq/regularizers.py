@@ -27,6 +27,7 @@ SYM_PAIRINGS = ("1:1", "2:2")
 SYM_SCOPES = ("layer", "channel", "kernel")
 SINREQ_GRIDS = ("wrpn", "dorefa")
 SINREQ_SCHEDULES = ("constant", "tanh")
+SINREQ_DOMAINS = ("raw", "normalized")  # the latent weights, or what the QAT quantizer rounds
 GRAD_L1_WEIGHTINGS = ("none", "step")  # weight terms: unweighted, or by Delta_l / 2 as in the bound
 KURTOSIS_OF_UNIFORM = 1.8
 SYM_REG_EPS = 1e-12

@@ -748,3 +748,23 @@ def test_ste_gradient_decomposition_of_a_layer_and_when_the_regularizer_matches_
     assert matched["regularizer_match"] <= 1e-12 and matched["equivalent_lam"] == pytest.approx(24 * 2.0 / 2)
     with pytest.raises(ValueError, match="shapes do not make a linear model"):
         analysis.ste_gradient_decomposition(correlated, y, torch.randn(3, 7), 3)
+
+
+def test_weight_trajectory_records_the_same_weights_every_step():
+    layer = torch.nn.Sequential(torch.nn.Linear(6, 5))
+    trajectory = analysis.WeightTrajectory("0", count=3, seed=1)
+    values = []
+    for step in range(4):
+        with torch.no_grad():
+            layer[0].weight.add_(1.0)
+        trajectory(layer, 0, step)
+        values.append(layer[0].weight.detach().flatten()[trajectory.index].tolist())
+    frame = trajectory.frame()
+    assert list(frame.columns) == ["step", "weight", "value"] and len(frame) == 12
+    assert frame.pivot(index="step", columns="weight", values="value").values.tolist() == values
+    assert len(set(trajectory.index.tolist())) == 3
+
+
+def test_weight_trajectory_names_the_layers_when_one_is_missing():
+    with pytest.raises(ValueError, match=r"no layer 'conv9'.*\['0'\]"):
+        analysis.WeightTrajectory("conv9")(torch.nn.Sequential(torch.nn.Linear(2, 2)))

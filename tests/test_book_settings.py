@@ -99,7 +99,41 @@ def test_an_endpoint_of_several_sweeps_pools_their_rows(monkeypatch):
 
     monkeypatch.setattr(book_settings, "evaluate", fake_evaluate)
     endpoint = book_settings.ENDPOINTS["w6a6_w4a4"]
-    assert endpoint.value(None) == pytest.approx(40.0)
+    assert endpoint.value(_Run({})) == pytest.approx(40.0)
     assert calls == [{"w_bits": (6,), "a_bits": (6,)}, {"w_bits": (4,), "a_bits": (4,)}]
     corrected = endpoint.with_settings("bc", bias_correction=(True,))
     assert corrected.name == "w6a6_w4a4_bc" and all(s["bias_correction"] == (True,) for s in corrected.sweep)
+
+
+@pytest.mark.parametrize("profile, warmup", [("smoke", 1), ("book", 2), ("paper", 20)])
+def test_a_warm_start_penalises_the_last_third_of_the_epochs_and_at_least_one(profile, warmup):
+    params = book_settings.METHODS["grad_l1"].params_for(profile)
+    assert params == {"weighting": "step", "warmup_epochs": warmup}
+    exp = book_settings.experiment("grad_l1", 0, profile).resolved()
+    assert exp.method_params["warmup_epochs"] == warmup < exp.epochs
+    assert book_settings.METHODS["symreg"].params_for(profile) == {"scope": "channel"}
+
+
+class _Run:
+    def __init__(self, quantizers):
+        self.quantizers = quantizers
+
+
+@pytest.mark.parametrize("quantizers", [{}, {"conv": {"quantizer": "lsq"}}], ids=["ptq", "qat"])
+def test_weight_only_endpoints_read_one_shared_grid(monkeypatch, quantizers):
+    calls = []
+
+    def fake_evaluate(result, **sweep):
+        calls.append(sweep)
+        bits = sweep["w_bits"]
+        return pd.DataFrame({"w_bits": list(bits), "acc": [b / 10 for b in bits]})
+
+    monkeypatch.setattr(book_settings, "evaluate", fake_evaluate)
+    run = _Run(quantizers)
+    assert book_settings.ENDPOINTS["target"].value(run) == pytest.approx(30.0)
+    assert book_settings.ENDPOINTS["w4_w2"].value(run) == pytest.approx(30.0)
+    assert calls == [{"w_bits": book_settings.GRID_BITS}] * 2
+    calls.clear()
+    book_settings.ENDPOINTS["variants43"].value(run)
+    # a QAT model has one quantizer: its variants are the grid's rows; a float model's are not
+    assert (calls == [{"w_bits": book_settings.GRID_BITS}]) == bool(quantizers)

@@ -1,6 +1,7 @@
 """The book's build scripts: the offline check catches remote assets, the status page has its table."""
 
 import importlib.util
+import re
 from pathlib import Path
 
 BOOK = Path(__file__).resolve().parent.parent / "book"
@@ -30,6 +31,7 @@ def test_status_page_lists_each_notebook_time_and_the_environment(tmp_path, monk
     text = (tmp_path / "status.md").read_text()
     assert "| 00_primer | ok | 12.3 |" in text and "failed: ValueError: boom \\| x" in text
     assert "**15.3**" in text and "| torch |" in text and "| CPU count |" in text
+    assert re.search(r"\| commit \| `[0-9a-f]{40}`( \+ local changes)? \|", text)
 
 
 def test_findings_page_has_one_linked_row_per_claim_of_the_executed_chapters(tmp_path, monkeypatch):
@@ -48,3 +50,6 @@ def test_findings_page_has_one_linked_row_per_claim_of_the_executed_chapters(tmp
     rows = [line for line in text.splitlines() if line.startswith("| {doc}")]
     assert len(rows) == 1 and "{doc}`01 <notebooks/01_error_propagation>`" in rows[0]
     assert "| C1.1 |" in rows[0] and "+4.00 ± 0.58" in rows[0] and "**reproduced**" in rows[0]
+    summary = (tmp_path / "findings_summary.md").read_text().splitlines()
+    assert summary[0] == "| claim | statement | mean ± se (n) | grade |" and len(summary) == 3
+    assert summary[2].startswith("| {doc}`C1.1 <notebooks/01_error_propagation>` |") and "+4.00 ± 0.58 (3)" in summary[2]

@@ -280,3 +280,22 @@ def test_sinreq_penalty_is_the_scheduled_strength_times_the_layer_sum(schedule):
 def test_sinreq_rejects_an_unknown_schedule():
     with pytest.raises(ValueError, match=r"schedule must be one of \('constant', 'tanh'\), got 'cosine'"):
         methods.make("sinreq_wrpn", schedule="cosine")
+
+
+@pytest.mark.parametrize("domain", ["raw", "normalized"])
+def test_sinreq_dorefa_sinusoid_acts_on_the_requested_domain(domain):
+    from robustq import qat, regularizers
+
+    method = methods.make("sinreq_dorefa", lam=1.0, bit_width=3, domain=domain)
+    model = method.prepare(models.make_model("cnn", 1, 10))
+    stem, classifier = methods.stem_and_classifier(model)
+    inner = [m for n, m in methods.weighted_layers(model) if n not in (stem, classifier)]
+    normalize = (lambda w: qat.DoReFaWeight(3).pre_rounding(w)) if domain == "normalized" else (lambda w: w)
+    total = sum(regularizers.sinreq(normalize(methods.latent_weight(m)), 3, "dorefa") for m in inner)
+    context = StepContext(loss=torch.zeros(()), activations=[], epoch=0, epochs=1)
+    assert torch.allclose(method.extensions(model).penalty(model, context), total)
+
+
+def test_sinreq_rejects_an_unknown_domain():
+    with pytest.raises(ValueError, match=r"domain must be one of \('raw', 'normalized'\), got 'tanh'"):
+        methods.make("sinreq_dorefa", domain="tanh")

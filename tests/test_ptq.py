@@ -119,6 +119,24 @@ def test_fold_bn_refuses_a_batchnorm_it_cannot_fold(model, match):
         ptq.fold_bn(model)
 
 
+def test_inference_copy_fuses_batchnorm_with_the_same_outputs_and_keeps_activation_hooks():
+    model = _randomize_bn(models.make_model("cnn", 1, 10))
+    x = torch.randn(64, 1, 28, 28)
+    ptq.attach_activation_quantizers(model, ptq.calibrate(model, x, QuantSpec(4, symmetric=False)))
+    fused = ptq.inference_copy(model)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
+    torch.testing.assert_close(fused(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+def test_inference_copy_leaves_batchnorm_it_cannot_fuse_and_a_parametrized_model_as_they_are():
+    unfusable = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4)).eval()
+    assert isinstance(ptq.inference_copy(unfusable)[2], nn.BatchNorm2d)
+    from robustq import qat
+
+    prepared = qat.prepare_qat(models.make_model("cnn", 1, 10), "lsq", 3)
+    assert ptq.inference_copy(prepared) is prepared
+
+
 @pytest.fixture(scope="module")
 def trained():
     """A baseline trained for two short epochs on a Fashion-MNIST subset (one epoch of 32 steps is

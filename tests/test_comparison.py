@@ -1,0 +1,102 @@
+"""Chapter 08's table code (robustq.comparison): a method added to the registry and the book
+settings reaches every table without other changes."""
+
+import dataclasses
+
+import pandas as pd
+import pytest
+
+from robustq import book_settings, comparison, methods
+
+
+def _grid(methods_and_offsets, seeds=(0, 1, 2), bits=(8, 4, 3)):
+    """A tidy primary grid: accuracy = 80 + offset + seed - (8 - bits), with fp_acc."""
+    rows = [{"method": m, "seed": s, "w_bits": b, "acc": 80.0 + off + s - (8 - b), "fp_acc": 90.0}
+            for m, off in methods_and_offsets.items() for s in seeds for b in bits]
+    return pd.DataFrame(rows)
+
+
+@pytest.fixture
+def toy_method(monkeypatch):
+    """A method registered as a user would: a registry entry and its book settings."""
+    monkeypatch.setitem(methods.REGISTRY, "toy_kure", ((methods.KURE, {"target": 2.0}),))
+    monkeypatch.setitem(book_settings.METHODS, "toy_kure",
+                        book_settings.MethodSettings("toy_kure", {"lam": 0.5}, "08", 1.0, compared=True))
+    return "toy_kure"
+
+
+def test_a_registered_toy_method_goes_through_every_table(toy_method):
+    assert toy_method in comparison.compared_methods()
+    exp = book_settings.experiment(toy_method, seed=0, profile="smoke").resolved()
+    assert exp.method == "toy_kure" and methods.make(exp.method, **exp.method_params).parts[0].target == 2.0
+
+    class FakeResult:
+        def __init__(self, offset):
+            self.offset = offset
+
+    def evaluate(result):
+        return pd.DataFrame({"w_bits": [8, 4], "acc": [0.9 + result.offset, 0.5 + result.offset], "fp_acc": 0.9})
+
+    runs = {"baseline": {0: FakeResult(0.0), 1: FakeResult(0.01)},
+            toy_method: {0: FakeResult(0.05), 1: FakeResult(0.07)}}
+    frame = comparison.accuracy_frame(runs, evaluate)
+    assert set(frame["method"]) == {"baseline", toy_method}
+    assert frame.query("method == @toy_method and seed == 1 and w_bits == 4")["acc"].item() == pytest.approx(57.0)
+    cells = comparison.paired_cells(frame, "baseline", tau=1.0)
+    assert set(cells["method"]) == {toy_method} and cells["mean"].tolist() == pytest.approx([5.5, 5.5])
+    assert comparison.mean_ranks(frame).index[0] == toy_method
+    assert comparison.top_k_share(frame, k=1, resamples=20)[toy_method] == 1.0
+
+
+def test_paired_cells_grade_each_bit_width_against_the_reference():
+    cells = comparison.paired_cells(_grid({"baseline": 0.0, "better": 5.0, "same": 0.0}), "baseline", tau=1.0)
+    grades = cells.set_index(["method", "w_bits"])["grade"]
+    assert (grades.loc["better"] == "reproduced").all()
+    # a constant zero difference has se 0: mean 0 < tau with no spread, so not reproduced
+    assert (grades.loc["same"] == "not reproduced").all()
+    with pytest.raises(ValueError, match="reference 'nope' is not among the methods"):
+        comparison.paired_cells(_grid({"a": 0.0}), "nope", tau=1.0)
+
+
+def test_mean_ranks_put_the_most_accurate_first_and_top_k_share_counts_resamples():
+    frame = _grid({"low": 0.0, "mid": 1.0, "high": 2.0})
+    assert list(comparison.mean_ranks(frame).index) == ["high", "mid", "low"]
+    assert comparison.mean_ranks(frame)["high"] == 1.0
+    shares = comparison.top_k_share(frame, k=2, resamples=50)
+    assert shares["high"] == shares["mid"] == 1.0 and shares["low"] == 0.0
+    with pytest.raises(ValueError, match="k and resamples must be >= 1"):
+        comparison.top_k_share(frame, k=0)
+
+
+def test_pareto_front_keeps_the_undominated_rows():
+    frame = pd.DataFrame({"cost": [1.0, 2.0, 2.0, 3.0, 1.5], "gain": [0.0, 3.0, 1.0, 3.0, 0.0]},
+                         index=list("abcde"))
+    front = comparison.pareto_front(frame, "cost", "gain")
+    assert front.to_dict() == {"a": True, "b": True, "c": False, "d": False, "e": False}
+
+
+def test_compared_methods_are_the_book_settings_flagged_for_the_comparison():
+    flagged = [name for name, entry in book_settings.METHODS.items() if entry.compared]
+    assert comparison.compared_methods() == flagged
+    assert {"baseline", "symreg_satnl_asam", "kure", "qat_lsq"} <= set(flagged)
+    assert "symreg_layer" not in flagged
+
+
+def test_step_seconds_times_a_short_run_and_rejects_bad_counts():
+    exp = dataclasses.replace(book_settings.experiment("baseline", 0, "smoke"), train_size=None)
+    seconds = comparison.step_seconds(exp, steps=3, warmup=1)
+    assert 0 < seconds < 5
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        comparison.step_seconds(exp, steps=0)
+
+
+def test_write_download_writes_a_csv_beside_the_executed_notebooks(tmp_path, monkeypatch):
+    from robustq import book
+
+    monkeypatch.setattr(book, "BOOK_NOTEBOOKS", tmp_path / "notebooks")
+    frame = pd.DataFrame({"method": ["a", "b"], "acc": [1.5, 2.0]})
+    path = book.write_download(frame, "table.csv")
+    assert path == tmp_path / "notebooks" / "table.csv"
+    pd.testing.assert_frame_equal(pd.read_csv(path), frame)
+    with pytest.raises(ValueError, match="a plain file name ending in .csv"):
+        book.write_download(frame, "../escape.csv")
