@@ -42,4 +42,4 @@ bench: setup  ## speed ratios (printed, not asserted)
 	@for script in benchmarks/*.py; do echo "== $$script"; $(PY) $$script; done
 
 clean:  ## remove build outputs and the experiment cache (keeps the venv)
-	rm -rf book/_build book/notebooks book/status.md book/findings.md .cache
+	rm -rf book/_build book/notebooks book/status.md book/findings.md book/findings_summary.md .cache
