@@ -128,7 +128,7 @@ def write_findings(profile: str, executed: list[str]) -> None:
             rule = f"{row.rule}, {'τ' if row.rule == 'paired' else 'margin'} = {row.threshold:g}"
             lines.append(
                 f"| {{doc}}`{row.chapter_file[:2]} <notebooks/{row.chapter_file}>` | {row.claim} | {row.statement} | "
-                f"{rule} | {row.n} | {row.mean:+.2f} ± {row.se:.2f} | {row.mde_planned:.2f} / {row.mde:.2f} | "
+                f"{rule} | {row.n} | {_mean_se(row)} | {row.mde_planned:.2f} / {row.mde:.2f} | "
                 f"**{row.grade}** |"
             )
     write_atomic(BOOK / "findings.md", lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
@@ -143,8 +143,12 @@ def findings_summary(findings) -> str:
     lines = ["| claim | statement | mean ± se (n) | grade |", "| --- | --- | ---: | --- |"]
     for row in findings.itertuples():
         lines.append(f"| {{doc}}`{row.claim} <notebooks/{row.chapter_file}>` | {row.statement} | "
-                     f"{row.mean:+.2f} ± {row.se:.2f} ({row.n}) | **{row.grade}** |")
+                     f"{_mean_se(row)} ({row.n}) | **{row.grade}** |")
     return "\n".join(lines) + "\n"
+
+
+def _mean_se(row) -> str:
+    return f"{row.mean:+.2f} ± {row.se:.2f}"
 
 
 def main() -> int:

@@ -1240,7 +1240,7 @@ def distance_to_grid(
     for name, layer in _named_layers(model, layers):
         w = qat.float_weight(layer).detach()
         if domain == "normalized":
-            w = qat.make_weight_quantizer(grid, bit_width, w).pre_rounding(w)
+            w = qat.pre_rounded(grid, bit_width, w)
         rows.append({"layer": name, "weights": w.numel(), "distance": grid_distance(w, step, shift),
                      "outside": float((w.abs() > 1).float().mean())})
     return pd.DataFrame(rows, columns=["layer", "weights", "distance", "outside"])
@@ -1500,5 +1500,6 @@ def _half_mse(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> torch.T
 
 
 __all__ += [  # SinReQ and oscillations (chapters 06, 07)
-    "OscillationTracker", "distance_to_grid", "grid_distance", "integer_levels", "ste_gradient_decomposition",
+    "OscillationTracker", "WeightTrajectory", "distance_to_grid", "grid_distance", "integer_levels",
+    "ste_gradient_decomposition",
 ]

@@ -307,8 +307,8 @@ def experiment(name: str, seed: int, profile: str | None = None, *, model: str =
     """The book's experiment of method settings ``name`` on ``seed`` (``params`` override the
     method's; ``model`` and ``train_size`` the recipe's, for checks on another network)."""
     entry = _settings(name)
-    return Experiment(model=model, method=entry.method, method_params={**entry.params_for(profile), **params}, seed=seed,
-                      train_size=train_size, profile=profile)
+    return Experiment(model=model, method=entry.method, method_params={**entry.params_for(profile), **params},
+                      seed=seed, train_size=train_size, profile=profile)
 
 
 def selection_experiment(name: str, profile: str | None = None, **params: Any) -> Experiment:
@@ -353,7 +353,8 @@ def _chosen_params(name: str, profile: str | None) -> dict[str, Any]:
     entry = _settings(name)
     source = entry.inherits or name
     chosen = choose(source, profile)
-    return {**entry.params_for(profile), **(_settings(source).choice.assign(chosen["value"]) if chosen else {})}
+    chosen_value = _settings(source).choice.assign(chosen["value"]) if chosen else {}
+    return {**entry.params_for(profile), **chosen_value}
 
 
 def choose_lazy(name: str, profile: str | None = None, progress: bool = False) -> dict[str, Any]:

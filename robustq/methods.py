@@ -208,7 +208,7 @@ class SinReQ(Part):
         w = latent_weight(layer)
         if self.domain == "raw":
             return w
-        return qat.make_weight_quantizer(self.grid, self.bit_width, w).pre_rounding(w)
+        return qat.pre_rounded(self.grid, self.bit_width, w)
 
 
 @dataclass(frozen=True)

@@ -309,15 +309,18 @@ def accuracy(model: nn.Module, data: Dataset, split: str = "test", batch_size: i
 
     The pass runs on :func:`inference_copy`: BatchNorm fused into the conv before it, after the
     weights were quantized, so a model deployed with BN unfolded is still scored as deployed."""
-    return evaluate(inference_copy(model), eval_loader(data, split, batch_size, next(model.parameters()).device))
+    loader = eval_loader(data, split, batch_size, next(model.parameters()).device)
+    return evaluate(inference_copy(model), loader)
 
 
 def inference_copy(model: nn.Module) -> nn.Module:
     """``fold_bn(model)`` where it applies, else an eval-mode copy: the same function in exact
     arithmetic (outputs within float rounding), about a quarter faster on CPU, where the separate BN
     pass over every activation is memory-bound. Used only to compute outputs, never to quantize.
-    A model still parametrized (a QAT model during training) is returned as it is."""
-    if any(parametrize.is_parametrized(m) for m in model.modules()):
+    A model without BatchNorm (already folded), or still parametrized (a QAT model during
+    training), is returned as it is: there is nothing to fuse, or its weights are not plain yet."""
+    modules = list(model.modules())
+    if not any(isinstance(m, nn.BatchNorm2d) for m in modules) or any(map(parametrize.is_parametrized, modules)):
         return model
     try:
         return fold_bn(model)

@@ -183,6 +183,12 @@ def make_weight_quantizer(
     return DoReFaWeight(bit_width) if quantizer == "dorefa" else WRPNWeight(bit_width)
 
 
+def pre_rounded(quantizer: str, bit_width: int, w: torch.Tensor) -> torch.Tensor:
+    """What ``quantizer`` at ``bit_width`` rounds for the latent weights ``w``: ``tanh(w) / max|tanh w|``
+    for ``"dorefa"``, ``clamp(w, -1, 1)`` for ``"wrpn"`` (its :meth:`WeightQuantizer.pre_rounding`)."""
+    return make_weight_quantizer(quantizer, bit_width, w).pre_rounding(w)
+
+
 def prepare_qat(
     model: nn.Module,
     quantizer: str = "ste",

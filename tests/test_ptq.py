@@ -126,6 +126,7 @@ def test_inference_copy_fuses_batchnorm_with_the_same_outputs_and_keeps_activati
     fused = ptq.inference_copy(model)
     assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())
     torch.testing.assert_close(fused(x), model(x), atol=1e-4, rtol=1e-4)
+    assert ptq.inference_copy(fused) is fused  # nothing left to fuse: no copy
 
 
 def test_inference_copy_leaves_batchnorm_it_cannot_fuse_and_a_parametrized_model_as_they_are():
