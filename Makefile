@@ -18,14 +18,15 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[book,test]'
 	@touch $@
 
-data: $(STAMP)  ## Fashion-MNIST: the Debian package (installed when root with apt), gunzipped for torchvision
+data: $(STAMP)  ## Fashion-MNIST: the Debian package (installed when root with apt), else torchvision's download; gunzipped for torchvision
 	@if [ ! -f "$(FMNIST_DIR)/t10k-labels-idx1-ubyte.gz" ] && [ -z "$${ROBUSTQ_DATA:-}" ] \
 	    && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  echo "Installing Fashion-MNIST (Debian package dataset-fashion-mnist)"; \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null; }; \
 	fi
-	@# gunzip into $$ROBUSTQ_CACHE/data/ (once; again when a .gz changes), or one line with the fix
+	@# gunzip into $$ROBUSTQ_CACHE/data/ (once; again when a .gz changes); without the Debian package
+	@# and ROBUSTQ_DATA, download through torchvision first; offline, one line with the fix
 	$(PY) -m robustq.data
 
 book: setup  ## execute every notebook (profile book) and build the HTML book
@@ -34,8 +35,9 @@ book: setup  ## execute every notebook (profile book) and build the HTML book
 	$(PY) book/check_offline.py book/_build/html
 	@echo "Book: $(CURDIR)/book/_build/html/index.html"
 
-test: setup  ## notebook lint; unit, property and doctests; notebooks under the smoke profile
+test: setup  ## notebook lint, workflow schema; unit, property and doctests; notebooks under the smoke profile
 	$(VENV)/bin/ruff check --extend-select E501 notebooks
+	$(VENV)/bin/check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
 	ROBUSTQ_PROFILE=smoke $(PY) -m pytest --nbval-lax tests robustq notebooks
 
 bench: setup  ## speed ratios (printed, not asserted)

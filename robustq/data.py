@@ -5,7 +5,9 @@ The registry (:data:`DATASETS`) has three datasets:
 * ``"fashion-mnist"`` (Xiao et al. 2017, arXiv 1708.07747), read by
   ``torchvision.datasets.FashionMNIST`` from a copy of the four IDX files that
   :func:`prepare_fashion_mnist` gunzips into the experiment cache, from the ``.gz`` files of the
-  Debian package ``dataset-fashion-mnist`` or of a folder named by ``ROBUSTQ_DATA``;
+  Debian package ``dataset-fashion-mnist``, of a folder named by ``ROBUSTQ_DATA``, or, where
+  neither exists (macOS, Colab), fetched by torchvision's own download path
+  (:func:`download_fashion_mnist`);
 * ``"cifar10"`` (Krizhevsky 2009, "Learning Multiple Layers of Features from Tiny Images"), read by
   ``torchvision.datasets.CIFAR10`` from the Python version, ``cifar-10-batches-py/``, whose MD5
   sums torchvision checks on every load;
@@ -198,14 +200,17 @@ def _parsed_from_splits(train: Split, test: Split) -> _Parsed:
 
 
 def fashion_mnist_folder(root: str | os.PathLike | None = None) -> Path:
-    """The folder of the ``.gz`` files: ``root``, else ``$ROBUSTQ_DATA``, else the Debian path.
+    """The folder of the ``.gz`` files: ``root``, else ``$ROBUSTQ_DATA``, else the Debian path,
+    else the folder :func:`download_fashion_mnist` fetches them into.
 
     A folder that lacks the files but has a ``fashion-mnist`` subfolder holding them resolves to
     that subfolder, so ``ROBUSTQ_DATA`` may name a general data folder.
     """
     if root is None:
-        root = os.environ.get(DATA_ENV_VAR) or DEFAULT_FASHION_MNIST_DIR
-    folder = Path(root).expanduser()
+        root = os.environ.get(DATA_ENV_VAR)
+    if root is None and not (DEFAULT_FASHION_MNIST_DIR / FASHION_MNIST_FILES[0]).is_file():
+        return download_fashion_mnist()
+    folder = Path(root or DEFAULT_FASHION_MNIST_DIR).expanduser()
     if folder.exists() and not folder.is_dir():
         raise FileNotFoundError(
             f"Fashion-MNIST folder {folder} is a file, not a folder; {FASHION_MNIST_INSTALL_HINT}"
@@ -216,6 +221,38 @@ def fashion_mnist_folder(root: str | os.PathLike | None = None) -> Path:
     if not (folder / FASHION_MNIST_FILES[0]).is_file() and (subfolder / FASHION_MNIST_FILES[0]).is_file():
         folder = subfolder
     return folder.resolve()
+
+
+def download_fashion_mnist(root: str | os.PathLike | None = None) -> Path:
+    """Fetch the four ``.gz`` files through torchvision's own download path
+    (``FashionMNIST(download=True)``: its mirror list, and the MD5 sum of every file) into
+    ``root`` (default ``$ROBUSTQ_CACHE/data/fashion-mnist/download``) and return the folder holding
+    them; files already there and whole are not fetched again. If a download fails, every file
+    that fails its MD5 check is deleted and named in the error, which also names the offline fixes
+    (the Debian package, or ``ROBUSTQ_DATA``)."""
+    from torchvision.datasets import FashionMNIST
+    from torchvision.datasets.utils import check_integrity
+
+    root = Path(root) if root is not None else _data_cache_dir() / "fashion-mnist" / "download"
+    raw = root / "FashionMNIST" / "raw"
+    complete = raw / ".downloaded"  # written once every file passed its check: later calls stop here
+    if complete.is_file():
+        return raw.resolve()
+    try:
+        FashionMNIST(str(root), train=False, download=True)
+    except (RuntimeError, OSError) as err:
+        bad = [name for name, md5 in FashionMNIST.resources
+               if (raw / name).is_file() and not check_integrity(str(raw / name), md5)]
+        for name in bad:
+            (raw / name).unlink()
+        deleted = f"; deleted {', '.join(bad)}, which failed the MD5 check" if bad else ""
+        reason = " ".join(str(err).split())
+        raise FileNotFoundError(
+            f"Fashion-MNIST is not installed and torchvision could not download it into {raw} "
+            f"({reason}){deleted}. Offline, {FASHION_MNIST_INSTALL_HINT}"
+        ) from err
+    write_atomic(complete, lambda tmp: tmp.write_text("torchvision's MD5 checks passed\n"))
+    return raw.resolve()
 
 
 def _data_cache_dir() -> Path:

@@ -46,10 +46,13 @@ PROFILES: dict[str, dict[str, Any]] = {
     # every notebook in seconds: tiny subsets, two seeds so that every grading path runs; 64 steps
     # that learn (baseline: last-epoch loss 1.5 against 2.30 at chance, 52% test accuracy, 0.6 s)
     "smoke": {"epochs": 2, "train_size": 1024, "test_size": 1000, "batch_size": 32, "seeds": (0, 1)},
-    # the published book: five graded seeds of an 11 s recipe (15,000 images, 3 epochs, batch 128:
-    # 89.3% float on the selection seed; benchmarks/power.py measured its seed spread), evaluated on
-    # one fixed 5,000-image test subset (binomial standard error 0.46 points at 88%)
-    "book": {"epochs": 3, "train_size": 15000, "test_size": 5000, "batch_size": 128, "seeds": (0, 1, 2, 3, 4)},
+    # the published book: five graded seeds of a short recipe (8,000 images, 3 epochs, batch 64,
+    # 375 steps: 87.1-87.5% float on selection seeds 100-102, about 7 s a model on 2 cores;
+    # benchmarks/power.py measured its seed spread), evaluated on one fixed 5,000-image test subset
+    # (binomial standard error 0.47 points at 87%). 15,000 images at batch 128 (89.3%) did not fit
+    # the 40-minute cap once chapters 06 and 08 joined, and 8,000 at batch 128 (187 steps) left
+    # seeds unconverged, 82.7-85.6%, quadrupling the paired spread of the primary endpoint.
+    "book": {"epochs": 3, "train_size": 8000, "test_size": 5000, "batch_size": 64, "seeds": (0, 1, 2, 3, 4)},
     # GPU or long runs: all data, more epochs
     "paper": {"epochs": 30, "train_size": None, "test_size": None, "batch_size": 256, "seeds": (0, 1, 2, 3, 4)},
 }

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from robustq.models import stem_and_classifier, weighted_layers
+from robustq.models import ConvBN, stem_and_classifier, weighted_layers
 from robustq.quant import QuantSpec, quantize, round_ste, validate_bit_width
 from robustq.reparam import register_weight_parametrizations
 from robustq.satnl import SaturatingWeight
@@ -167,6 +167,22 @@ class WRPNWeight(WeightQuantizer):
     def pre_rounding(self, w: torch.Tensor) -> torch.Tensor:
         """``clamp(w, -1, 1)``."""
         return torch.clamp(w, -1.0, 1.0)
+
+
+@torch.no_grad()
+def scale_init_to_grid(model: nn.Module, exclude: Iterable[str] = ()) -> nn.Module:
+    """Divide the weights of every conv followed by BatchNorm (a ``models.ConvBN``), except those
+    named in ``exclude``, by their largest magnitude, so that they span WRPN's fixed grid on
+    [-1, 1] (Mishra et al., arXiv 1709.01134). BN normalises the conv's output, so the float network
+    computes the same function. Our reconstruction [recon]: with PyTorch's default init most weights
+    of a 3-bit WRPN layer lie below half a step and round to 0, and training died on some seeds
+    (book/methods.md §6). Modifies ``model`` in place and returns it."""
+    excluded = set(exclude)
+    for name, module in model.named_modules():
+        if isinstance(module, ConvBN) and f"{name}.conv" not in excluded:
+            weight = module.conv.weight
+            weight.div_(weight.abs().max().clamp_min(torch.finfo(weight.dtype).tiny))
+    return model
 
 
 def make_weight_quantizer(

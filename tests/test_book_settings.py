@@ -41,6 +41,7 @@ def test_largest_within_rule():
     assert pick({0.1: 0.900, 1.0: 0.897, 10.0: 0.880}, baseline=0.900) == 1.0  # 0.3 points: allowed
     assert pick({0.1: 0.890, 1.0: 0.880}, baseline=0.900) == 0.1  # none within: the smallest
     assert pick({0.1: 0.950, 10.0: 0.960}, baseline=0.900) == 10.0  # better than baseline is within
+    assert pick({0.1: 0.10, 10.0: 0.10}, baseline=0.10) == 0.1  # a collapsed reference: the smallest
 
 
 def test_choose_trains_candidates_on_the_selection_seed_with_a_validation_split():

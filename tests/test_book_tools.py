@@ -1,8 +1,12 @@
-"""The book's build scripts: the offline check catches remote assets, the status page has its table."""
+"""The book's build scripts: the offline check catches remote assets, the status page has its table,
+the launch buttons open the source notebooks."""
 
 import importlib.util
 import re
 from pathlib import Path
+
+import pytest
+import yaml
 
 BOOK = Path(__file__).resolve().parent.parent / "book"
 
@@ -53,3 +57,15 @@ def test_findings_page_has_one_linked_row_per_claim_of_the_executed_chapters(tmp
     summary = (tmp_path / "findings_summary.md").read_text().splitlines()
     assert summary[0] == "| claim | statement | mean ± se (n) | grade |" and len(summary) == 3
     assert summary[2].startswith("| {doc}`C1.1 <notebooks/01_error_propagation>` |") and "+4.00 ± 0.58 (3)" in summary[2]
+
+
+def test_launch_buttons_open_the_source_notebooks_in_colab():
+    launch = _load("launch_buttons")
+    config = yaml.safe_load(launch.CONFIG.read_text())
+    added = launch.with_launch_buttons(config, "https://github.com/someone/robustq/", "main")
+    assert added["repository"] == {"url": "https://github.com/someone/robustq", "branch": "main", "path_to_book": ""}
+    assert added["launch_buttons"]["colab_url"] == "https://colab.research.google.com"
+    assert added["launch_buttons"]["notebook_interface"] == config["launch_buttons"]["notebook_interface"]
+    assert added["sphinx"] == config["sphinx"]
+    with pytest.raises(ValueError, match="expected https://github.com/OWNER/REPO"):
+        launch.with_launch_buttons(config, "https://gitlab.com/someone/robustq")

@@ -6,7 +6,11 @@ import gzip
 import hashlib
 import pickle
 import runpy
+import shutil
 import struct
+import threading
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -207,6 +211,65 @@ def test_debian_fashion_mnist_through_torchvision_is_bit_identical() -> None:
     assert set(dataset.train.labels.unique().tolist()) == set(range(10))
     assert dataset.mean[0] == pytest.approx(0.2860, abs=1e-4)
     assert dataset.std[0] == pytest.approx(0.3530, abs=1e-4)
+
+
+# --- Fashion-MNIST off Debian: torchvision's download path, against a local mirror ----------------
+
+
+class QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def mirror(tmp_path: Path, isolated_cache: Path, monkeypatch):
+    """A local HTTP mirror of the Debian files (synthetic ones where the package is absent), set as
+    torchvision's only mirror with the served files' own MD5s (Debian recompressed the archives,
+    so torchvision's sums do not match them); the Debian path made absent. Yields the served folder."""
+    served = tmp_path / "served"
+    if (data.DEFAULT_FASHION_MNIST_DIR / data.FASHION_MNIST_FILES[0]).is_file():
+        shutil.copytree(data.DEFAULT_FASHION_MNIST_DIR, served)
+    else:
+        write_fashion_mnist(served)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(QuietHandler, directory=str(served)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    md5 = [(name, hashlib.md5((served / name).read_bytes()).hexdigest()) for name in data.FASHION_MNIST_FILES]
+    monkeypatch.setattr(torchvision.datasets.FashionMNIST, "mirrors", [f"http://127.0.0.1:{server.server_port}/"])
+    monkeypatch.setattr(torchvision.datasets.FashionMNIST, "resources", md5)
+    monkeypatch.setattr(data, "DEFAULT_FASHION_MNIST_DIR", tmp_path / "no-debian-package")
+    monkeypatch.delenv(data.DATA_ENV_VAR, raising=False)
+    yield served
+    server.shutdown()
+    server.server_close()
+
+
+def test_without_the_debian_package_fashion_mnist_is_downloaded_through_torchvision(mirror: Path) -> None:
+    folder = data.fashion_mnist_folder()
+    for name in data.FASHION_MNIST_FILES:
+        assert (folder / name).read_bytes() == (mirror / name).read_bytes()
+    written = (folder / data.FASHION_MNIST_FILES[0]).stat().st_mtime_ns
+    assert data.fashion_mnist_folder() == folder  # already whole: not fetched again
+    assert (folder / data.FASHION_MNIST_FILES[0]).stat().st_mtime_ns == written
+    test = data.load_dataset("fashion-mnist").test
+    assert torch.equal(test.labels, torchvision.datasets.FashionMNIST(str(folder.parents[1]), train=False).targets)
+
+
+def test_a_corrupted_download_is_deleted_and_reported(mirror: Path, isolated_cache: Path) -> None:
+    labels = mirror / "t10k-labels-idx1-ubyte.gz"
+    labels.write_bytes(labels.read_bytes()[:-100])  # the mirror serves a truncated copy
+    with pytest.raises(FileNotFoundError, match=r"deleted t10k-labels-idx1-ubyte\.gz, which failed the MD5.*"
+                                                r"apt-get install dataset-fashion-mnist.*ROBUSTQ_DATA"):
+        data.fashion_mnist_folder()
+    (raw,) = isolated_cache.glob("data/fashion-mnist/download/FashionMNIST/raw")
+    assert not (raw / labels.name).exists()
+    assert (raw / "train-images-idx3-ubyte.gz").is_file()  # the whole files stay, for the next try
+
+
+def test_offline_download_names_the_fix(mirror: Path, monkeypatch) -> None:
+    monkeypatch.setattr(torchvision.datasets.FashionMNIST, "mirrors", ["http://127.0.0.1:9/"])  # discard port
+    with pytest.raises(FileNotFoundError, match=r"could not download it.*Offline, install it with "
+                                                r"`sudo apt-get install dataset-fashion-mnist` or set ROBUSTQ_DATA"):
+        data.load_dataset("fashion-mnist")
 
 
 # ---------------------------------------------------------------------------------------------

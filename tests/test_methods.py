@@ -299,3 +299,16 @@ def test_sinreq_dorefa_sinusoid_acts_on_the_requested_domain(domain):
 def test_sinreq_rejects_an_unknown_domain():
     with pytest.raises(ValueError, match=r"domain must be one of \('raw', 'normalized'\), got 'tanh'"):
         methods.make("sinreq_dorefa", domain="tanh")
+
+
+def test_a_fixed_parameter_of_a_later_part_does_not_hide_the_routed_one():
+    combo = methods.make("symreg_satnl_asam_kure", lam=10.0)
+    assert [getattr(p, "lam", None) for p in combo.parts] == [10.0, None, None, 1.0]
+    assert combo.params()["lam"] == 10.0  # what the experiment's cache key records
+    assert methods.make("symreg_satnl_asam_kure", lam=0.1).params() != combo.params()
+
+
+def test_wrpn_can_start_at_its_grid_scale():
+    assert methods.make("wrpn", init_to_grid=True).parts[0].init_to_grid
+    with pytest.raises(ValueError, match="init_to_grid"):
+        methods.make("wrpn", init_to_grid="yes")

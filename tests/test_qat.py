@@ -20,7 +20,9 @@ from robustq.qat import (
     quantizer_from_description,
     remove_qat,
     requantize,
+    scale_init_to_grid,
 )
+from robustq.models import ConvBN, make_model, stem_and_classifier
 from robustq.quant import QuantSpec, quantize
 from robustq.satnl import apply_satnl
 
@@ -134,6 +136,20 @@ def test_wrpn_gradient_is_zero_outside_unit_interval():
     w = torch.tensor([-2.0, -0.3, 0.4, 1.5], requires_grad=True)
     WRPNWeight(3)(w).sum().backward()
     assert torch.equal(w.grad, torch.tensor([0.0, 1.0, 1.0, 0.0]))
+
+
+def test_scale_init_to_grid_spans_wrpn_grid_and_keeps_the_float_function_under_batch_norm():
+    torch.manual_seed(0)
+    model = make_model("cnn", 1, 10).train()
+    x = torch.randn(16, 1, 28, 28)
+    stem_name, classifier_name = stem_and_classifier(model)
+    before, stem = model(x), model.get_submodule(stem_name).weight.clone()
+    scale_init_to_grid(model, exclude=(stem_name, classifier_name))
+    convs = [m.conv for m in model.modules() if isinstance(m, ConvBN)]
+    assert torch.equal(convs[0].weight, stem)  # excluded
+    assert all(c.weight.abs().max().item() == pytest.approx(1.0) for c in convs[1:])
+    torch.testing.assert_close(model(x), before, rtol=1e-4, atol=1e-4)  # BN on batch statistics
+    assert (WRPNWeight(3)(convs[1].weight) != 0).float().mean() > 0.3  # most weights no longer round to 0
 
 
 # --- prepare_qat / remove_qat ---------------------------------------------------------------------
