@@ -31,8 +31,11 @@ def use_style() -> None:
 
 
 def method_colors(methods: list[str]) -> dict[str, tuple[float, float, float]]:
-    """A stable colour per method name, so a method looks the same in every chapter."""
-    colors = sns.color_palette(PALETTE, n_colors=max(len(methods), 1))
+    """One colour per method name, in order: the colour-blind palette's ten, then its darker
+    companion's, so that a figure of more than ten methods (chapter 08) repeats no colour."""
+    colors = [*sns.color_palette(PALETTE), *sns.color_palette("dark")]
+    if len(methods) > len(colors):
+        colors = sns.color_palette("husl", len(methods))
     return dict(zip(methods, colors))
 
 

@@ -173,8 +173,8 @@ class WRPNWeight(WeightQuantizer):
 def scale_init_to_grid(model: nn.Module, exclude: Iterable[str] = ()) -> nn.Module:
     """Divide the weights of every conv followed by BatchNorm (a ``models.ConvBN``), except those
     named in ``exclude``, by their largest magnitude, so that they span WRPN's fixed grid on
-    [-1, 1] (Mishra et al., arXiv 1709.01134). BN normalises the conv's output, so the float network
-    computes the same function. Our reconstruction [recon]: with PyTorch's default init most weights
+    [-1, 1] (Mishra et al., arXiv 1709.01134). BN normalises the conv's output, so in training mode
+    (batch statistics) the float network computes the same function. Our reconstruction [recon]: with PyTorch's default init most weights
     of a 3-bit WRPN layer lie below half a step and round to 0, and training died on some seeds
     (book/methods.md §6). Modifies ``model`` in place and returns it."""
     excluded = set(exclude)

@@ -5,8 +5,9 @@ import dataclasses
 
 import pandas as pd
 import pytest
+import seaborn as sns
 
-from robustq import book_settings, comparison, methods
+from robustq import book_settings, comparison, methods, plots
 
 
 def _grid(methods_and_offsets, seeds=(0, 1, 2), bits=(8, 4, 3)):
@@ -100,3 +101,11 @@ def test_write_download_writes_a_csv_beside_the_executed_notebooks(tmp_path, mon
     pd.testing.assert_frame_equal(pd.read_csv(path), frame)
     with pytest.raises(ValueError, match="a plain file name ending in .csv"):
         book.write_download(frame, "../escape.csv")
+
+
+def test_method_colors_repeat_no_colour_for_more_than_ten_methods():
+    names = [f"m{i}" for i in range(25)]
+    for n in (3, 12, 25):
+        colors = plots.method_colors(names[:n])
+        assert len(set(colors.values())) == n
+    assert plots.method_colors(names[:3]) == dict(zip(names[:3], sns.color_palette(plots.PALETTE)[:3]))
