@@ -9,7 +9,7 @@ FMNIST_DIR := $(or $(ROBUSTQ_DATA),/usr/share/datasets/fashion-mnist)
 export ROBUSTQ_CACHE ?= $(CURDIR)/.cache/robustq
 export PYTHONHASHSEED := 0
 
-.PHONY: setup data book test bench clean
+.PHONY: setup data book test compat bench clean
 
 setup: $(STAMP) data  ## venv with pinned deps, the dataset
 
@@ -39,6 +39,19 @@ test: setup  ## notebook lint, workflow schema; unit, property and doctests; not
 	$(VENV)/bin/ruff check --extend-select E501 notebooks
 	$(VENV)/bin/check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
 	ROBUSTQ_PROFILE=smoke $(PY) -m pytest --nbval-lax tests robustq notebooks
+
+# The GPU machine has torch 2.11 and no network: the package must run there as it is.
+COMPAT_VENV := .venv-torch2.11
+COMPAT_PINS := torch==2.11.0 torchvision==0.26.0
+COMPAT_METHODS := baseline symreg_satnl_asam grad_l1 qat_lsq
+
+compat: data  ## the package on torch 2.11 (the GPU machine's): import, and a smoke training of four methods
+	@test -x $(COMPAT_VENV)/bin/python || $(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_VENV)/bin/python -m pip install --quiet --disable-pip-version-check $(COMPAT_PINS) \
+	  $$(grep -iE '^(numpy|pandas|scipy|filelock|tqdm|submitit|cloudpickle|typing.extensions)==' constraints.txt)
+	@cache=$$(mktemp -d) && for method in $(COMPAT_METHODS); do \
+	  ROBUSTQ_CACHE=$$cache PYTHONPATH=$(CURDIR) $(COMPAT_VENV)/bin/python -m robustq train --method $$method \
+	    --profile smoke --no-progress >/dev/null || exit 1; echo "torch 2.11: $$method trained"; done; rm -rf $$cache
 
 bench: setup  ## speed ratios (printed, not asserted)
 	@for script in benchmarks/*.py; do echo "== $$script"; $(PY) $$script; done

@@ -3,6 +3,11 @@
     python -m robustq train --method symreg --param lam=0.1 --profile smoke
     python -m robustq sweep --method baseline --w-bits 8 4 3 --profile smoke
     python -m robustq methods
+    python -m robustq grid --profile paper --chapters 01 05 --dry-run
+    python -m robustq grid --profile paper --executor slurm --slurm partition=gpu --timeout-min 120
+
+``grid`` trains every model the chosen chapters need that the cache lacks, one job each
+(:mod:`robustq.grid`), and exits with status 1 if a job failed.
 
 Every argument is checked before anything is loaded or trained: a bad one is reported as one
 ``robustq: error: ...`` line on stderr, with exit status 2.
@@ -18,8 +23,9 @@ import sys
 from collections.abc import Iterator
 from typing import NoReturn
 
-from robustq import experiments, methods, models, params
+from robustq import experiments, grid, methods, models, params
 from robustq.data import DATASET_NAMES
+from robustq.distributed import DistributedError
 from robustq.train import OPTIMIZERS, NonFiniteLossError
 
 
@@ -62,12 +68,15 @@ def _add_experiment_args(parser: argparse.ArgumentParser) -> None:
 # --- validation: every argument is checked before anything is loaded or trained -----------------
 
 
-def validate_args(args: argparse.Namespace) -> experiments.Experiment | None:
-    """The subcommand's Experiment (None for ``methods``), once every argument has been checked.
+def validate_args(args: argparse.Namespace) -> experiments.Experiment | grid.Grid | None:
+    """The subcommand's Experiment (its Grid for ``grid``, None for ``methods``), once every
+    argument has been checked.
 
     Raises ``ValueError`` naming the first bad argument; nothing is loaded, trained or cached."""
     if args.command == "methods":
         return None
+    if args.command == "grid":
+        return _grid(args)
     _check_numbers(args)
     if hasattr(args, "w_bits"):
         params.check("bit_widths", args.w_bits, label="argument --w-bits")
@@ -104,6 +113,25 @@ def _experiment(args: argparse.Namespace) -> experiments.Experiment:
     )
 
 
+def _grid(args: argparse.Namespace) -> grid.Grid:
+    with _blame("argument --profile" if args.profile else f"${experiments.PROFILE_ENV}"):
+        params.check("profile", args.profile)
+    with _blame("argument --chapters"):
+        chapters = grid.check_chapters(args.chapters)
+    with _blame("argument --executor"):
+        executor = grid.resolve_executor(args.executor)
+    for flag, example in (("--parallel", 2), ("--per-gpu", 2), ("--timeout-min", grid.DEFAULT_TIMEOUT_MIN)):
+        with _blame(f"argument {flag}"):
+            params.check_int(flag[2:], getattr(args, flag[2:].replace("-", "_")), minimum=1, example=example,
+                             none_means="the default")
+    with _blame("argument --per-gpu"):
+        grid.check_per_gpu(args.per_gpu, executor)
+    with _blame("argument --slurm"):
+        slurm = grid.check_slurm_parameters(dict(args.slurm), executor)
+    return grid.Grid(chapters, experiments.resolve_profile(args.profile), executor, args.parallel, args.per_gpu or 1,
+                     args.timeout_min, slurm)
+
+
 def _reject(flag: str, message: str) -> NoReturn:
     raise ValueError(f"argument {flag}: {message}")
 
@@ -133,6 +161,28 @@ def _sweep(args: argparse.Namespace, exp: experiments.Experiment) -> None:
     print(frame.to_string(index=False))
 
 
+def _run_grid(args: argparse.Namespace, settings: grid.Grid) -> None:
+    if args.dry_run:
+        print("\n".join(grid.dry_run(settings)))
+        return
+    reports = grid.run_grid(settings, progress=not args.no_progress)
+    print(json.dumps({"profile": settings.profile, "chapters": settings.chapters, "executor": settings.executor,
+                      "phases": [{"phase": r.phase, "needed": r.needed, "ran": r.ran, "failed": len(r.failures)}
+                                 for r in reports]}, indent=1))
+    failures = [failure for report in reports for failure in report.failures]
+    if failures:
+        raise JobsFailed(failures)
+
+
+class JobsFailed(Exception):
+    """Some grid jobs failed: ``main`` lists them on stderr and returns 1."""
+
+    def __init__(self, failures: list[grid.Failure]) -> None:
+        super().__init__(f"{len(failures)} job(s) failed; fix the cause and rerun the same command "
+                         "(what finished is cached):")
+        self.failures = failures
+
+
 def _methods(_args: argparse.Namespace, _exp: None) -> None:
     for name in methods.available():
         params = ", ".join(f"{row['name']}={row['value']!r}" for row in methods.describe(name))
@@ -151,16 +201,39 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.set_defaults(func=_sweep)
     listing = commands.add_parser("methods", help="list the registered methods and their hyperparameters")
     listing.set_defaults(func=_methods)
+    _add_grid_parser(commands)
     return parser
+
+
+def _add_grid_parser(commands) -> None:
+    jobs = commands.add_parser("grid", help="train every model the chapters need that the cache lacks, one job each")
+    jobs.add_argument("--profile", default=None, help=f"one of: {', '.join(experiments.PROFILES)} "
+                      f"(default: ${experiments.PROFILE_ENV} or {experiments.DEFAULT_PROFILE})")
+    jobs.add_argument("--chapters", nargs="+", metavar="NN", help=f"default: all ({', '.join(grid.CHAPTERS)})")
+    jobs.add_argument("--executor", default="auto", help="auto (SLURM where srun is on the PATH, else local), "
+                      "local (subprocesses here), slurm (one sbatch job each) or debug (in this process)")
+    jobs.add_argument("--parallel", type=int, help="jobs at once (default: 1 on a CPU, --per-gpu per visible GPU, "
+                      "no limit on SLURM)")
+    jobs.add_argument("--per-gpu", type=int, help="local jobs packed onto each visible GPU (default 1)")
+    jobs.add_argument("--timeout-min", type=int, default=grid.DEFAULT_TIMEOUT_MIN,
+                      help=f"a job's time limit in minutes (default {grid.DEFAULT_TIMEOUT_MIN})")
+    jobs.add_argument("--slurm", type=_param, action="append", default=[], metavar="NAME=VALUE",
+                      help="an sbatch parameter of submitit's SlurmExecutor, repeatable (e.g. partition=gpu)")
+    jobs.add_argument("--dry-run", action="store_true", help="list what would run, run nothing")
+    jobs.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    jobs.set_defaults(func=_run_grid)
 
 
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         args.func(args, validate_args(args))
-    except (ValueError, FileNotFoundError, NonFiniteLossError) as error:
+    except (ValueError, FileNotFoundError, NonFiniteLossError, DistributedError) as error:
         print(f"robustq: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
+    except JobsFailed as error:
+        print(f"robustq: error: {error}", *(f"  {failure}" for failure in error.failures), sep="\n", file=sys.stderr)
+        return 1
     return 0
 
 

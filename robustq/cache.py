@@ -12,6 +12,23 @@ verified entries, one writer per entry, and a cache folder proved usable before 
   and then loads the first one's result.
 * :func:`ensure_usable`: the cache folder is created, proved writable with a probe file and checked
   for free space before training; stale temporary files of dead processes are removed.
+
+**Many machines, one cache on NFS.** The entry lock is ``filelock.FileLock``, which is
+``flock(2)`` on Linux and macOS, and it is the lock to use there. Since Linux 2.6.12 the NFS client
+emulates ``flock`` with a POSIX byte-range lock over the whole file, which the server arbitrates
+(NFSv4 natively, NFSv3 through the NLM protocol), so workers on different machines exclude each
+other (flock(2), "NFS details"). The kernel releases it when its holder dies, however it is killed,
+so a killed worker never leaves an entry locked; a machine that crashes while holding one loses it
+when its NFSv4 lease expires (90 s by default) or, on NFSv3, when it reboots. An existence lock
+(``filelock.SoftFileLock``, ``O_CREAT | O_EXCL``) would do worse on both counts: its marker outlives
+a killed holder, and one written on another machine cannot be proved stale, so the entry would stay
+locked for :data:`LOCK_TIMEOUT_S`. The mount must send locks to the server: ``nolock`` and
+``local_lock=flock`` or ``all`` keep them on one machine (nfs(5)), and :func:`ensure_usable` warns
+when the cache is on such a mount. Even then the cache stays correct, only not exclusive: every file
+is renamed into place and every entry verified on load, so two machines can at worst train one
+model twice, or leave an entry that is quarantined and retrained. An entry another machine has just
+written can stay invisible for the attribute-cache time (``acdirmax``, 60 s by default) and be
+trained again; ``lookupcache=positive`` avoids that (nfs(5)).
 """
 
 from __future__ import annotations
@@ -21,6 +38,7 @@ import hashlib
 import importlib
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -32,11 +50,14 @@ import filelock
 
 from robustq.files import write_atomic
 
-TRAINING_MODULES = ("data", "models", "methods", "qat", "quant", "regularizers", "reparam", "sam", "satnl", "train")
+TRAINING_MODULES = ("data", "distributed", "models", "methods", "qat", "quant", "regularizers", "reparam", "sam", "satnl", "train")
 EVALUATION_MODULES = ("data", "ptq", "qat", "quant", "train")  # train: its evaluate() scores every model
 MIN_FREE_BYTES = 64 * 2**20  # a checkpoint and a model of the largest network, with room to spare
 QUARANTINE = "quarantine"
 LOCK_TIMEOUT_S = 3600.0  # a run waits at most this long for another process training the same entry
+MOUNTS = Path("/proc/self/mounts")
+# nfs(5): with these the client keeps flock() locks to itself; `nolock` implies local_lock=all
+LOCAL_LOCK_OPTIONS = frozenset({"nolock", "local_lock=flock", "local_lock=all"})
 
 
 class CacheError(RuntimeError):
@@ -137,7 +158,9 @@ def quarantine(entry: Path, reason: str) -> Path | None:
 
 
 def entry_lock(entry: Path) -> filelock.FileLock:
-    """The lock of one cache entry (a ``.lock`` file beside it): hold it around load-or-train."""
+    """The lock of one cache entry (a ``.lock`` file beside it): hold it around load-or-train.
+    ``flock`` on Unix, which an NFS client sends to the server and the kernel releases when its
+    holder dies (see the module docstring)."""
     return filelock.FileLock(str(entry) + ".lock", timeout=LOCK_TIMEOUT_S)
 
 
@@ -179,6 +202,41 @@ def ensure_usable(root: Path, needed_bytes: int = MIN_FREE_BYTES) -> None:
         raise CacheError(
             f"the experiment cache {root} has {free / 2**20:.0f} MiB free, {needed_bytes / 2**20:.0f} MiB needed; {fix}"
         )
+    _warn_once_if_locks_are_local(str(root.resolve()))
+
+
+def local_lock_mount(root: Path, mounts: Path = MOUNTS) -> str | None:
+    """The NFS mount point holding ``root`` if that mount keeps ``flock`` locks local to this
+    machine (``nolock``, ``local_lock=flock|all``), else None (also where ``mounts`` is unreadable)."""
+    try:
+        table = [line.split() for line in mounts.read_text().splitlines()]
+    except OSError:
+        return None  # not Linux: no /proc/self/mounts
+    path = root.resolve()
+    holding = []  # (mount point, filesystem type, options) of every mount above path
+    for fields in table:
+        point = Path(_unescape(fields[1])) if len(fields) >= 4 else None
+        if point is not None and (point == path or point in path.parents):
+            holding.append((point, fields[2], fields[3].split(",")))
+    if not holding:
+        return None
+    point, fstype, options = max(holding, key=lambda mount: len(mount[0].parts))  # the innermost one
+    local = fstype.startswith("nfs") and not LOCAL_LOCK_OPTIONS.isdisjoint(options)
+    return str(point) if local else None
+
+
+def _unescape(field: str) -> str:
+    """A /proc/self/mounts field with its octal escapes (``\\040`` for a space) decoded."""
+    return re.sub(r"\\([0-7]{3})", lambda match: chr(int(match.group(1), 8)), field)
+
+
+@lru_cache(maxsize=None)
+def _warn_once_if_locks_are_local(root: str) -> None:
+    point = local_lock_mount(Path(root))
+    if point is not None:
+        warn(f"the experiment cache {root} is on the NFS mount {point}, whose locks stay on this machine "
+             "(nolock or local_lock=flock|all): workers on other machines may train the same model at once; "
+             "remount it without nolock and with local_lock=none, or give each machine its own ROBUSTQ_CACHE")
 
 
 def warn(message: str) -> None:

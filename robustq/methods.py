@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from robustq import qat, regularizers, sam, satnl
+from robustq import distributed, qat, regularizers, sam, satnl
 from robustq.models import stem_and_classifier, weighted_layers
 from robustq.params import check_choice
 from robustq.quant import validate_bit_width
@@ -76,6 +76,9 @@ class Part:
 
     capture_activations: typing.ClassVar[bool] = False
     double_backprop: typing.ClassVar[bool] = False
+    # Whether the method's maths survives bfloat16 forward convolutions (penalties on the weights
+    # are computed in float32 either way): False where the forward carries the method itself.
+    bf16_safe: typing.ClassVar[bool] = True
 
 
 @dataclass(frozen=True)
@@ -267,6 +270,7 @@ class GradL1(Part):
 
     capture_activations: typing.ClassVar[bool] = True
     double_backprop: typing.ClassVar[bool] = True
+    bf16_safe: typing.ClassVar[bool] = False  # it penalises gradients that bf16 rounding perturbs
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -287,7 +291,9 @@ class GradL1(Part):
         # k times as strong on 1 step in k: the same penalty in expectation over the run
         scales = [self.lazy_every * c for c in self._weight_strengths(weights)]
         scales += [self.lazy_every * self.lam_a] * len(acts)
-        return regularizers.grad_l1(context.loss, weights + acts, scales=scales)
+        # weight gradients of the global batch under DDP; activation terms are per sample
+        transforms = [distributed.mean_across_ranks] * len(weights) + [None] * len(acts)
+        return regularizers.grad_l1(context.loss, weights + acts, scales=scales, transforms=transforms)
 
     def _applies_at(self, context: StepContext) -> bool:
         return context.epoch >= self.warmup_epochs and context.step % self.lazy_every == 0
@@ -319,6 +325,8 @@ class QAT(Part):
     edge_bit_width: int = 8
     per_channel: bool = False
     init_to_grid: bool = False
+
+    bf16_safe: typing.ClassVar[bool] = False  # bf16 would move the trained grid's levels
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -393,6 +401,10 @@ class Method:
             penalty=_sum_penalties(penalties) if penalties else None,
             capture_activations=any(p.capture_activations for p in self.parts),
             double_backprop=any(p.double_backprop for p in self.parts),
+            # a warm start trains its first epochs without double backprop, in the faster layout
+            double_backprop_from_epoch=min((getattr(p, "warmup_epochs", 0) for p in self.parts if p.double_backprop),
+                                           default=0),
+            bf16_autocast=all(p.bf16_safe for p in self.parts),
             wrap_optimizer=wrappers[0].wrap_optimizer if wrappers else None,
         )
 

@@ -30,7 +30,7 @@ from torch.nn.utils import parametrize
 
 from robustq.models import ConvBN, stem_and_classifier, weighted_layers
 from robustq.quant import QuantSpec, quantize, round_ste, validate_bit_width
-from robustq.reparam import register_weight_parametrizations
+from robustq.reparam import in_layout_of, register_weight_parametrizations
 from robustq.satnl import SaturatingWeight
 
 QUANTIZERS = ("ste", "lsq", "dorefa", "wrpn")
@@ -48,7 +48,7 @@ class WeightQuantizer(nn.Module):
         self.bit_width = validate_bit_width(bit_width)
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return self.quantize_pre_rounded(self.pre_rounding(w))
+        return in_layout_of(w, self.quantize_pre_rounded(self.pre_rounding(w)))
 
     def pre_rounding(self, w: torch.Tensor) -> torch.Tensor:
         """The full-precision weight the quantizer rounds (``remove_qat`` keeps it)."""

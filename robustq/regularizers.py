@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -251,6 +251,7 @@ def grad_l1(
     loss: torch.Tensor,
     tensors: Iterable[torch.Tensor],
     scales: Sequence[float] | None = None,
+    transforms: Sequence[Callable[[torch.Tensor], torch.Tensor] | None] | None = None,
 ) -> torch.Tensor:
     """Gradient-L1 penalty ``sum_t scale_t ||dL/dt||_1`` of Alizadeh et al. (ICLR 2020,
     arXiv 2002.07520; book/methods.md §2).
@@ -265,7 +266,10 @@ def grad_l1(
     not depend on contribute 0. No batch rescaling is applied: with a batch-mean loss the
     activation gradients scale as 1/batch, a choice the caller reports (book/methods.md §8).
     The [paper] bound's weighting of each weight tensor by its half-step is
-    ``scales = grad_l1_half_steps(weights, b)`` (times the strength).
+    ``scales = grad_l1_half_steps(weights, b)`` (times the strength). ``transforms`` (default
+    none) maps a tensor's gradient before its norm, differentiably: under DDP the weight gradients
+    pass through ``robustq.distributed.mean_across_ranks``, so the norm is of the global batch's
+    gradient.
     """
     tensors = list(tensors)
     if not tensors:
@@ -277,14 +281,17 @@ def grad_l1(
         raise ValueError(f"scales must have one entry per tensor ({len(tensors)}), got {len(scales)}")
     if any(not x >= 0 for x in scales):
         raise ValueError(f"scales must be >= 0, got {scales}")
-    pairs = [(t, x) for t, x in zip(tensors, scales) if t.requires_grad and x != 0]
+    transforms = [None] * len(tensors) if transforms is None else list(transforms)
+    if len(transforms) != len(tensors):
+        raise ValueError(f"transforms must have one entry per tensor ({len(tensors)}), got {len(transforms)}")
+    triples = [(t, x, f) for t, x, f in zip(tensors, scales, transforms) if t.requires_grad and x != 0]
     total = loss.new_zeros(())
-    if not pairs or not loss.requires_grad:
+    if not triples or not loss.requires_grad:
         return total
-    grads = torch.autograd.grad(loss, [t for t, _ in pairs], create_graph=True, allow_unused=True)
-    for grad, (_, scale) in zip(grads, pairs):
+    grads = torch.autograd.grad(loss, [t for t, _, _ in triples], create_graph=True, allow_unused=True)
+    for grad, (_, scale, transform) in zip(grads, triples):
         if grad is not None:
-            total = total + scale * grad.abs().sum()
+            total = total + scale * (grad if transform is None else transform(grad)).abs().sum()
     return total
 
 

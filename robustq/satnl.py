@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from robustq.models import weighted_layers
-from robustq.reparam import register_weight_parametrizations
+from robustq.reparam import in_layout_of, register_weight_parametrizations
 
 SATNL_FORMS = ("tanh", "scaled_tanh", "normalized_tanh")
 # Three standard deviations of the initial weights: beyond every weight of PyTorch's default
@@ -63,6 +63,9 @@ class SaturatingWeight(nn.Module):
         return self.alpha if self.form == "scaled_tanh" else 1.0
 
     def forward(self, theta: torch.Tensor) -> torch.Tensor:
+        return in_layout_of(theta, self._saturate(theta))
+
+    def _saturate(self, theta: torch.Tensor) -> torch.Tensor:
         if self.form == "tanh":
             return torch.tanh(theta)
         if self.form == "scaled_tanh":

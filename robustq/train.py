@@ -19,8 +19,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from robustq import distributed
 from robustq.data import BatchLoader, Dataset, eval_loader, train_loader
 from robustq.files import write_atomic
 from robustq.models import weighted_layers
@@ -84,8 +86,10 @@ class Extensions:
     """How a method changes the loop. ``penalty`` returns the extra loss (already weighted);
     ``capture_activations`` records the input of every conv/linear for it; ``wrap_optimizer``
     turns the base optimizer into a two-step one (SAM/ASAM). ``double_backprop`` marks a penalty
-    that differentiates gradients (gradient-ℓ1): the loop then keeps the contiguous memory format,
-    which is about 3x faster than channels_last for double backprop on CPU.
+    that differentiates gradients (gradient-ℓ1): from epoch ``double_backprop_from_epoch`` (the end
+    of a warm start) the loop trains in the contiguous memory format, faster than channels_last for
+    double backprop on CPU. ``bf16_autocast``
+    says the method's maths survives bfloat16 forward passes (:func:`autocast_dtype`).
 
     Measurements during training (they never change the loss): each ``on_step_end`` hook is called
     as ``hook(model, epoch, step)`` after every optimizer step (0-based epoch and step within the
@@ -99,6 +103,8 @@ class Extensions:
     capture_activations: bool = False
     wrap_optimizer: Callable[[list[nn.Parameter], torch.optim.Optimizer], object] | None = None
     double_backprop: bool = False
+    double_backprop_from_epoch: int = 0
+    bf16_autocast: bool = False
     on_step_end: list[Callable[[nn.Module, int, int], object]] = field(default_factory=list)
     on_epoch_end: list[Callable[[nn.Module, int], dict | None]] = field(default_factory=list)
 
@@ -112,7 +118,17 @@ class TrainResult:
 
 
 def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """CUDA if available (under torchrun, this process's ``$LOCAL_RANK`` GPU), else the CPU."""
+    return distributed.local_device(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def autocast_dtype(device: torch.device, extensions: Extensions) -> torch.dtype | None:
+    """The forward pass's autocast dtype: bfloat16 on CUDA for methods marked ``bf16_autocast``
+    (baseline, SymReg, SatNL, KURE, SAM/ASAM and their combinations: penalties on the weights stay
+    float32, and bfloat16 needs no loss scaling), None (float32) on the CPU, under double backprop
+    and for QAT-type methods, whose quantizers would see bfloat16-rounded levels. Device type and
+    method are both in the cache key, so the choice needs no key of its own."""
+    return torch.bfloat16 if device.type == "cuda" and extensions.bf16_autocast else None
 
 
 def train(
@@ -127,12 +143,17 @@ def train(
     desc: str = "train",
 ) -> TrainResult:
     """Train ``model`` on ``data.train`` with ``config``; resume from ``checkpoint`` if it holds an
-    earlier epoch of the same run, and save one after every epoch (atomically)."""
+    earlier epoch of the same run, and save one after every epoch (atomically).
+
+    In a process group (torchrun, :mod:`robustq.distributed`) the model trains wrapped in
+    ``DistributedDataParallel``, each rank on its shard of every global batch of
+    ``config.batch_size``; only rank 0 shows progress and saves checkpoints."""
     extensions = extensions or Extensions()
-    device = torch.device(device) if device is not None else default_device()
-    # channels_last trains convolutions ~1.5x faster here, except under double backprop.
-    memory_format = torch.contiguous_format if extensions.double_backprop else torch.channels_last
-    model.to(device=device, memory_format=memory_format)
+    device = distributed.local_device(torch.device(device) if device is not None else default_device())
+    progress = progress and distributed.is_main()
+    model.to(device=device, memory_format=_layout(extensions, 0))
+    net = _data_parallel(model, device)
+    forward_dtype = autocast_dtype(device, extensions)
     loader = train_loader(data, config.batch_size, seed=config.seed, augment=config.augment, drop_last=True, device=device)
     optimizer = _make_optimizer(model, config)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -144,14 +165,17 @@ def train(
     bar = _progress_bar(config, len(loader), start_epoch, progress, desc)
     for epoch in range(start_epoch, config.epochs):
         loader.set_epoch(epoch)
-        stats = _train_epoch(model, loader, optimizer, stepper, scheduler, extensions, epoch, config, bar, memory_format)
+        memory_format = _layout(extensions, epoch)
+        model.to(memory_format=memory_format)  # a no-op unless a warm start's penalty begins
+        stats = _train_epoch(net, model, loader, optimizer, stepper, scheduler, extensions, epoch, config, bar,
+                             memory_format, forward_dtype)
         if val_loader is not None:
             stats["val_acc"] = evaluate(model, val_loader)
         stats.update(_epoch_hooks(model, extensions.on_epoch_end, epoch, stats))
         history.append(stats)
         if progress:
             _log_epoch(stats, config.epochs, desc, bar)
-        if checkpoint is not None:
+        if checkpoint is not None and distributed.is_main():
             _save_checkpoint(checkpoint, model, optimizer, scheduler, history)
     bar.close()
     model.to(memory_format=torch.contiguous_format).eval()
@@ -160,8 +184,25 @@ def train(
     return TrainResult(model, history, wall, images / wall if wall > 0 else 0.0)
 
 
-def _train_epoch(model, loader, optimizer, stepper, scheduler, extensions, epoch, config, bar, memory_format) -> dict:
-    model.train()
+def _layout(extensions: Extensions, epoch: int) -> torch.memory_format:
+    """channels_last trains convolutions ~1.3x faster here, but double backprop ~1.4x slower
+    (``benchmarks/overhead.py``): contiguous from the first epoch with a double-backprop penalty."""
+    if extensions.double_backprop and epoch >= extensions.double_backprop_from_epoch:
+        return torch.contiguous_format
+    return torch.channels_last
+
+
+def _data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
+    """The module the loop calls forward on: ``model`` itself, or in a process group ``model``
+    wrapped in DDP (penalties, hooks and the optimizer keep acting on ``model``)."""
+    if distributed.world_size() == 1:
+        return model
+    return DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+
+def _train_epoch(net, model, loader, optimizer, stepper, scheduler, extensions, epoch, config, bar,
+                 memory_format, forward_dtype) -> dict:
+    net.train()
     captured: list[torch.Tensor] = []
     handles = _capture_inputs(model, captured) if extensions.capture_activations else []
     loss_sum = torch.zeros((), device=next(model.parameters()).device)
@@ -169,10 +210,10 @@ def _train_epoch(model, loader, optimizer, stepper, scheduler, extensions, epoch
     seen, start = 0, time.perf_counter()
     try:
         for step, (x, y) in enumerate(loader):
-            x = x.contiguous(memory_format=memory_format)
+            x, y = distributed.shard(x.contiguous(memory_format=memory_format), y)
             global_step = epoch * len(loader) + step
-            loss, logits = _step(model, x, y, optimizer, stepper, extensions, captured, epoch, global_step,
-                                 config)
+            loss, logits = _step(net, model, x, y, optimizer, stepper, extensions, captured, epoch, global_step,
+                                 config, forward_dtype)
             _guard_finite(loss, epoch, step)
             scheduler.step()
             _step_hooks(model, extensions.on_step_end, epoch, step)
@@ -186,6 +227,8 @@ def _train_epoch(model, loader, optimizer, stepper, scheduler, extensions, epoch
         for handle in handles:
             handle.remove()
     wall = time.perf_counter() - start
+    loss_sum, correct = distributed.sum_across_ranks(loss_sum), distributed.sum_across_ranks(correct)
+    seen *= distributed.world_size()  # every rank trains on an equal shard
     return {
         "epoch": epoch + 1,
         "loss": float(loss_sum) / seen,
@@ -196,9 +239,9 @@ def _train_epoch(model, loader, optimizer, stepper, scheduler, extensions, epoch
     }
 
 
-def _step(model, x, y, optimizer, stepper, extensions, captured, epoch, global_step, config):
+def _step(net, model, x, y, optimizer, stepper, extensions, captured, epoch, global_step, config, forward_dtype):
     """One optimisation step; with SAM/ASAM the objective is evaluated twice."""
-    loss, logits = _objective(model, x, y, extensions, captured, epoch, global_step, config)
+    loss, logits = _objective(net, model, x, y, extensions, captured, epoch, global_step, config, forward_dtype)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if stepper is None:
@@ -206,15 +249,21 @@ def _step(model, x, y, optimizer, stepper, extensions, captured, epoch, global_s
         return loss, logits
     stepper.first_step()
     optimizer.zero_grad(set_to_none=True)
-    _objective(model, x, y, extensions, captured, epoch, global_step, config)[0].backward()
+    _objective(net, model, x, y, extensions, captured, epoch, global_step, config, forward_dtype)[0].backward()
     stepper.second_step()
     return loss, logits
 
 
-def _objective(model, x, y, extensions, captured, epoch, global_step, config):
-    """Task loss plus the method's penalty: the single place where methods add loss terms."""
+def _objective(net, model, x, y, extensions, captured, epoch, global_step, config, forward_dtype=None):
+    """Task loss plus the method's penalty: the single place where methods add loss terms.
+    ``net`` is ``model`` or its DDP wrapper; the penalty sees ``model``. With a ``forward_dtype``
+    only the forward pass runs under autocast; the loss and the penalty are float32."""
     captured.clear()
-    logits = model(x)
+    if forward_dtype is None:
+        logits = net(x)
+    else:
+        with torch.autocast(x.device.type, dtype=forward_dtype):
+            logits = net(x).float()
     loss = F.cross_entropy(logits, y, label_smoothing=config.label_smoothing)
     if extensions.penalty is not None:
         context = StepContext(loss=loss, activations=list(captured), epoch=epoch, epochs=config.epochs,
@@ -377,6 +426,14 @@ def _resume(path: Path | None, model, optimizer, scheduler, device) -> tuple[lis
 
 
 __all__ = [
-    "Extensions", "NonFiniteLossError", "StepContext", "TrainConfig", "TrainResult", "evaluate",
-    "save_atomic", "train", "default_device",
+    "Extensions",
+    "NonFiniteLossError",
+    "StepContext",
+    "TrainConfig",
+    "TrainResult",
+    "autocast_dtype",
+    "default_device",
+    "evaluate",
+    "save_atomic",
+    "train",
 ]

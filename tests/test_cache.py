@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -67,6 +68,72 @@ def test_two_identical_runs_at_once_train_once(tmp_path):
     outputs = [json.loads(p.communicate(timeout=300)[0]) for p in procs]
     assert sorted(o["cached"] for o in outputs) == [False, True]
     assert outputs[0]["acc"] == outputs[1]["acc"]
+
+
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from robustq import cache
+lock = cache.entry_lock(Path(sys.argv[1]))  # referenced: a collected lock is released
+lock.acquire()
+print("held", flush=True)
+time.sleep(300)
+"""
+WAIT_FOR_LOCK = """
+import json, sys, time
+from pathlib import Path
+import filelock
+from robustq import cache
+start = time.monotonic()
+try:
+    cache.entry_lock(Path(sys.argv[1])).acquire(timeout=float(sys.argv[2]))
+except filelock.Timeout:
+    print(json.dumps({"acquired": False, "waited_s": time.monotonic() - start}))
+else:
+    print(json.dumps({"acquired": True, "at": time.time()}))
+"""
+
+
+def test_the_entry_lock_holds_off_other_processes_until_its_holder_dies(tmp_path):
+    entry = str(tmp_path / "0123456789abcdef")
+
+    def python(script, *args, **popen):
+        return subprocess.Popen([sys.executable, "-c", script, entry, *args], stdout=subprocess.PIPE, text=True,
+                                cwd=ROOT, **popen)
+
+    holder = python(HOLD_LOCK)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        blocked = json.loads(python(WAIT_FOR_LOCK, "1.0").communicate(timeout=60)[0])
+        assert blocked["acquired"] is False and blocked["waited_s"] >= 1.0  # really waited, then gave up
+        waiter = python(WAIT_FOR_LOCK, "60")
+        time.sleep(0.5)
+        killed_at = time.time()
+        holder.kill()  # SIGKILL: no release, no cleanup; the kernel drops the flock with the process
+        got = json.loads(waiter.communicate(timeout=60)[0])
+    finally:
+        holder.kill()
+        holder.wait()
+    assert got["acquired"] is True and killed_at <= got["at"] < killed_at + 10
+
+
+def test_a_cache_on_an_nfs_mount_with_local_locks_is_named(tmp_path):
+    mounts = tmp_path / "mounts"
+    inner = tmp_path / "shared cache"
+    inner.mkdir()
+    escaped = str(inner).replace(" ", "\\040")  # as /proc/self/mounts writes a space
+
+    def table(options):
+        return (f"/dev/sda1 / ext4 rw,relatime 0 0\n"
+                f"server:/export {tmp_path} nfs4 rw,vers=4.2,local_lock=none,addr=10.0.0.1 0 0\n"
+                f"server:/cache {escaped} nfs {options} 0 0\n")
+
+    for options, local in [("rw,vers=3,nolock,local_lock=all", True), ("rw,vers=4.1,local_lock=flock", True),
+                           ("rw,vers=4.1,local_lock=posix", False), ("rw,vers=4.1,local_lock=none", False)]:
+        mounts.write_text(table(options))
+        assert cache.local_lock_mount(inner / "entry", mounts) == (str(inner) if local else None), options
+    assert cache.local_lock_mount(tmp_path / "elsewhere", mounts) is None  # the outer mount sends its locks
+    assert cache.local_lock_mount(tmp_path, tmp_path / "no such file") is None
 
 
 def test_an_unusable_cache_is_reported_before_any_training(tmp_path, monkeypatch):

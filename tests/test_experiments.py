@@ -11,7 +11,7 @@ TINY = dict(dataset="synthetic", epochs=1, batch_size=128)
 
 def test_profile_fills_missing_fields_and_explicit_fields_win():
     smoke = Experiment(profile="smoke").resolved()
-    assert (smoke.epochs, smoke.train_size, smoke.batch_size) == (2, PROFILES["smoke"]["train_size"], 32)
+    assert (smoke.epochs, smoke.train_size, smoke.batch_size) == (2, PROFILES["smoke"]["train_size"], 16)
     assert Experiment(profile="smoke", epochs=3).resolved().epochs == 3
 
 
@@ -113,7 +113,7 @@ def test_trained_policy_needs_a_qat_result():
     ({"test_size": 0}, "test_size must be a positive int"),
     ({"seed": -1}, "seed must be an int >= 0"),
     ({"val_size": -5}, "val_size must be an int >= 0"),
-    ({"batch_size": 5000}, "batch_size=5000 exceeds train_size=1024"),
+    ({"batch_size": 5000}, "batch_size=5000 exceeds train_size=512"),
 ])
 def test_bad_sizes_fail_before_training(kwargs, message):
     with pytest.raises(ValueError, match=message):

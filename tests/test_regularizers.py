@@ -522,3 +522,12 @@ def test_grad_l1_half_steps_are_half_the_min_max_step_and_detached():
 def test_grad_l1_half_steps_rejects_bad_arguments(weights, bit_width, match):
     with pytest.raises(ValueError, match=match):
         regularizers.grad_l1_half_steps(weights, bit_width)
+
+
+def test_grad_l1_maps_each_gradient_through_its_transform_before_the_norm():
+    w = torch.tensor([1.0, -2.0], requires_grad=True)
+    loss = (w * torch.tensor([3.0, 4.0])).sum()  # dL/dw = (3, 4)
+    doubled = regularizers.grad_l1(loss, [w], transforms=[lambda g: 2 * g])
+    assert doubled.item() == pytest.approx(14.0)
+    with pytest.raises(ValueError, match="one entry per tensor"):
+        regularizers.grad_l1(loss, [w], transforms=[None, None])

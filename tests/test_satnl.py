@@ -179,3 +179,16 @@ def test_saturating_weight_rejects_bad_arguments():
 def test_remove_satnl_without_satnl_raises():
     with pytest.raises(ValueError, match="no SatNL"):
         remove_satnl(small_cnn())
+
+
+@pytest.mark.parametrize("name", ["satnl", "qat_lsq", "wrpn"])
+def test_a_parametrized_kernel_keeps_its_stored_layout(name):
+    """A one-channel stem kernel stored channels_last must reach its convolution so: elementwise
+    ops would hand it contiguous strides and run the stem in the slower layout."""
+    from robustq import methods, models
+
+    torch.manual_seed(0)
+    model = methods.make(name).prepare(models.make_model("cnn", 1, 10)).to(memory_format=torch.channels_last)
+    stem = model[0].conv
+    assert stem.weight.stride() == stem.parametrizations.weight.original.stride()
+    assert torch.equal(stem.weight, stem.parametrizations.weight[0](stem.parametrizations.weight.original))

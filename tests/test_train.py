@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -139,3 +141,73 @@ def test_epoch_hook_values_are_checkpointed_and_may_not_overwrite_history(synthe
     with pytest.raises(TypeError, match="must return a dict of numbers or None, got float"):
         train(_fresh_model(0, synthetic), synthetic, config, Extensions(on_epoch_end=[lambda m, e: 1.0]),
               progress=False)
+
+
+# --- the GPU path, checked without a GPU ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("baseline", torch.bfloat16), ("symreg_satnl_asam", torch.bfloat16), ("kure", torch.bfloat16),
+    ("grad_l1", None), ("qat_ste", None), ("sinreq_wrpn", None),
+])
+def test_bf16_autocast_only_on_cuda_and_only_where_the_maths_survives(name, expected):
+    from robustq import methods, models
+    from robustq.train import autocast_dtype
+
+    method = methods.make(name)
+    extensions = method.extensions(method.prepare(models.make_model("cnn", 1, 10)))
+    assert autocast_dtype(torch.device("cuda"), extensions) == expected
+    assert autocast_dtype(torch.device("cpu"), extensions) is None  # the book's numbers stay float32
+
+
+def test_the_autocast_forward_runs_in_bf16_and_keeps_float32_weights(monkeypatch):
+    from robustq import methods, models
+    from robustq import train as train_module
+    from robustq.data import load_dataset
+
+    monkeypatch.setattr(train_module, "autocast_dtype", lambda device, ext: torch.bfloat16)  # as on CUDA
+    torch.manual_seed(0)
+    model = models.make_model("cnn", 1, 10)
+    seen = []
+    model[-1].register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    result = train_module.train(model, load_dataset("synthetic", train_size=64), TrainConfig(epochs=1, batch_size=32),
+                                methods.make("baseline").extensions(model), progress=False)
+    assert seen and set(seen) == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in result.model.parameters())
+    assert math.isfinite(result.history[-1]["loss"])
+
+
+def test_under_torchrun_each_process_takes_its_local_gpu(monkeypatch):
+    from robustq import distributed
+
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert distributed.local_device(torch.device("cuda")) == torch.device("cuda", 3)
+    assert distributed.local_device(torch.device("cuda", 1)) == torch.device("cuda", 1)  # an explicit index wins
+    assert distributed.local_device(torch.device("cpu")) == torch.device("cpu")
+
+
+def test_the_training_split_moves_to_the_device_once():
+    from robustq.data import load_dataset, train_loader
+
+    loader = train_loader(load_dataset("synthetic", train_size=64), 32, device="cpu")
+    stored = loader.images.data_ptr()
+    batches = list(loader) + list(loader)
+    assert loader.images.data_ptr() == stored and all(x.device == loader.device for x, _ in batches)
+
+
+def test_a_warm_start_trains_in_channels_last_until_double_backprop_begins():
+    from robustq import methods
+    from robustq.data import load_dataset
+
+    torch.manual_seed(0)
+    method = methods.make("grad_l1", warmup_epochs=1)
+    model = models.make_model("cnn", 1, 10)
+    extensions = method.extensions(model)
+    assert (extensions.double_backprop, extensions.double_backprop_from_epoch) == (True, 1)
+    kernel = model[2].conv.weight  # 16 input channels: the two layouts differ (the stem's one does not)
+    layouts = []
+    extensions.on_epoch_end.append(lambda m, epoch: layouts.append(
+        (kernel.is_contiguous(), kernel.is_contiguous(memory_format=torch.channels_last))) or None)
+    train(model, load_dataset("synthetic", train_size=64), TrainConfig(epochs=2, batch_size=32), extensions,
+          progress=False)
+    assert layouts == [(False, True), (True, False)]

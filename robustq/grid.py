@@ -1,0 +1,437 @@
+"""Train every model a set of chapters needs that the cache lacks, one job each, on this machine or
+a SLURM cluster: ``python -m robustq grid --profile paper``.
+
+**What runs.** The models the chapters train through :mod:`robustq.book_settings`
+(:data:`CHAPTER_MODELS`: each method graded on every graded seed, and the book methods a chapter
+shows on seed 0), in three phases, because a graded run needs the λ its method's choice picked on
+the selection seed:
+
+1. *choices*: every open choice's selection runs, its reference's and one per candidate
+   (what :func:`~robustq.book_settings.choose` trains);
+2. *lazy rule*: the full and the lazy penalty at the chosen λ
+   (what :func:`~robustq.book_settings.choose_lazy` trains);
+3. *graded*: each method with its book settings (:func:`~robustq.book_settings.settings_for`) on
+   every graded seed, and the seed-0 models.
+
+A phase's list is computed once the phase before it is in the cache, so ``choose`` and
+``settings_for`` only read it; a phase with a failed job stops the grid after that phase. Models a
+notebook trains outside :data:`~robustq.book_settings.METHODS` or with other parameters (MobileNetV2,
+SatNL's forms, the unweighted gradient-ℓ1 penalty, DoReFa's sinusoid domains, SymReg's 2:2 pairing,
+WRPN's default initialisation, retraced trajectories, timed steps) are not run here: the notebook
+trains them when it runs.
+
+**How.** Each missing experiment is one job of submitit (https://github.com/facebookincubator/submitit,
+pinned): a Python process of its own that calls :func:`robustq.experiments.run` and returns its key
+and test accuracy. submitit is pure Python with two small dependencies, is the usual way to send
+Python functions to SLURM, and runs the same jobs as local subprocesses; Ray would add a wheel of
+hundreds of MB and daemons (raylet, GCS) to a book that runs on two cores. ``local`` runs the
+processes on this machine; ``slurm`` submits one ``sbatch`` job each; ``debug`` runs them one by
+one in this process (a failure opens pdb there, as submitit's debug executor does); ``auto`` is
+SLURM where ``srun`` is on the PATH, else local. Each job logs to
+``<cache>/grid-logs/<job id>_0_log.err`` (and ``.out``).
+
+At most :attr:`Grid.parallel` jobs run at once: locally one on a CPU (torch already uses every
+core) and :attr:`Grid.per_gpu` per visible GPU, each job pinned to one GPU; on SLURM each job gets
+a GPU of its own when this machine has one (run the grid on a GPU node: cache keys include the
+device type, so the jobs' must be this machine's).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from robustq import book_settings, cache, experiments, params
+from robustq.book_settings import METHODS
+from robustq.experiments import Experiment
+
+EXECUTORS = ("auto", "local", "slurm", "debug")
+LOG_FOLDER = "grid-logs"
+# Generous: a paper-profile model sees 75 times the book recipe's images, about 9 minutes for the
+# baseline and 27 for gradient-l1 (3 units) at the book's measured speed on 2 CPU cores.
+DEFAULT_TIMEOUT_MIN = 240
+POLL_S = 0.5
+COMPARISON_CHAPTER = "08"  # it grades every compared method (MethodSettings.compared) besides these
+
+# Per chapter, the book methods its notebook trains on every graded seed (run_graded) and on seed 0
+# only (experiment(name, 0, ...) with the method's book settings). The run plan lists each model
+# under the chapter that trains it first, so one chapter's rows there miss the models it reuses;
+# tests/test_grid.py checks this table against the method names each notebook's code quotes.
+CHAPTER_MODELS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "00": ((), ()),
+    "01": (("baseline", "symreg"), ("symreg_layer", "symreg_kernel")),
+    "02": (("baseline", "satnl"), ()),
+    "03": (("baseline", "symreg"), ("symreg_layer", "symreg_kernel")),
+    "04": (("baseline", "symreg", "satnl", "symreg_satnl_asam", "qat_lsq", "symreg_satnl_lsq"), ("asam", "satnl_asam")),
+    "05": (("baseline", "grad_l1", "qat_ste"), ()),
+    "06": (("baseline", "wrpn", "sinreq_wrpn", "dorefa", "sinreq_dorefa"), ()),
+    "07": (("baseline", "qat_ste", "oscillation"), ()),
+    "08": (("baseline", "kure"), ("symreg_satnl_asam_kure",)),
+}
+CHAPTERS = tuple(CHAPTER_MODELS)
+
+
+@dataclass(frozen=True)
+class Grid:
+    """What to run and where, checked by :func:`configure`. ``executor`` is resolved (never
+    ``"auto"``); ``parallel`` None means one job on a CPU, ``per_gpu`` per visible GPU, and no
+    limit on SLURM (its scheduler queues them); ``slurm`` holds extra ``sbatch`` parameters of
+    ``submitit.SlurmExecutor`` (``partition``, ``account``, ``cpus_per_task``, ...)."""
+
+    chapters: tuple[str, ...] = CHAPTERS
+    profile: str = experiments.DEFAULT_PROFILE
+    executor: str = "local"
+    parallel: int | None = None
+    per_gpu: int = 1
+    timeout_min: int = DEFAULT_TIMEOUT_MIN
+    slurm: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A job that did not leave its experiment in the cache: what it was, why, and its log."""
+
+    experiment: str
+    error: str
+    log: str | None
+
+    def __str__(self) -> str:
+        return f"{self.experiment}: {self.error}" + (f" (log: {self.log})" if self.log else "")
+
+
+@dataclass(frozen=True)
+class PhaseReport:
+    phase: str
+    needed: int
+    ran: int
+    failures: tuple[Failure, ...] = ()
+
+
+# --- validation: every setting is checked before anything is enumerated or submitted -------------
+
+
+def configure(chapters: Sequence[str] | None = None, profile: str | None = None, executor: str = "auto",
+              parallel: int | None = None, per_gpu: int | None = None, timeout_min: int = DEFAULT_TIMEOUT_MIN,
+              slurm: dict[str, Any] | None = None) -> Grid:
+    """A checked :class:`Grid`; ``ValueError`` naming the first bad setting and its fix."""
+    resolved = resolve_executor(executor)
+    params.check_int("parallel", parallel, minimum=1, example=2, none_means="1 on a CPU, per_gpu per GPU")
+    params.check_int("per_gpu", per_gpu, minimum=1, example=2, none_means="1")
+    params.check_int("timeout_min", timeout_min, minimum=1, example=DEFAULT_TIMEOUT_MIN)
+    check_per_gpu(per_gpu, resolved)
+    return Grid(check_chapters(chapters), experiments.resolve_profile(profile), resolved, parallel, per_gpu or 1,
+                timeout_min, check_slurm_parameters(slurm or {}, resolved))
+
+
+def check_chapters(chapters: Sequence[str] | None) -> tuple[str, ...]:
+    """The chapters in book order (all of them for None), or ``ValueError`` naming an unknown one."""
+    if chapters is None:
+        return CHAPTERS
+    for chapter in chapters:
+        if chapter not in CHAPTERS:
+            raise ValueError(f"unknown chapter {chapter!r}; the book's chapters are {', '.join(CHAPTERS)} "
+                             "(two digits, as in the notebooks' names)")
+    return tuple(chapter for chapter in CHAPTERS if chapter in chapters)
+
+
+def resolve_executor(name: str) -> str:
+    """``local``, ``slurm`` or ``debug``; ``auto`` is SLURM where its ``srun`` is on the PATH (as
+    ``submitit.AutoExecutor`` decides), else local."""
+    if name not in EXECUTORS:
+        raise ValueError(f"unknown executor {name!r}; known: {', '.join(EXECUTORS)}")
+    has_slurm = shutil.which("srun") is not None
+    if name == "slurm" and not has_slurm:
+        raise ValueError("SLURM's srun is not on the PATH here: run the grid on the cluster, or use --executor local")
+    if name == "auto":
+        return "slurm" if has_slurm else "local"
+    return name
+
+
+def check_per_gpu(per_gpu: int | None, executor: str) -> None:
+    """``per_gpu`` packs jobs onto this machine's GPUs: it needs the local executor and a GPU."""
+    if per_gpu is None:
+        return
+    if executor != "local":
+        raise ValueError(f"it packs local jobs onto this machine's GPUs, not {executor} ones (SLURM gives each "
+                         "job a whole GPU): drop --per-gpu, or use --executor local")
+    if not visible_gpus():
+        raise ValueError("no GPU is visible here, so there is nothing to pack jobs onto: "
+                         "use --parallel to run several jobs on the CPU")
+
+
+def check_slurm_parameters(slurm: dict[str, Any], executor: str) -> dict[str, Any]:
+    """Extra ``sbatch`` parameters, each one ``submitit.SlurmExecutor`` knows."""
+    if not slurm:
+        return {}
+    if executor != "slurm":
+        raise ValueError(f"sbatch parameters apply to SLURM jobs, not {executor} ones: use --executor slurm")
+    import submitit  # here and in executor_for only: enumerating and --dry-run work without it
+
+    known = submitit.SlurmExecutor._valid_parameters()  # the names its update_parameters accepts
+    for name in slurm:
+        if name not in known:
+            raise ValueError(f"unknown sbatch parameter {name!r}; submitit knows: {', '.join(sorted(known))}")
+    return dict(slurm)
+
+
+def visible_gpus() -> list[int]:
+    """Indices of the GPUs this process sees, as ``CUDA_VISIBLE_DEVICES`` numbers them (the local
+    executor pins each job to one by setting it)."""
+    if not torch.cuda.is_available():
+        return []
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is None:
+        return list(range(torch.cuda.device_count()))
+    entries = [entry.strip() for entry in listed.split(",") if entry.strip()]
+    if not all(entry.isdigit() for entry in entries):
+        raise ValueError(f"CUDA_VISIBLE_DEVICES={listed} names GPUs by UUID; the local executor pins jobs to GPUs "
+                         "by index: list indices (e.g. CUDA_VISIBLE_DEVICES=0,1) or unset it")
+    return [int(entry) for entry in entries]
+
+
+# --- what the chapters need, phase by phase ------------------------------------------------------
+
+
+def chapter_methods(chapters: Iterable[str]) -> tuple[list[str], list[str]]:
+    """(methods graded on every graded seed, methods shown on seed 0) of ``chapters``, in book order."""
+    graded, seed0 = [], []
+    for chapter in chapters:
+        on_graded, on_seed0 = CHAPTER_MODELS[chapter]
+        if chapter == COMPARISON_CHAPTER:
+            on_graded = (*on_graded, *(name for name, entry in METHODS.items() if entry.compared))
+        graded.extend(on_graded)
+        seed0.extend(on_seed0)
+    return list(dict.fromkeys(graded)), [name for name in dict.fromkeys(seed0) if name not in graded]
+
+
+def choice_runs(chapters: Iterable[str], profile: str) -> list[Experiment]:
+    """Phase 1: the selection runs of every choice the chapters' methods make or inherit."""
+    runs = []
+    for name in _all_methods(chapters):
+        source = METHODS[name].inherits or name
+        choice = METHODS[source].choice
+        if choice is not None:
+            runs.append(book_settings.selection_experiment(choice.reference, profile))
+            runs.extend(book_settings.selection_experiment(source, profile, **choice.assign(value))
+                        for value in choice.candidates)
+    return _unique(runs)
+
+
+def lazy_rule_runs(chapters: Iterable[str], profile: str) -> list[Experiment]:
+    """Phase 2: the full and the lazy penalty at the chosen λ, for each method with a lazy rule
+    (reads phase 1 from the cache)."""
+    runs = []
+    for name in _all_methods(chapters):
+        every = METHODS[name].lazy_every
+        if every > 1:
+            chosen = chosen_params(name, profile)
+            runs.extend(book_settings.selection_experiment(name, profile, **chosen, lazy_every=k) for k in (1, every))
+    return _unique(runs)
+
+
+def graded_runs(chapters: Iterable[str], profile: str) -> list[Experiment]:
+    """Phase 3: each graded method on every graded seed and the seed-0 methods on the first one,
+    with their book settings (reads phases 1 and 2 from the cache)."""
+    graded, seed0 = chapter_methods(chapters)
+    seeds = book_settings.graded_seeds(profile)
+    runs = [book_settings.experiment(name, seed, profile, **book_settings.settings_for(name, profile))
+            for name in graded for seed in seeds]
+    runs += [book_settings.experiment(name, seeds[0], profile, **book_settings.settings_for(name, profile))
+             for name in seed0]
+    return _unique(runs)
+
+
+PHASES: tuple[tuple[str, Callable[[Iterable[str], str], list[Experiment]]], ...] = (
+    ("choices", choice_runs), ("lazy rule", lazy_rule_runs), ("graded", graded_runs),
+)
+
+
+def chosen_params(name: str, profile: str) -> dict[str, Any]:
+    """Method ``name``'s fixed parameters plus the value its choice (own or inherited) picked, as
+    ``book_settings.settings_for`` has them before the lazy rule (reads the choice from the cache)."""
+    entry = METHODS[name]
+    source = entry.inherits or name
+    chosen = book_settings.choose(source, profile)
+    picked = METHODS[source].choice.assign(chosen["value"]) if chosen else {}
+    return {**entry.params_for(profile), **picked}
+
+
+def _all_methods(chapters: Iterable[str]) -> list[str]:
+    graded, seed0 = chapter_methods(chapters)
+    return graded + seed0
+
+
+def _unique(runs: list[Experiment]) -> list[Experiment]:
+    return list(dict.fromkeys(runs))  # Experiment hashes and compares by its configuration
+
+
+def in_cache(exp: Experiment) -> bool:
+    """Whether ``exp`` has a finished entry (its ``result.json``) under this machine's device type."""
+    return (experiments.cache_dir() / exp.resolved().key() / "result.json").exists()
+
+
+def describe(exp: Experiment) -> str:
+    """One line naming an experiment: method, explicit parameters, seed, and selection runs as such."""
+    selection = " (selection, validation split)" if exp.val_size else ""
+    return f"{exp.method} {json.dumps(exp.method_params, sort_keys=True)} seed {exp.seed}{selection}"
+
+
+# --- running: one job per experiment ------------------------------------------------------------
+
+
+def run_experiment(exp: Experiment, env: dict[str, str], threads: int | None = None) -> dict[str, Any]:
+    """One job: :func:`robustq.experiments.run` in the job's process; returns its key and metrics."""
+    os.environ.update(env)  # the cache and profile of the grid, whatever environment the job got
+    if threads is not None:
+        torch.set_num_threads(threads)  # jobs that share the CPU split its cores
+    result = experiments.run(exp, progress=False)
+    return {"key": result.experiment.key(), "test_acc": result.test_acc, "cached": result.cached}
+
+
+def run_jobs(exps: Sequence[Experiment], grid: Grid, desc: str = "jobs", progress: bool = True) -> list[Failure]:
+    """Run each experiment as one job, at most as many at once as :func:`slots` allows, with a
+    progress bar on stderr; returns the failed ones (a failure does not stop the others)."""
+    if not exps:
+        return []
+    executor = executor_for(grid)
+    free = slots(grid, len(exps))
+    threads = max(1, (os.cpu_count() or 1) // len(free)) if grid.executor == "local" and len(free) > 1 else None
+    env = {experiments.CACHE_ENV: str(experiments.cache_dir().resolve()), experiments.PROFILE_ENV: grid.profile}
+    pending, running, failures = list(exps), {}, []
+    with tqdm(total=len(exps), desc=desc, unit="job", disable=not progress, file=sys.stderr) as bar:
+
+        def finish(gpu: int | None, failure: Failure | None) -> None:
+            free.append(gpu)
+            if failure is not None:
+                failures.append(failure)
+                bar.write(f"robustq: job failed: {failure}", file=sys.stderr)
+            bar.update()
+            bar.set_postfix(failed=len(failures))
+
+        while pending or running:
+            while pending and free:
+                exp, gpu = pending.pop(0), free.pop(0)
+                try:
+                    running[_submit(executor, grid, exp, gpu, env, threads)] = (exp, gpu)
+                except Exception as error:  # noqa: BLE001 (e.g. sbatch refusing a partition): reported like a failed job
+                    finish(gpu, Failure(describe(exp), f"not submitted: {_reason(error)}", None))
+            finished = [job for job in running if job.done()]
+            for job in finished:
+                exp, gpu = running.pop(job)
+                finish(gpu, _failure(job, exp))
+            if not finished:
+                time.sleep(POLL_S)
+    return failures
+
+
+def slots(grid: Grid, n_jobs: int) -> list[int | None]:
+    """One entry per job that may run at once: the GPU it is pinned to, or None (CPU, or SLURM,
+    which places jobs itself)."""
+    if grid.executor == "debug":
+        return [None]
+    if grid.executor == "slurm":
+        return [None] * min(n_jobs, grid.parallel or n_jobs)
+    gpus = visible_gpus()
+    if not gpus:
+        return [None] * (grid.parallel or 1)
+    packed = [gpu for _ in range(grid.per_gpu) for gpu in gpus]  # round robin: spread before stacking
+    return packed[: grid.parallel] if grid.parallel else packed
+
+
+def executor_for(grid: Grid):
+    """The submitit executor of ``grid``, its time limit (and on SLURM its sbatch parameters) set."""
+    import submitit  # only running jobs needs it (a notebook-only install such as Colab's lacks it)
+
+    folder = experiments.cache_dir() / LOG_FOLDER  # files are named after the job id
+    if grid.executor == "debug":
+        return submitit.DebugExecutor(folder)
+    if grid.executor == "local":
+        executor = submitit.LocalExecutor(folder)
+        executor.update_parameters(timeout_min=grid.timeout_min)
+        return executor
+    executor = submitit.SlurmExecutor(folder)
+    gpus = {"gpus_per_node": 1} if torch.cuda.is_available() else {}
+    executor.update_parameters(**{"job_name": "robustq", "time": grid.timeout_min, **gpus, **grid.slurm})
+    return executor
+
+
+def _submit(executor, grid: Grid, exp: Experiment, gpu: int | None, env: dict[str, str], threads: int | None):
+    if grid.executor == "local":
+        pinned = () if gpu is None else (gpu,)  # submitit sets the job's CUDA_VISIBLE_DEVICES to it
+        executor.update_parameters(gpus_per_node=len(pinned), visible_gpus=pinned)
+    return executor.submit(run_experiment, exp, env, threads)
+
+
+def _failure(job, exp: Experiment) -> Failure | None:
+    try:
+        job.result()
+    except Exception as error:  # noqa: BLE001 (raised in the job, killed, timed out): one failed experiment
+        return Failure(describe(exp), _reason(error), str(job.paths.stderr))
+    return None
+
+
+def _reason(error: BaseException) -> str:
+    """One line of why a job failed: the exception its traceback ends with (submitit's
+    ``FailedJobError`` holds the traceback between two dashed rules), else the error's first lines."""
+    text = str(error)
+    if "with trace:" in text:
+        text = text.split("-" * 22)[1]
+        return [line.strip() for line in text.splitlines() if line.strip()][-1]
+    return " ".join(text.split("\n")[:2]).strip() or type(error).__name__
+
+
+# --- the grid: phases in order -------------------------------------------------------------------
+
+
+def run_grid(grid: Grid, progress: bool = True) -> list[PhaseReport]:
+    """Run the phases in order, each phase's missing experiments as jobs; stops after a phase with
+    a failure (the next phase's list reads this one's results). One report per phase run."""
+    cache.ensure_usable(experiments.cache_dir())
+    reports = []
+    for number, (phase, needed_runs) in enumerate(PHASES, 1):
+        needed = needed_runs(grid.chapters, grid.profile)
+        ran, failures = run_missing(needed, grid, f"phase {number}/{len(PHASES)} ({phase})", progress)
+        reports.append(PhaseReport(phase, len(needed), ran, tuple(failures)))
+        if failures:
+            break
+    return reports
+
+
+def run_missing(needed: Sequence[Experiment], grid: Grid, desc: str = "jobs",
+                progress: bool = True) -> tuple[int, list[Failure]]:
+    """Run the experiments of ``needed`` that are not in the cache (:func:`run_jobs`); returns how
+    many ran and what failed, including a job that finished without leaving its result."""
+    missing = [exp for exp in needed if not in_cache(exp)]
+    failures = run_jobs(missing, grid, desc, progress)
+    if not failures:  # the next phase would train in this process what is missing here
+        failures = [Failure(describe(exp), "its job finished, but its result is not in the cache", None)
+                    for exp in missing if not in_cache(exp)]
+    return len(missing), failures
+
+
+def dry_run(grid: Grid) -> list[str]:
+    """What :func:`run_grid` would run, as lines: every phase whose list can be computed from the
+    cache (a phase's list needs the phase before it cached) and its missing experiments."""
+    lines = []
+    blocked = None
+    for number, (phase, needed_runs) in enumerate(PHASES, 1):
+        title = f"phase {number}/{len(PHASES)} ({phase})"
+        if blocked is not None:
+            lines.append(f"{title}: listed once phase {blocked} is in the cache")
+            continue
+        needed = needed_runs(grid.chapters, grid.profile)
+        missing = [exp for exp in needed if not in_cache(exp)]
+        lines.append(f"{title}: {len(missing)} of {len(needed)} experiments to run")
+        lines += [f"  {describe(exp)}" for exp in missing]
+        if missing:
+            blocked = number
+    return lines

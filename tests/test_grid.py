@@ -1,0 +1,204 @@
+"""The grid command: what it enumerates per chapter and phase, the jobs it runs as real processes,
+and its argument checks."""
+
+import json
+import os
+import re
+import types
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from robustq import book_settings, experiments, grid
+from robustq.__main__ import main
+from robustq.book_settings import GRAD_L1_LAM, METHODS
+from robustq.experiments import Experiment
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"dataset": "synthetic", "epochs": 1, "batch_size": 128, "profile": "smoke"}
+
+
+@pytest.fixture
+def nothing_trains(isolated_cache, monkeypatch):
+    """A test failure if anything trains or a job is submitted."""
+
+    def forbidden(*_args, **_kwargs):
+        raise AssertionError("a model was trained or a job submitted")
+
+    for name in ("run", "train"):
+        monkeypatch.setattr(experiments, name, forbidden)
+    monkeypatch.setattr(grid, "run_jobs", forbidden)
+    return isolated_cache
+
+
+def _fake_result(val_acc=0.5):
+    return types.SimpleNamespace(history=pd.DataFrame({"val_acc": [val_acc]}))
+
+
+@pytest.fixture
+def recorded_runs(monkeypatch):
+    """Every experiment book_settings asks ``experiments.run`` for, answered without training; the
+    lazy rule adopts lazy regularization."""
+    seen = []
+
+    def record(exp, **_kwargs):
+        seen.append(exp)
+        return _fake_result()
+
+    monkeypatch.setattr(experiments, "run", record)
+    monkeypatch.setattr(book_settings, "choose_lazy", lambda name, profile=None, progress=False: {"adopted": True})
+    return seen
+
+
+# --- what runs -----------------------------------------------------------------------------------
+
+
+def test_chapter_05_starts_with_the_grad_l1_candidates_and_the_baseline_reference(nothing_trains):
+    first = grid.choice_runs(["05"], "smoke")
+    assert first == [book_settings.selection_experiment("baseline", "smoke")] + [
+        book_settings.selection_experiment("grad_l1", "smoke", lam_w=lam, lam_a=lam) for lam in GRAD_L1_LAM.candidates
+    ]
+    assert all(exp.seed == book_settings.SELECTION_SEED and exp.val_size > 0 for exp in first)
+    lines = grid.dry_run(grid.Grid(chapters=("05",), profile="smoke"))
+    assert lines[0] == "phase 1/3 (choices): 4 of 4 experiments to run"
+    assert lines[1] == "  baseline {} seed 100 (selection, validation split)"
+    assert lines[-2:] == ["phase 2/3 (lazy rule): listed once phase 1 is in the cache",
+                          "phase 3/3 (graded): listed once phase 1 is in the cache"]
+    assert not any(nothing_trains.glob("*/result.json"))
+
+
+def _methods_of(chapters):
+    graded, seed0 = grid.chapter_methods(chapters)
+    return graded + seed0
+
+
+def test_the_phases_list_what_book_settings_trains(recorded_runs):
+    for name in {METHODS[n].inherits or n for n in _methods_of(["01", "08"])}:
+        book_settings.choose(name, "smoke")
+    chosen_by_book = set(recorded_runs)
+    assert set(grid.choice_runs(["01", "08"], "smoke")) == chosen_by_book
+
+    lazy = grid.lazy_rule_runs(["05"], "smoke")
+    assert lazy == [book_settings.selection_experiment("grad_l1", "smoke", **book_settings._chosen_params(
+        "grad_l1", "smoke"), lazy_every=k) for k in (1, METHODS["grad_l1"].lazy_every)]
+
+    recorded_runs.clear()
+    for name in grid.chapter_methods(["05"])[0]:
+        book_settings.run_graded(name, "smoke")
+    graded_by_book = {exp for exp in recorded_runs if exp.seed != book_settings.SELECTION_SEED}
+    assert set(grid.graded_runs(["05"], "smoke")) == graded_by_book
+    assert any(exp.method_params.get("lazy_every") == 4 for exp in graded_by_book)  # the rule adopted it
+
+
+def test_the_chapter_table_names_the_methods_each_notebook_trains():
+    for chapter, (graded, seed0) in grid.CHAPTER_MODELS.items():
+        notebook = next((ROOT / "notebooks").glob(f"{chapter}_*.ipynb"))
+        cells = json.loads(notebook.read_text())["cells"]
+        code = "\n".join("".join(cell["source"]) for cell in cells if cell["cell_type"] == "code")
+        quoted = set(re.findall(r'"([a-z0-9_]+)"', code)) & set(METHODS)
+        listed = set(graded) | set(seed0)
+        assert listed <= quoted <= set(_methods_of([chapter])), chapter
+    assert {name for name, entry in METHODS.items() if entry.compared} <= set(grid.chapter_methods(["08"])[0])
+
+
+def test_jobs_are_packed_round_robin_onto_the_visible_gpus(monkeypatch):
+    monkeypatch.setattr(grid, "visible_gpus", lambda: [0, 1])
+    assert grid.slots(grid.Grid(per_gpu=2), 10) == [0, 1, 0, 1]
+    assert grid.slots(grid.Grid(per_gpu=2, parallel=3), 10) == [0, 1, 0]
+    monkeypatch.setattr(grid, "visible_gpus", list)
+    assert grid.slots(grid.Grid(), 10) == [None]
+    assert grid.slots(grid.Grid(parallel=2), 10) == [None, None]
+    assert grid.slots(grid.Grid(executor="slurm", parallel=4), 3) == [None] * 3
+
+
+def test_slurm_jobs_get_the_time_limit_a_gpu_if_here_and_the_sbatch_parameters(tmp_path, monkeypatch):
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "srun").write_text("#!/bin/sh\n")
+    (fake / "srun").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
+    settings = grid.configure(timeout_min=60, slurm={"partition": "gpu", "job_name": "mine"})
+    assert settings.executor == "slurm"
+    parameters = grid.executor_for(settings).parameters
+    gpu = {"gpus_per_node": 1} if torch.cuda.is_available() else {}
+    assert parameters == {"job_name": "mine", "time": 60, "partition": "gpu", **gpu}
+    with pytest.raises(ValueError, match="unknown sbatch parameter 'partitoin'"):
+        grid.configure(slurm={"partitoin": "gpu"})
+
+
+# --- running: real processes ---------------------------------------------------------------------
+
+
+def test_local_jobs_fill_the_cache_once_and_failures_are_reported(isolated_cache):
+    good = Experiment(**TINY)
+    diverging = Experiment(**TINY, lr=1e30)
+    settings = grid.Grid(executor="local", parallel=2, profile="smoke", timeout_min=5)
+
+    ran, failures = grid.run_missing([good, diverging], settings, progress=False)
+    assert ran == 2 and grid.in_cache(good) and not grid.in_cache(diverging)
+    (failure,) = failures
+    assert failure.experiment == grid.describe(diverging) and "loss became nan" in failure.error
+    assert "NonFiniteLossError" in Path(failure.log).read_text()
+    logs = sorted((isolated_cache / grid.LOG_FOLDER).glob("*_log.err"))
+    assert len(logs) == 2  # a process each
+
+    assert grid.run_missing([good], settings, progress=False) == (0, [])
+    assert sorted((isolated_cache / grid.LOG_FOLDER).glob("*_log.err")) == logs  # nothing started
+
+
+# --- the command line ----------------------------------------------------------------------------
+
+BAD_ARGUMENTS = [
+    (["--chapters", "09"], "--chapters", "00, 01, 02"),
+    (["--chapters", "5"], "--chapters", "two digits"),
+    (["--executor", "ray"], "--executor", "auto, local, slurm, debug"),
+    (["--executor", "slurm"], "--executor", "--executor local"),
+    (["--parallel", "0"], "--parallel", "positive int"),
+    (["--per-gpu", "0"], "--per-gpu", "positive int"),
+    (["--per-gpu", "2"], "--per-gpu", "use --parallel"),
+    (["--per-gpu", "2", "--executor", "debug"], "--per-gpu", "use --executor local"),
+    (["--timeout-min", "0"], "--timeout-min", "positive int"),
+    (["--slurm", "partition=gpu"], "--slurm", "use --executor slurm"),
+    (["--profile", "huge"], "--profile", "smoke, book, paper"),
+]
+
+
+@pytest.mark.parametrize("argv, flag, fix", BAD_ARGUMENTS, ids=[" ".join(case[0]) for case in BAD_ARGUMENTS])
+def test_a_bad_grid_argument_is_one_line_naming_it(argv, flag, fix, nothing_trains, monkeypatch, capsys):
+    monkeypatch.setattr(grid.shutil, "which", lambda _name: None)  # no SLURM here
+    monkeypatch.setattr(grid, "visible_gpus", list)  # and no GPU
+    assert main(["grid", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"robustq: error: argument {flag}: ") and err.count("\n") == 1, err
+    assert fix in err
+    assert not nothing_trains.exists()
+
+
+def test_the_dry_run_lists_phase_1_and_runs_nothing(nothing_trains, capsys):
+    assert main(["grid", "--profile", "smoke", "--chapters", "05", "--dry-run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "phase 1/3 (choices): 4 of 4 experiments to run" and len(out) == 7
+    assert not any(nothing_trains.glob("*/result.json"))
+
+
+def test_configure_resolves_auto_to_local_without_slurm(monkeypatch):
+    monkeypatch.setattr(grid.shutil, "which", lambda _name: None)
+    settings = grid.configure(chapters=["08", "05"], profile="paper", parallel=2)
+    assert (settings.executor, settings.chapters, settings.parallel, settings.per_gpu) == ("local", ("05", "08"), 2, 1)
+    with pytest.raises(ValueError, match="parallel must be a positive int"):
+        grid.configure(parallel=0)
+
+
+def test_failed_jobs_exit_with_status_1_and_are_listed(monkeypatch, capsys):
+    failure = grid.Failure("kure {} seed 3", "loss became nan", "/cache/grid-logs/7_0_log.err")
+    monkeypatch.setattr(grid, "run_grid", lambda settings, progress: [grid.PhaseReport("choices", 4, 2, (failure,))])
+    assert main(["grid", "--chapters", "08", "--no-progress"]) == 1
+    out, err = capsys.readouterr()
+    assert json.loads(out)["phases"] == [{"phase": "choices", "needed": 4, "ran": 2, "failed": 1}]
+    assert err.splitlines() == [
+        "robustq: error: 1 job(s) failed; fix the cause and rerun the same command (what finished is cached):",
+        f"  {failure}",
+    ]
+    assert "/cache/grid-logs/7_0_log.err" in err
