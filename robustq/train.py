@@ -88,8 +88,8 @@ class Extensions:
     turns the base optimizer into a two-step one (SAM/ASAM). ``double_backprop`` marks a penalty
     that differentiates gradients (gradient-ℓ1): from epoch ``double_backprop_from_epoch`` (the end
     of a warm start) the loop trains in the contiguous memory format, faster than channels_last for
-    double backprop on CPU. ``bf16_autocast``
-    says the method's maths survives bfloat16 forward passes (:func:`autocast_dtype`).
+    double backprop on CPU. ``bf16_autocast`` says the method's maths survives bfloat16 forward
+    passes (:func:`autocast_dtype`).
 
     Measurements during training (they never change the loss): each ``on_step_end`` hook is called
     as ``hook(model, epoch, step)`` after every optimizer step (0-based epoch and step within the
