@@ -116,20 +116,8 @@ def _experiment(args: argparse.Namespace) -> experiments.Experiment:
 def _grid(args: argparse.Namespace) -> grid.Grid:
     with _blame("argument --profile" if args.profile else f"${experiments.PROFILE_ENV}"):
         params.check("profile", args.profile)
-    with _blame("argument --chapters"):
-        chapters = grid.check_chapters(args.chapters)
-    with _blame("argument --executor"):
-        executor = grid.resolve_executor(args.executor)
-    for flag, example in (("--parallel", 2), ("--per-gpu", 2), ("--timeout-min", grid.DEFAULT_TIMEOUT_MIN)):
-        with _blame(f"argument {flag}"):
-            params.check_int(flag[2:], getattr(args, flag[2:].replace("-", "_")), minimum=1, example=example,
-                             none_means="the default")
-    with _blame("argument --per-gpu"):
-        grid.check_per_gpu(args.per_gpu, executor)
-    with _blame("argument --slurm"):
-        slurm = grid.check_slurm_parameters(dict(args.slurm), executor)
-    return grid.Grid(chapters, experiments.resolve_profile(args.profile), executor, args.parallel, args.per_gpu or 1,
-                     args.timeout_min, slurm)
+    return grid.configure(args.chapters, args.profile, args.executor, args.parallel, args.per_gpu, args.timeout_min,
+                          dict(args.slurm), blame=lambda setting: _blame(f"argument --{setting.replace('_', '-')}"))
 
 
 def _reject(flag: str, message: str) -> NoReturn:

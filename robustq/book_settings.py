@@ -359,13 +359,13 @@ def settings_for(name: str, profile: str | None = None) -> dict[str, Any]:
     """Method ``name``'s parameters in the book: fixed ones plus its choice (or the choice of the
     entry it inherits from), if it has one, and lazy regularization where :data:`LAZY_RULE` adopts it."""
     entry = _settings(name)
-    params = _chosen_params(name, profile)
+    params = chosen_params(name, profile)
     if entry.lazy_every > 1 and choose_lazy(name, profile)["adopted"]:
         params["lazy_every"] = entry.lazy_every
     return params
 
 
-def _chosen_params(name: str, profile: str | None) -> dict[str, Any]:
+def chosen_params(name: str, profile: str | None) -> dict[str, Any]:
     """Fixed parameters plus the value the choice (own or inherited) picked on the selection seed."""
     entry = _settings(name)
     source = entry.inherits or name
@@ -378,7 +378,7 @@ def choose_lazy(name: str, profile: str | None = None, progress: bool = False) -
     """:data:`LAZY_RULE` on the selection seed: the full penalty's and the lazy penalty's trained
     models at the chosen λ, their ‖∇L‖₁ on the validation split, and whether lazy is adopted."""
     entry = _settings(name)
-    params = _chosen_params(name, profile)
+    params = chosen_params(name, profile)
     norms = {}
     for k in (1, entry.lazy_every):
         result = experiments.run(selection_experiment(name, profile, **params, lazy_every=k), progress=progress)

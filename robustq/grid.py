@@ -38,6 +38,7 @@ device type, so the jobs' must be this machine's).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -121,15 +122,26 @@ class PhaseReport:
 
 def configure(chapters: Sequence[str] | None = None, profile: str | None = None, executor: str = "auto",
               parallel: int | None = None, per_gpu: int | None = None, timeout_min: int = DEFAULT_TIMEOUT_MIN,
-              slurm: dict[str, Any] | None = None) -> Grid:
-    """A checked :class:`Grid`; ``ValueError`` naming the first bad setting and its fix."""
-    resolved = resolve_executor(executor)
-    params.check_int("parallel", parallel, minimum=1, example=2, none_means="1 on a CPU, per_gpu per GPU")
-    params.check_int("per_gpu", per_gpu, minimum=1, example=2, none_means="1")
-    params.check_int("timeout_min", timeout_min, minimum=1, example=DEFAULT_TIMEOUT_MIN)
-    check_per_gpu(per_gpu, resolved)
-    return Grid(check_chapters(chapters), experiments.resolve_profile(profile), resolved, parallel, per_gpu or 1,
-                timeout_min, check_slurm_parameters(slurm or {}, resolved))
+              slurm: dict[str, Any] | None = None,
+              blame: Callable[[str], contextlib.AbstractContextManager] = lambda _setting: contextlib.nullcontext(),
+              ) -> Grid:
+    """A checked :class:`Grid`; ``ValueError`` naming the first bad setting and its fix. ``blame``
+    wraps each setting's check (the command line prefixes the flag that set it)."""
+    with blame("chapters"):
+        checked_chapters = check_chapters(chapters)
+    with blame("executor"):
+        resolved = resolve_executor(executor)
+    for name, value, example, none_means in (("parallel", parallel, 2, "1 on a CPU, per_gpu per GPU"),
+                                             ("per_gpu", per_gpu, 2, "1"),
+                                             ("timeout_min", timeout_min, DEFAULT_TIMEOUT_MIN, None)):
+        with blame(name):
+            params.check_int(name, value, minimum=1, example=example, none_means=none_means)
+    with blame("per_gpu"):
+        check_per_gpu(per_gpu, resolved)
+    with blame("slurm"):
+        checked_slurm = check_slurm_parameters(slurm or {}, resolved)
+    return Grid(checked_chapters, experiments.resolve_profile(profile), resolved, parallel, per_gpu or 1, timeout_min,
+                checked_slurm)
 
 
 def check_chapters(chapters: Sequence[str] | None) -> tuple[str, ...]:
@@ -233,7 +245,7 @@ def lazy_rule_runs(chapters: Iterable[str], profile: str) -> list[Experiment]:
     for name in _all_methods(chapters):
         every = METHODS[name].lazy_every
         if every > 1:
-            chosen = chosen_params(name, profile)
+            chosen = book_settings.chosen_params(name, profile)
             runs.extend(book_settings.selection_experiment(name, profile, **chosen, lazy_every=k) for k in (1, every))
     return _unique(runs)
 
@@ -253,16 +265,6 @@ def graded_runs(chapters: Iterable[str], profile: str) -> list[Experiment]:
 PHASES: tuple[tuple[str, Callable[[Iterable[str], str], list[Experiment]]], ...] = (
     ("choices", choice_runs), ("lazy rule", lazy_rule_runs), ("graded", graded_runs),
 )
-
-
-def chosen_params(name: str, profile: str) -> dict[str, Any]:
-    """Method ``name``'s fixed parameters plus the value its choice (own or inherited) picked, as
-    ``book_settings.settings_for`` has them before the lazy rule (reads the choice from the cache)."""
-    entry = METHODS[name]
-    source = entry.inherits or name
-    chosen = book_settings.choose(source, profile)
-    picked = METHODS[source].choice.assign(chosen["value"]) if chosen else {}
-    return {**entry.params_for(profile), **picked}
 
 
 def _all_methods(chapters: Iterable[str]) -> list[str]:

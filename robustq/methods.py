@@ -74,6 +74,11 @@ class Part:
     def finalize(self, model: nn.Module) -> nn.Module:
         return model
 
+    @property
+    def penalty_from_epoch(self) -> int:
+        """The first epoch the penalty acts (0 unless a warm start delays it)."""
+        return 0
+
     capture_activations: typing.ClassVar[bool] = False
     double_backprop: typing.ClassVar[bool] = False
     # Whether the method's maths survives bfloat16 forward convolutions (penalties on the weights
@@ -295,8 +300,12 @@ class GradL1(Part):
         transforms = [distributed.mean_across_ranks] * len(weights) + [None] * len(acts)
         return regularizers.grad_l1(context.loss, weights + acts, scales=scales, transforms=transforms)
 
+    @property
+    def penalty_from_epoch(self) -> int:
+        return self.warmup_epochs
+
     def _applies_at(self, context: StepContext) -> bool:
-        return context.epoch >= self.warmup_epochs and context.step % self.lazy_every == 0
+        return context.epoch >= self.penalty_from_epoch and context.step % self.lazy_every == 0
 
     def _weight_strengths(self, weights: list[torch.Tensor]) -> list[float]:
         if self.weighting == "none":
@@ -401,9 +410,7 @@ class Method:
             penalty=_sum_penalties(penalties) if penalties else None,
             capture_activations=any(p.capture_activations for p in self.parts),
             double_backprop=any(p.double_backprop for p in self.parts),
-            # a warm start trains its first epochs without double backprop, in the faster layout
-            double_backprop_from_epoch=min((getattr(p, "warmup_epochs", 0) for p in self.parts if p.double_backprop),
-                                           default=0),
+            double_backprop_from_epoch=min((p.penalty_from_epoch for p in self.parts if p.double_backprop), default=0),
             bf16_autocast=all(p.bf16_safe for p in self.parts),
             wrap_optimizer=wrappers[0].wrap_optimizer if wrappers else None,
         )

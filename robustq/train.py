@@ -151,7 +151,7 @@ def train(
     extensions = extensions or Extensions()
     device = distributed.local_device(torch.device(device) if device is not None else default_device())
     progress = progress and distributed.is_main()
-    model.to(device=device, memory_format=_layout(extensions, 0))
+    model.to(device=device, memory_format=_layout(extensions, 0))  # before DDP sizes its buckets
     net = _data_parallel(model, device)
     forward_dtype = autocast_dtype(device, extensions)
     loader = train_loader(data, config.batch_size, seed=config.seed, augment=config.augment, drop_last=True, device=device)
@@ -254,7 +254,7 @@ def _step(net, model, x, y, optimizer, stepper, extensions, captured, epoch, glo
     return loss, logits
 
 
-def _objective(net, model, x, y, extensions, captured, epoch, global_step, config, forward_dtype=None):
+def _objective(net, model, x, y, extensions, captured, epoch, global_step, config, forward_dtype):
     """Task loss plus the method's penalty: the single place where methods add loss terms.
     ``net`` is ``model`` or its DDP wrapper; the penalty sees ``model``. With a ``forward_dtype``
     only the forward pass runs under autocast; the loss and the penalty are float32."""

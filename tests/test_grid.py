@@ -81,7 +81,7 @@ def test_the_phases_list_what_book_settings_trains(recorded_runs):
     assert set(grid.choice_runs(["01", "08"], "smoke")) == chosen_by_book
 
     lazy = grid.lazy_rule_runs(["05"], "smoke")
-    assert lazy == [book_settings.selection_experiment("grad_l1", "smoke", **book_settings._chosen_params(
+    assert lazy == [book_settings.selection_experiment("grad_l1", "smoke", **book_settings.chosen_params(
         "grad_l1", "smoke"), lazy_every=k) for k in (1, METHODS["grad_l1"].lazy_every)]
 
     recorded_runs.clear()
