@@ -8,6 +8,19 @@ STAMP := $(VENV)/.installed
 FMNIST_DIR := $(or $(ROBUSTQ_DATA),/usr/share/datasets/fashion-mnist)
 export ROBUSTQ_CACHE ?= $(CURDIR)/.cache/robustq
 export PYTHONHASHSEED := 0
+# The pinned CPU kernels and threads (robustq/kernels.py, which every robustq process also applies
+# before torch loads; tests/test_kernels.py keeps the two lists equal): the same floats on every
+# x86-64 machine. ROBUSTQ_NATIVE_KERNELS=1 opts out (numbers then differ from book/reference/).
+ifeq ($(filter-out 0,$(ROBUSTQ_NATIVE_KERNELS)),)
+export OMP_NUM_THREADS ?= 2
+export MKL_NUM_THREADS ?= 2
+ifeq ($(shell uname -m),x86_64)
+export ATEN_CPU_CAPABILITY ?= avx2
+export ONEDNN_MAX_CPU_ISA ?= AVX2
+export MKL_CBWR ?= COMPATIBLE
+export NPY_DISABLE_CPU_FEATURES ?= X86_V4 AVX512_ICL AVX512_SPR
+endif
+endif
 
 .PHONY: setup data book test compat bench clean
 
@@ -29,7 +42,7 @@ data: $(STAMP)  ## Fashion-MNIST: the Debian package (installed when root with a
 	@# and ROBUSTQ_DATA, download through torchvision first; offline, one line with the fix
 	$(PY) -m robustq.data
 
-book: setup  ## execute every notebook (profile book) and build the HTML book
+book: setup  ## execute every notebook (profile book), write (under CI: compare) book/reference/, build the HTML book
 	$(PY) book/execute.py --profile book
 	$(VENV)/bin/jupyter-book build book --warningiserror --nitpick --keep-going
 	$(PY) book/check_offline.py book/_build/html

@@ -20,14 +20,14 @@ import time
 from pathlib import Path
 
 import papermill
-import torch
 
-from robustq import verdicts
+from robustq import kernels, reference, verdicts
 from robustq.files import write_atomic
 
 BOOK = Path(__file__).resolve().parent
 ROOT = BOOK.parent
 CELL_TIMEOUT_S = 1800
+REFERENCE = BOOK / "reference"
 
 
 def execute(notebook: Path, profile: str) -> tuple[bool, float, str]:
@@ -53,6 +53,7 @@ def _papermill_duration(executed: Path) -> float:
 
 
 def write_status(rows: list[tuple[str, bool, float, str]], profile: str) -> None:
+    environment = kernels.environment()
     lines = [
         "# Build status",
         "",
@@ -60,6 +61,16 @@ def write_status(rows: list[tuple[str, bool, float, str]], profile: str) -> None
         f"`{profile}`. Times are papermill's own measurement of each notebook's execution, "
         "training included (a model found in the experiment cache is not retrained).",
         "",
+    ]
+    if environment["reference kernels"] != "yes":
+        lines += [
+            "```{warning}",
+            "This build did not run the reference kernels, so its numbers are not the reference ones "
+            f"(`book/reference/`): {environment['reference kernels'].removeprefix('no: ')}.",
+            "```",
+            "",
+        ]
+    lines += [
         "| notebook | status | execution time (s) |",
         "| --- | --- | ---: |",
     ]
@@ -71,18 +82,26 @@ def write_status(rows: list[tuple[str, bool, float, str]], profile: str) -> None
         "",
         "## Environment",
         "",
+        "What decides the numbers besides the code: torch's CPU kernels are pinned to one instruction set",
+        "and thread count (`robustq/kernels.py`), so that every x86-64 machine computes the same floats.",
+        "",
         "| | |",
         "| --- | --- |",
         f"| commit | {_commit()} |",
         f"| Python | {platform.python_version()} |",
-        f"| torch | {torch.__version__} |",
-        f"| torch threads | {torch.get_num_threads()} |",
+        f"| torch | {_torch_version()} |",
         f"| CPU count | {os.cpu_count()} |",
-        f"| CUDA | {torch.cuda.is_available()} |",
         f"| platform | {platform.platform()} |",
+        *(f"| {name} | {value} |" for name, value in environment.items()),
         "",
     ]
     write_atomic(BOOK / "status.md", lambda tmp: tmp.write_text("\n".join(lines)))
+
+
+def _torch_version() -> str:
+    import torch
+
+    return f"{torch.__version__} (CUDA {'available' if torch.cuda.is_available() else 'not available'})"
 
 
 def _commit() -> str:
@@ -113,7 +132,9 @@ def write_findings(profile: str, executed: list[str]) -> None:
         "is the smallest effect this many seeds can tell from zero (t · se), planned before the run",
         "from the selection seeds and observed in this build. A claim whose MDE exceeds its threshold",
         "is underpowered in this profile: its grade is what the rule gives, and the `paper` profile",
-        "grades it with more data.",
+        "grades it with more data. *Stable* counts, of the grades with one seed left out in turn, those",
+        "that agree with the claim's grade: a claim marked ⚠ has a verdict that one seed fewer would",
+        "change (one seed decides it, or a seed fewer leaves it undecided).",
         "",
     ]
     if findings.empty:
@@ -121,15 +142,16 @@ def write_findings(profile: str, executed: list[str]) -> None:
     else:
         findings = findings[findings["chapter_file"].isin(executed)]
         lines += [
-            "| chapter | claim | statement | rule | n | mean ± se | MDE plan / obs. | grade |",
-            "| --- | --- | --- | --- | ---: | ---: | ---: | --- |",
+            "| chapter | claim | statement | rule | n | mean ± se | MDE plan / obs. | grade | stable |",
+            "| --- | --- | --- | --- | ---: | ---: | ---: | --- | ---: |",
         ]
-        for row in findings.itertuples():
+        for record in findings.to_dict("records"):
+            row = argparse.Namespace(**record)
             rule = f"{row.rule}, {'τ' if row.rule == 'paired' else 'margin'} = {row.threshold:g}"
             lines.append(
                 f"| {{doc}}`{row.chapter_file[:2]} <notebooks/{row.chapter_file}>` | {row.claim} | {row.statement} | "
                 f"{rule} | {row.n} | {_mean_se(row)} | {row.mde_planned:.2f} / {row.mde:.2f} | "
-                f"**{row.grade}** |"
+                f"**{row.grade}** | {_stability(record)} |"
             )
     write_atomic(BOOK / "findings.md", lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
     write_atomic(BOOK / "findings_summary.md", lambda tmp: tmp.write_text(findings_summary(findings)))
@@ -151,11 +173,51 @@ def _mean_se(row) -> str:
     return f"{row.mean:+.2f} ± {row.se:.2f}"
 
 
+def _stability(record: dict) -> str:
+    """``5/5``, or ``⚠ 3/5`` when a leave-one-seed-out grade differs from the claim's."""
+    agreeing, n = verdicts.stability(record)
+    return f"{agreeing}/{n}" if agreeing == n else f"⚠ {agreeing}/{n}"
+
+
+def update_reference(profile: str, executed: list[str], mode: str) -> bool:
+    """Write this build's graded numbers and exported accuracies into ``book/reference/<profile>/``
+    (``mode`` write), or compare them with the committed ones and print each difference (compare,
+    under CI); return False if the build differs from the reference."""
+    files = reference.snapshot(verdicts.findings_dir(profile), BOOK / "notebooks", executed)
+    folder = REFERENCE / profile
+    if mode == "compare":
+        lines = reference.differences(folder, files)
+        for line in lines:
+            print(line, flush=True)
+        verdict = "differs from" if lines else "equals"
+        print(f"reference: this build {verdict} {folder.relative_to(ROOT)} ({len(files)} files compared)", flush=True)
+        return not lines
+    reasons = kernels.deviations(*_torch_kernels())
+    if reasons:
+        print(f"reference: not written, this build's kernels are not the reference ones: {'; '.join(reasons)}",
+              flush=True)
+        return True
+    changed = reference.write(folder, files)
+    print(f"reference: {len(changed)} of {len(files)} files in {folder.relative_to(ROOT)} changed"
+          + (f" ({', '.join(changed)}): commit them with the change that moved them" if changed else ""), flush=True)
+    return True
+
+
+def _torch_kernels() -> tuple[str, int]:
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability(), torch.get_num_threads()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="book")
+    parser.add_argument("--reference", choices=reference.MODES, default=None,
+                        help=f"write the reference numbers, compare with them, or neither "
+                             f"(default: ${reference.MODE_ENV}, else compare under CI, else write)")
     parser.add_argument("notebooks", nargs="*", type=Path)
     args = parser.parse_args()
+    mode = args.reference or reference.mode()
     notebooks = args.notebooks or sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
     shutil.rmtree(verdicts.findings_dir(args.profile), ignore_errors=True)  # only this build's records
     rows = []
@@ -165,8 +227,12 @@ def main() -> int:
         print(f"  {'ok' if ok else 'FAILED'} in {seconds:.1f} s {error}", flush=True)
         rows.append((notebook.stem, ok, seconds, error))
     write_status(rows, args.profile)
-    write_findings(args.profile, [name for name, ok, _, _ in rows if ok])
-    return 0 if all(ok for _, ok, _, _ in rows) else 1
+    executed = [name for name, ok, _, _ in rows if ok]
+    write_findings(args.profile, executed)
+    if not all(ok for _, ok, _, _ in rows):
+        print("reference: left as it is, since a chapter failed", flush=True)
+        return 1
+    return 0 if mode == "off" or update_reference(args.profile, executed, mode) else 1
 
 
 if __name__ == "__main__":

@@ -147,11 +147,14 @@ def grade_claims(
     for claim, candidate, reference in graded:
         verdict = claim.grade(candidate, reference)
         mde_planned = book_settings.planning_mde(n, claim.endpoint)
-        records.append({**verdicts.claim_record(claim, verdict, mde_planned), "profile": profile})
+        records.append({**verdicts.claim_record(claim, verdict, mde_planned), "profile": profile,
+                        **verdicts.seed_record(claim, candidate, reference)})
     verdicts.record_claims(chapter, records, verdicts.findings_dir(profile))
     table = pd.DataFrame(records).set_index("claim")
     table["mean ± se"] = [f"{m:+.2f} ± {s:.2f}" for m, s in zip(table["mean"], table["se"])]
-    return table[["statement", "rule", "threshold", "n", "mean ± se", "mde", "grade"]].round(2)
+    table["same grade leaving one seed out"] = ["{} of {}".format(*verdicts.stability(r)) for r in records]
+    return table[["statement", "rule", "threshold", "n", "mean ± se", "mde", "grade",
+                  "same grade leaving one seed out"]].round(2)
 
 
 def write_download(frame: pd.DataFrame, name: str) -> Path:

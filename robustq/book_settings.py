@@ -219,15 +219,26 @@ class Choice:
 COLLAPSED_BELOW = 0.2  # a reference under twice chance on ten classes has not learned: nothing to stay near
 
 
+BOUNDARY_POINTS = 1e-9  # float rounding of a difference of accuracies, in points; not an image
+
+
 def largest_within(points: float) -> Callable[[dict[Any, float], float], Any]:
     """Rule: the largest candidate whose validation accuracy stays within ``points`` of the
     reference's; the smallest candidate if none does, or if the reference collapsed (validation
-    accuracy below :data:`COLLAPSED_BELOW`), when "within" would compare with chance."""
+    accuracy below :data:`COLLAPSED_BELOW`), when "within" would compare with chance.
+
+    A candidate exactly ``points`` below is within: accuracies are image counts over the split, and
+    ``100 * (0.87 - 0.865)`` is ``0.5000000000000004`` in floating point, so the comparison allows
+    :data:`BOUNDARY_POINTS`, far below one image of any split (1e-4 points for a million images).
+
+    >>> largest_within(0.5)({0.1: 0.87, 1.0: 0.865, 10.0: 0.8648}, baseline=0.87)
+    1.0
+    """
 
     def pick(accuracy: dict[Any, float], baseline: float) -> Any:
         if baseline < COLLAPSED_BELOW:
             return min(accuracy)
-        allowed = [value for value, acc in accuracy.items() if 100 * (baseline - acc) <= points]
+        allowed = [value for value, acc in accuracy.items() if 100 * (baseline - acc) <= points + BOUNDARY_POINTS]
         return max(allowed) if allowed else min(accuracy)
 
     return pick

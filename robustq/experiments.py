@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 import robustq
-from robustq import cache, distributed, methods, models, ptq, qat
+from robustq import cache, distributed, kernels, methods, models, ptq, qat
 from robustq.data import DATASET_NAMES, load_dataset, source_files
 from robustq.files import write_atomic
 from robustq.ptq import accuracy
@@ -155,16 +155,21 @@ class Experiment:
 
     def key_material(self, device: torch.device | str | None = None) -> dict[str, Any]:
         """The resolved configuration, the package version, a fingerprint of the training code
-        (docstrings and comments excluded) and of the data files, the torch version and the device
-        type: a change to any of them trains a new model instead of serving an old one."""
+        (docstrings and comments excluded) and of the data files, the torch version, the device
+        type and, on a CPU, the kernels' instruction set and thread count (:mod:`robustq.kernels`):
+        a change to any of them trains a new model instead of serving an old one."""
+        device_type = torch.device(device).type if device is not None else default_device().type
         material = {
             "config": self.config(),
             "version": robustq.__version__,
             "code": cache.code_fingerprint(cache.TRAINING_MODULES),
             "data": _data_fingerprint(self.dataset),
             "torch": torch.__version__,
-            "device": torch.device(device).type if device is not None else default_device().type,
+            "device": device_type,
         }
+        if device_type == "cpu":  # other kernels or threads round otherwise, and train other models
+            material["kernels"] = {"capability": torch.backends.cpu.get_cpu_capability(),
+                                   "threads": torch.get_num_threads()}
         if distributed.world_size() > 1:  # a DDP run is another computation (BN statistics per shard)
             material["world_size"] = distributed.world_size()
         return material
@@ -223,6 +228,7 @@ def run(experiment: Experiment, *, progress: bool = True, device: torch.device |
     Under torchrun the processes first join one group (:func:`robustq.distributed.init_from_env`)
     and train the experiment together; only rank 0 touches the cache entry."""
     exp = experiment.resolved()
+    kernels.check()
     distributed.init_from_env(device or default_device())
     if distributed.world_size() > 1:
         return _run_distributed(exp, progress, device)

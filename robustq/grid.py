@@ -30,8 +30,9 @@ one in this process (a failure opens pdb there, as submitit's debug executor doe
 SLURM where ``srun`` is on the PATH, else local. Each job logs to
 ``<cache>/grid-logs/<job id>_0_log.err`` (and ``.out``).
 
-At most :attr:`Grid.parallel` jobs run at once: locally one on a CPU (torch already uses every
-core) and :attr:`Grid.per_gpu` per visible GPU, each job pinned to one GPU; on SLURM each job gets
+At most :attr:`Grid.parallel` jobs run at once: locally one on a CPU (each with the pinned thread
+count of :mod:`robustq.kernels`, so that its models are the notebooks'; split between the jobs only
+under ``ROBUSTQ_NATIVE_KERNELS``) and :attr:`Grid.per_gpu` per visible GPU, each job pinned to one GPU; on SLURM each job gets
 a GPU of its own when this machine has one (run the grid on a GPU node: cache keys include the
 device type, so the jobs' must be this machine's).
 """
@@ -51,7 +52,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from robustq import book_settings, cache, experiments, params
+from robustq import book_settings, cache, experiments, kernels, params
 from robustq.book_settings import METHODS
 from robustq.experiments import Experiment
 
@@ -306,7 +307,8 @@ def run_jobs(exps: Sequence[Experiment], grid: Grid, desc: str = "jobs", progres
         return []
     executor = executor_for(grid)
     free = slots(grid, len(exps))
-    threads = max(1, (os.cpu_count() or 1) // len(free)) if grid.executor == "local" and len(free) > 1 else None
+    split = grid.executor == "local" and len(free) > 1 and kernels.opted_out()  # pinned: thread count in the key
+    threads = max(1, (os.cpu_count() or 1) // len(free)) if split else None
     env = {experiments.CACHE_ENV: str(experiments.cache_dir().resolve()), experiments.PROFILE_ENV: grid.profile}
     pending, running, failures = list(exps), {}, []
     with tqdm(total=len(exps), desc=desc, unit="job", disable=not progress, file=sys.stderr) as bar:

@@ -214,6 +214,37 @@ def claim_record(claim: Claim, verdict: Verdict, mde_planned: float) -> dict:
     }
 
 
+def leave_one_out(claim: Claim, candidate: PerSeed, reference: PerSeed) -> dict[int, str]:
+    """The claim's grade with each paired seed left out in turn: a verdict that one seed decides,
+    or that a seed fewer would leave undecided, shows here as a grade that differs.
+
+    >>> claim = Claim("00", "C0", "A beats B", "acc", "paired", 1.0)
+    >>> leave_one_out(claim, {0: 3.0, 1: 3.2, 2: 2.9, 3: 3.1}, {0: 1.0, 1: 1.0, 2: 1.0, 3: 1.0})
+    {0: 'reproduced', 1: 'reproduced', 2: 'reproduced', 3: 'reproduced'}
+    """
+    d = differences(candidate, reference)
+    return {seed: claim.grade(d.drop(seed), pd.Series(0.0, index=d.index.drop(seed))).grade for seed in d.index}
+
+
+def stability(record: Mapping) -> tuple[int, int]:
+    """``(agreeing, n)``: of a claim record's leave-one-seed-out grades, how many agree with its grade."""
+    loo = record.get("leave_one_out")
+    grades = list(loo.values()) if isinstance(loo, Mapping) else []  # a record written before it had none
+    return sum(grade == record["grade"] for grade in grades), len(grades)
+
+
+def seed_record(claim: Claim, candidate: PerSeed, reference: PerSeed) -> dict:
+    """The per-seed part of a claim's record: each seed's candidate and reference endpoint and the
+    leave-one-seed-out grades, keyed by seed as text (JSON's keys)."""
+    d = differences(candidate, reference)
+    cand, ref = _as_series(candidate, "candidate"), _as_series(reference, "reference")
+    return {
+        "candidate": {str(seed): float(cand.loc[seed]) for seed in d.index},
+        "reference": {str(seed): float(ref.loc[seed]) for seed in d.index},
+        "leave_one_out": {str(seed): grade for seed, grade in leave_one_out(claim, candidate, reference).items()},
+    }
+
+
 def findings_dir(profile: str) -> Path:
     """Where chapters executed under ``profile`` leave their claim records:
     ``$ROBUSTQ_FINDINGS/<profile>``, else ``findings/<profile>`` in the experiment cache

@@ -138,3 +138,11 @@ def test_weight_only_endpoints_read_one_shared_grid(monkeypatch, quantizers):
     book_settings.ENDPOINTS["variants43"].value(run)
     # a QAT model has one quantizer: its variants are the grid's rows; a float model's are not
     assert (calls == [{"w_bits": book_settings.GRID_BITS}]) == bool(quantizers)
+
+
+def test_a_candidate_exactly_at_the_margin_is_within_it():
+    # 25 of 5,000 validation images below the reference: 0.5 points, 0.5000000000000004 in floats
+    assert 100 * (4350 / 5000 - 4325 / 5000) > 0.5
+    pick = book_settings.largest_within(0.5)
+    assert pick({0.1: 4350 / 5000, 1.0: 4325 / 5000}, 4350 / 5000) == 1.0
+    assert pick({0.1: 4350 / 5000, 1.0: 4324 / 5000}, 4350 / 5000) == 0.1  # one image further is not

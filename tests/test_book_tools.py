@@ -69,3 +69,28 @@ def test_launch_buttons_open_the_source_notebooks_in_colab():
     assert added["sphinx"] == config["sphinx"]
     with pytest.raises(ValueError, match="expected https://github.com/OWNER/REPO"):
         launch.with_launch_buttons(config, "https://gitlab.com/someone/robustq")
+
+
+def test_the_reference_is_written_outside_ci_and_a_difference_fails_the_build_under_ci(tmp_path, monkeypatch, capsys):
+    from robustq import kernels, verdicts
+
+    execute = _load("execute")
+    monkeypatch.setattr(execute, "BOOK", tmp_path)
+    monkeypatch.setattr(execute, "ROOT", tmp_path)
+    monkeypatch.setattr(execute, "REFERENCE", tmp_path / "reference")
+    monkeypatch.setattr(execute, "_torch_kernels", lambda: ("AVX2", 2))
+    monkeypatch.setattr(kernels, "deviations", lambda capability, threads: [])
+    monkeypatch.setenv("ROBUSTQ_FINDINGS", str(tmp_path / "findings"))
+    claim = verdicts.Claim("01", "C1.1", "SymReg beats the baseline", "w432", "paired", 2.0)
+    candidate, base = {0: 3.0, 1: 4.0}, {0: 0.0, 1: 0.0}
+    record = {**verdicts.claim_record(claim, claim.grade(candidate, base), 2.5),
+              **verdicts.seed_record(claim, candidate, base)}
+    verdicts.record_claims("01_x", [record], verdicts.findings_dir("book"))
+    assert execute.update_reference("book", ["01_x"], "write")
+    assert (tmp_path / "reference" / "book" / "01_x.tsv").exists()
+    assert execute.update_reference("book", ["01_x"], "compare")
+    record["candidate"]["1"] = 4.5
+    verdicts.record_claims("01_x", [record], verdicts.findings_dir("book"))
+    assert not execute.update_reference("book", ["01_x"], "compare")
+    out = capsys.readouterr().out
+    assert "+C1.1\tcandidate\t1\t4.5" in out and "this build differs from reference/book" in out

@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -235,3 +236,44 @@ def test_an_entry_that_cannot_be_moved_aside_is_named_with_the_fix(isolated_cach
     with pytest.raises(cache.CacheError, match="cannot move the failed cache entry"):
         run(Experiment(**TINY), progress=False)
     assert str(entry) in capsys.readouterr().err
+
+
+def _robustq_modules_run_by(fn) -> set[str]:
+    """The ``robustq`` modules whose functions run while ``fn()`` runs (threads included)."""
+    package = str(ROOT / "robustq") + os.sep
+    seen: set[str] = set()
+
+    def record(frame, event, arg):
+        if event == "call" and frame.f_code.co_filename.startswith(package):
+            seen.add(Path(frame.f_code.co_filename).stem)
+
+    threading.setprofile(record)
+    sys.setprofile(record)
+    try:
+        fn()
+    finally:
+        sys.setprofile(None)
+        threading.setprofile(None)
+    return seen - {"__init__", "__main__"}
+
+
+def test_every_module_that_runs_while_a_model_is_trained_or_scored_is_in_its_key():
+    results = []
+    trained = _robustq_modules_run_by(lambda: results.append(run(Experiment(method="symreg_satnl_asam", **TINY),
+                                                                  progress=False)))
+    assert trained <= set(cache.TRAINING_MODULES), f"add to cache.TRAINING_MODULES: {sorted(trained - set(cache.TRAINING_MODULES))}"
+    scored = _robustq_modules_run_by(lambda: experiments.sweep(results[0], w_bits=(4,)))
+    keyed = set(cache.EVALUATION_MODULES) | set(cache.TRAINING_MODULES)  # an evaluation lives in its model's entry
+    assert scored <= keyed, f"add to cache.EVALUATION_MODULES: {sorted(scored - keyed)}"
+
+
+@pytest.mark.parametrize("module", ["experiments", "ptq"])
+def test_editing_the_runner_or_the_scoring_changes_the_model_key(monkeypatch, module):
+    before = Experiment(**TINY).key()
+    edited = cache.source_ast((ROOT / "robustq" / f"{module}.py").read_text() + "\nEDITED = 1\n")
+    monkeypatch.setattr(cache, "_module_ast", lambda name, real=cache._module_ast: edited if name == module else real(name))
+    cache.code_fingerprint.cache_clear()
+    try:
+        assert Experiment(**TINY).key() != before
+    finally:
+        cache.code_fingerprint.cache_clear()

@@ -119,3 +119,15 @@ def test_records_round_trip_through_the_findings_folder(tmp_path):
     assert list(frame.chapter_file) == ["00_y", "01_x"]
     assert frame.loc[1, "mean"] == 3.0 and frame.loc[1, "n"] == 3
     assert verdicts.load_findings(tmp_path / "empty").empty
+
+
+def test_leave_one_out_shows_a_verdict_that_one_seed_decides():
+    claim = verdicts.Claim("00", "C0", "A beats B", "acc", "paired", 1.0)
+    seed_0_carries_the_mean = {0: 1.3, 1: 1.0, 2: 0.95, 3: 1.0, 4: 0.95}  # mean 1.04 >= tau = 1
+    zeros = {seed: 0.0 for seed in seed_0_carries_the_mean}
+    assert claim.grade(seed_0_carries_the_mean, zeros).grade == "reproduced"
+    loo = verdicts.leave_one_out(claim, seed_0_carries_the_mean, zeros)
+    assert loo == {0: "inconclusive", 1: "reproduced", 2: "reproduced", 3: "reproduced", 4: "reproduced"}
+    record = {"grade": "reproduced", "leave_one_out": {str(seed): grade for seed, grade in loo.items()}}
+    assert verdicts.stability(record) == (4, 5)
+    assert verdicts.stability({"grade": "reproduced"}) == (0, 0)
