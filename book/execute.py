@@ -150,7 +150,8 @@ def write_findings(profile: str, executed: list[str]) -> None:
             rule = f"{row.rule}, {'τ' if row.rule == 'paired' else 'margin'} = {row.threshold:g}"
             lines.append(
                 f"| {{doc}}`{row.chapter_file[:2]} <notebooks/{row.chapter_file}>` | {row.claim} | {row.statement} | "
-                f"{rule} | {row.n} | {_mean_se(row)} | {row.mde_planned:.2f} / {row.mde:.2f} | "
+                f"{rule} | {row.n} | {_mean_se(row)} | "
+                f"{verdicts.format_points(row.mde_planned)} / {verdicts.format_points(row.mde)} | "
                 f"**{row.grade}** | {_stability(record)} |"
             )
     write_atomic(BOOK / "findings.md", lambda tmp: tmp.write_text("\n".join(lines) + "\n"))

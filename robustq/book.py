@@ -116,12 +116,19 @@ def choices_table(choices: Mapping[str, dict]) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("method")
 
 
+# the claims each chapter declared before its run (power_table), by chapter number: grade_claims
+# refuses to record a chapter whose declared claims it was not given, so none goes ungraded
+_DECLARED: dict[str, dict[str, verdicts.Claim]] = {}
+
+
 def power_table(claims: Sequence[verdicts.Claim], profile: str) -> pd.DataFrame:
     """Before the run: each claim's rule and its minimum detectable effect at this profile's number
-    of graded seeds, from the spread measured on the selection seeds (``book_settings.PLANNING_SD``)."""
+    of graded seeds, from the spread measured on the selection seeds (``book_settings.PLANNING_SD``).
+    The claims are the chapter's declared ones, which :func:`grade_claims` must all grade."""
     n = len(book_settings.graded_seeds(profile))
     rows = []
     for claim in claims:
+        _DECLARED.setdefault(claim.chapter, {})[claim.claim] = claim
         sd = book_settings.PLANNING_SD.get(claim.endpoint, math.nan)
         rows.append({
             "claim": claim.claim,
@@ -141,7 +148,12 @@ def grade_claims(
     profile: str,
 ) -> pd.DataFrame:
     """Grade each ``(claim, candidate per seed, reference per seed)`` by its rule, record the rows for
-    the Findings page (``verdicts.record_claims``), and return the verdict table."""
+    the Findings page (``verdicts.record_claims``), and return the verdict table.
+
+    ``chapter`` is the notebook's file name without ``.ipynb`` (the Findings page links it); every
+    claim must be the chapter's (its number) and graded once, and every claim the chapter declared
+    with :func:`power_table` must be graded: otherwise nothing is recorded and the error names them."""
+    _check_graded(chapter, [claim for claim, _, _ in graded])
     n = len(book_settings.graded_seeds(profile))
     records = []
     for claim, candidate, reference in graded:
@@ -152,9 +164,22 @@ def grade_claims(
     verdicts.record_claims(chapter, records, verdicts.findings_dir(profile))
     table = pd.DataFrame(records).set_index("claim")
     table["mean ± se"] = [f"{m:+.2f} ± {s:.2f}" for m, s in zip(table["mean"], table["se"])]
+    for column in ("threshold", "mde"):  # a 1e-5 margin is not 0.0, and one seed has no MDE
+        table[column] = table[column].map(verdicts.format_points)
     table["same grade leaving one seed out"] = ["{} of {}".format(*verdicts.stability(r)) for r in records]
     return table[["statement", "rule", "threshold", "n", "mean ± se", "mde", "grade",
-                  "same grade leaving one seed out"]].round(2)
+                  "same grade leaving one seed out"]]
+
+
+def _check_graded(chapter: str, claims: Sequence[verdicts.Claim]) -> None:
+    number = chapter.split("_", 1)[0]
+    ids = [claim.claim for claim in claims]
+    problems = [f"{claim.claim} is chapter {claim.chapter}'s" for claim in claims if claim.chapter != number]
+    problems += [f"{claim} is graded twice" for claim in sorted({c for c in ids if ids.count(c) > 1})]
+    missing = sorted(set(_DECLARED.get(number, {})) - set(ids))
+    problems += [f"{claim} was declared (power_table) but is not graded" for claim in missing]
+    if problems:
+        raise ValueError(f"chapter {chapter!r} cannot record its claims: {'; '.join(problems)}")
 
 
 def write_download(frame: pd.DataFrame, name: str) -> Path:

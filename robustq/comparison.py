@@ -9,7 +9,7 @@ chapter without other changes:
 * :func:`paired_cells`: per method and bit-width, the paired difference to a reference method and
   its grade (:func:`robustq.verdicts.paired`);
 * :func:`mean_ranks` and :func:`top_k_share`: the ranking over the primary grid and how stable it is
-  across resamples of the seeds;
+  across resamples of the seeds, side by side and best first in :func:`ranking`;
 * :func:`pareto_front`: the methods no other method beats on both cost and gain;
 * :func:`step_seconds`: one method's training step time, for the overhead figure.
 """
@@ -81,6 +81,15 @@ def top_k_share(frame: pd.DataFrame, k: int = 3, resamples: int = 1000, seed: in
         sample = per_seed.iloc[generator.integers(0, len(per_seed), len(per_seed))]
         counts[sample.mean().nsmallest(k).index] += 1
     return (counts / resamples).sort_values(ascending=False)
+
+
+def ranking(frame: pd.DataFrame, k: int = 3, resamples: int = 1000, by: str = "w_bits") -> pd.DataFrame:
+    """:func:`mean_ranks` beside :func:`top_k_share` (column ``in the top k``), best mean rank first
+    (two Series put in one frame would be aligned in alphabetical order instead, and its first row
+    would name the wrong winner)."""
+    shares = top_k_share(frame, k=k, resamples=resamples, by=by)
+    ranks = mean_ranks(frame, by=by)
+    return pd.DataFrame({"mean rank": ranks, f"in the top {k}": shares.reindex(ranks.index)})
 
 
 def pareto_front(frame: pd.DataFrame, cost: str, gain: str) -> pd.Series:

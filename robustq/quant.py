@@ -106,9 +106,19 @@ def fake_quant(
         return torch.fake_quantize_per_tensor_affine(
             x, scale.reshape(()).float(), zero_point.reshape(()), qmin, qmax
         )
+    x = _within_int_range(x, scale, zero_point, qmin, qmax)
     return torch.fake_quantize_per_channel_affine(
         x, scale.reshape(-1).float(), zero_point.reshape(-1), axis, qmin, qmax
     )
+
+
+def _within_int_range(x, scale, zero_point, qmin, qmax):
+    # torch's per-channel kernel casts x/scale to int64 before it clamps, so |x/scale| > 2^63 wraps
+    # to qmin (the per-tensor kernel clamps first). Clamping x one level beyond the grid first keeps
+    # every value and every gradient: what lies beyond already maps to qmin/qmax with gradient 0.
+    lo = (qmin - 1 - zero_point).to(scale.dtype) * scale
+    hi = (qmax + 1 - zero_point).to(scale.dtype) * scale
+    return torch.clamp(x, lo.to(x.dtype), hi.to(x.dtype))
 
 
 def _fake_quant_reference(x, scale, zero_point, qmin, qmax):

@@ -88,14 +88,19 @@ class Verdict:
 
 
 def differences(candidate: PerSeed, reference: PerSeed) -> pd.Series:
-    """``candidate - reference`` per seed. Mappings and Series are paired by seed (only seeds in
-    both count); plain sequences are paired by position and must have the same length."""
+    """``candidate - reference`` per seed. Mappings and Series are paired by seed and must hold the
+    same seeds (a seed without its partner is an error that names it, never dropped in silence);
+    plain sequences are paired by position and must have the same length."""
     cand, ref = _as_series(candidate, "candidate"), _as_series(reference, "reference")
     if not isinstance(candidate, (Mapping, pd.Series)) and len(cand) != len(ref):
         raise ValueError(f"candidate has {len(cand)} seeds and reference {len(ref)}: pair them by seed")
     common = cand.index.intersection(ref.index)
     if len(common) == 0:
         raise ValueError("candidate and reference share no seed: pass per-seed values keyed by seed")
+    only_candidate, only_reference = cand.index.difference(ref.index), ref.index.difference(cand.index)
+    if len(only_candidate) or len(only_reference):
+        raise ValueError(f"unpaired seeds: {sorted(only_candidate)} only in the candidate, {sorted(only_reference)} "
+                         "only in the reference; grade both on the same seeds")
     return (cand.loc[common] - ref.loc[common]).astype(float)
 
 
@@ -106,8 +111,10 @@ def paired(candidate: PerSeed, reference: PerSeed, tau: float) -> Verdict:
     'reproduced'
     >>> paired([70.0, 71.0, 70.0], [70.5, 70.0, 70.2], tau=3).grade
     'not reproduced'
-    """
-    _check_threshold("tau", tau, allow_negative=True)
+
+    ``tau`` is at least 0: with a negative ``tau`` the rule would still ask for a mean above 0, so it
+    is no test of "A is at most |tau| worse than B" (a non-inferiority claim, which it refuses)."""
+    _check_threshold("tau", tau)
     mean, se, n = _mean_se(differences(candidate, reference))
     half = _half_width(se, n)
     grade = _grade(reproduced=mean - half > 0 and mean >= tau, not_reproduced=mean + half < tau)
@@ -120,11 +127,23 @@ def equivalent(candidate: PerSeed, reference: PerSeed, margin: float) -> Verdict
     >>> equivalent([80.0, 80.2, 79.9], [80.1, 80.0, 80.0], margin=1).grade
     'reproduced'
     """
-    _check_threshold("margin", margin, allow_negative=False)
+    _check_threshold("margin", margin)
     mean, se, n = _mean_se(differences(candidate, reference))
     half = _half_width(se, n)
     grade = _grade(reproduced=abs(mean) + half <= margin, not_reproduced=abs(mean) - half > margin)
     return Verdict("equivalent", grade, mean, se, n, float(margin))
+
+
+def format_points(value: float) -> str:
+    """A number of points for a table: two decimals, two significant digits below 0.01 (a 1e-5
+    margin is not "0.00"), and "—" where there is none (an MDE of fewer than two seeds).
+
+    >>> format_points(2.345), format_points(1e-5), format_points(0.0), format_points(math.nan)
+    ('2.35', '1e-05', '0.00', '—')
+    """
+    if not math.isfinite(value):
+        return "—"
+    return f"{value:.2f}" if value == 0 or abs(value) >= 0.01 else f"{value:.2g}"
 
 
 def _half_width(se: float, n: int) -> float:
@@ -157,11 +176,12 @@ def _as_series(values: PerSeed, name: str) -> pd.Series:
     return series.astype(float)
 
 
-def _check_threshold(name: str, value: float, allow_negative: bool) -> None:
+def _check_threshold(name: str, value: float) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number of accuracy points, got {value!r}")
-    if not allow_negative and value < 0:
-        raise ValueError(f"{name} must be >= 0 points, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0 points, got {value!r} (paired grades a gain of at least tau, "
+                         "equivalent a difference within a margin; neither tests non-inferiority)")
 
 
 # --- records for the Findings page --------------------------------------------------------------
@@ -182,7 +202,7 @@ class Claim:
     def __post_init__(self) -> None:
         if self.rule not in ("paired", "equivalent"):
             raise ValueError(f"rule must be 'paired' or 'equivalent', got {self.rule!r}")
-        _check_threshold("threshold", self.threshold, allow_negative=self.rule == "paired")
+        _check_threshold("threshold", self.threshold)
 
     def grade(self, candidate: PerSeed, reference: PerSeed) -> Verdict:
         """Apply the claim's rule to per-seed endpoint values."""

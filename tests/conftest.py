@@ -23,3 +23,13 @@ def synthetic():
 @pytest.fixture(scope="session")
 def fmnist_small():
     return load_dataset("fashion-mnist", train_size=2048, seed=0)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Tests marked ``after_notebooks`` read what the chapter notebooks recorded: they run last,
+    after ``notebooks/`` (``make test`` collects tests, robustq, then notebooks)."""
+    items.sort(key=lambda item: item.get_closest_marker("after_notebooks") is not None)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "after_notebooks: runs after the notebooks of the same session")

@@ -1,6 +1,7 @@
 """The book's settings: valid methods, choices off the graded seeds, and a run plan that fits."""
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -146,3 +147,50 @@ def test_a_candidate_exactly_at_the_margin_is_within_it():
     pick = book_settings.largest_within(0.5)
     assert pick({0.1: 4350 / 5000, 1.0: 4325 / 5000}, 4350 / 5000) == 1.0
     assert pick({0.1: 4350 / 5000, 1.0: 4324 / 5000}, 4350 / 5000) == 0.1  # one image further is not
+
+
+class _Recorded:
+    """``experiments.run`` replaced by recorded selection runs: a validation accuracy (and, for the
+    lazy rule, a gradient norm) per method and parameters, with no training."""
+
+    def __init__(self, accuracy, norms=None):
+        self.accuracy, self.norms, self.runs = accuracy, norms or {}, []
+
+    def run(self, exp, progress=False):
+        self.runs.append(exp)
+        params = exp.method_params
+        key = (exp.method, params.get("lam", params.get("lam_w")))
+        history = pd.DataFrame({"val_acc": [0.5, self.accuracy[key]]})  # the rule reads the last epoch
+        return SimpleNamespace(experiment=exp, history=history, model=params.get("lazy_every", 1))
+
+    def install(self, monkeypatch):
+        monkeypatch.setattr(book_settings.experiments, "run", self.run)
+        monkeypatch.setattr(book_settings.experiments, "dataset_for", lambda exp: None)
+        monkeypatch.setattr(book_settings, "validation_batch", lambda data: (None, None))
+        monkeypatch.setattr(book_settings.analysis, "grad_l1_norm", lambda model, x, y: self.norms[model])
+
+
+def test_choose_picks_exactly_by_the_rule_on_recorded_validation_accuracies(monkeypatch):
+    n = 5000  # the book's validation split: accuracies are image counts over it
+    recorded = _Recorded({("baseline", None): 4350 / n, ("symreg", 0.1): 4360 / n, ("symreg", 1.0): 4325 / n,
+                          ("symreg", 10.0): 4324 / n})
+    recorded.install(monkeypatch)
+    chosen = book_settings.choose("symreg", "book")
+    assert chosen["value"] == 1.0  # 25 images (0.5 points) below the reference is within 0.5 points
+    assert chosen["validation"] == {0.1: 4360 / n, 1.0: 4325 / n, 10.0: 4324 / n, "baseline": 4350 / n}
+    assert {exp.seed for exp in recorded.runs} == {book_settings.SELECTION_SEED}
+    assert all(exp.val_size > 0 for exp in recorded.runs)
+
+
+def test_choose_takes_the_smallest_candidate_when_the_reference_collapsed(monkeypatch):
+    _Recorded({("baseline", None): 0.1, ("symreg", 0.1): 0.8, ("symreg", 1.0): 0.85,
+               ("symreg", 10.0): 0.86}).install(monkeypatch)
+    assert book_settings.choose("symreg", "book")["value"] == 0.1
+
+
+@pytest.mark.parametrize("lazy_norm, adopted", [(2.2, True), (1.8, True), (2.2000001, False), (1.79, False)])
+def test_the_lazy_rule_adopts_within_ten_percent_exactly(monkeypatch, lazy_norm, adopted):
+    accuracy = {("baseline", None): 0.87, ("grad_l1", 0.01): 0.869, ("grad_l1", 0.1): 0.868, ("grad_l1", 1.0): 0.8}
+    _Recorded(accuracy, norms={1: 2.0, 4: lazy_norm}).install(monkeypatch)
+    lazy = book_settings.choose_lazy("grad_l1", "book")
+    assert lazy["adopted"] is adopted and lazy["norm_full"] == 2.0 and lazy["norm_lazy"] == lazy_norm

@@ -3,6 +3,7 @@ the launch buttons open the source notebooks."""
 
 import importlib.util
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,33 @@ def test_the_reference_is_written_outside_ci_and_a_difference_fails_the_build_un
     assert not execute.update_reference("book", ["01_x"], "compare")
     out = capsys.readouterr().out
     assert "+C1.1\tcandidate\t1\t4.5" in out and "this build differs from reference/book" in out
+
+
+def test_a_build_drops_stale_records_lists_failed_chapters_and_keeps_the_reference(tmp_path, monkeypatch, capsys):
+    from robustq import verdicts
+
+    execute = _load("execute")
+    for name in ("BOOK", "ROOT"):
+        monkeypatch.setattr(execute, name, tmp_path)
+    monkeypatch.setattr(execute, "REFERENCE", tmp_path / "reference")
+    monkeypatch.setenv("ROBUSTQ_FINDINGS", str(tmp_path / "findings"))
+    folder = verdicts.findings_dir("book")
+    claim = verdicts.Claim("01", "C1.1", "A beats B", "w432", "paired", 1.0)
+    record = verdicts.claim_record(claim, claim.grade({0: 3.0, 1: 4.0}, {0: 0.0, 1: 0.0}), 2.5)
+    verdicts.record_claims("02_failing", [{**record, "claim": "C2.9"}], folder)  # left by an earlier build
+
+    def fake_execute(notebook, profile):
+        if notebook.stem == "02_failing":
+            return False, 1.0, "ValueError: boom"
+        verdicts.record_claims(notebook.stem, [record], folder)
+        return True, 2.0, ""
+
+    monkeypatch.setattr(execute, "execute", fake_execute)
+    monkeypatch.setattr(sys, "argv", ["execute.py", "--reference", "write", "01_passing.ipynb", "02_failing.ipynb"])
+    assert execute.main() == 1
+    assert sorted(path.stem for path in folder.glob("*.json")) == ["01_passing"]  # the stale record is gone
+    findings = (tmp_path / "findings.md").read_text()
+    assert "C1.1" in findings and "C2.9" not in findings
+    assert "| 02_failing | failed: ValueError: boom |" in (tmp_path / "status.md").read_text()
+    assert "reference: left as it is, since a chapter failed" in capsys.readouterr().out
+    assert not (tmp_path / "reference").exists()

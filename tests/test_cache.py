@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -277,3 +278,47 @@ def test_editing_the_runner_or_the_scoring_changes_the_model_key(monkeypatch, mo
         assert Experiment(**TINY).key() != before
     finally:
         cache.code_fingerprint.cache_clear()
+
+
+def test_an_evaluation_is_cached_beside_its_model_and_read_back_exactly(isolated_cache, monkeypatch):
+    result = run(Experiment(**TINY), progress=False)
+    first = experiments.sweep(result, w_bits=(4, 2), per_channel=(False, True))
+    stored = list((_entry(result) / "ptq").glob("*.json"))
+    assert len(stored) == 1
+    monkeypatch.setattr(experiments.ptq, "bit_sweep", lambda *a, **k: pytest.fail("a cached evaluation was recomputed"))
+    again = experiments.sweep(result, w_bits=(4, 2), per_channel=(False, True))
+    pd.testing.assert_frame_equal(again, first, check_exact=True)  # the JSON round trip keeps every bit
+    monkeypatch.undo()
+    monkeypatch.setenv("ROBUSTQ_CACHE", str(isolated_cache))
+    experiments.sweep(result, w_bits=(3,))  # other settings: another entry
+    assert len(list((_entry(result) / "ptq").glob("*.json"))) == 2
+
+
+@pytest.mark.parametrize("damage", ["{not json", "[]", '[{"w_bits": 4}]'])
+def test_a_damaged_evaluation_is_named_and_recomputed(isolated_cache, capsys, damage):
+    result = run(Experiment(**TINY), progress=False)
+    first = experiments.sweep(result, w_bits=(4,))
+    (path,) = (_entry(result) / "ptq").glob("*.json")
+    path.write_text(damage)
+    again = experiments.sweep(result, w_bits=(4,))
+    assert f"recomputing unreadable evaluation {path}" in capsys.readouterr().err
+    pd.testing.assert_frame_equal(again, first, check_exact=True)
+    assert json.loads(path.read_text())[0]["acc"] == first["acc"].iloc[0]  # the entry is whole again
+
+
+def test_editing_the_evaluation_code_recomputes_the_evaluation(isolated_cache, monkeypatch):
+    result = run(Experiment(**TINY), progress=False)
+    experiments.sweep(result, w_bits=(4,))
+    calls = []
+    real_sweep = experiments.ptq.bit_sweep
+    monkeypatch.setattr(experiments.ptq, "bit_sweep", lambda *a, **k: calls.append(1) or real_sweep(*a, **k))
+    experiments.sweep(result, w_bits=(4,))
+    assert calls == []  # the same code: read from the cache
+    edited = cache.source_ast((ROOT / "robustq" / "ptq.py").read_text() + "\nEDITED = 1\n")
+    monkeypatch.setattr(cache, "_module_ast", lambda name, real=cache._module_ast: edited if name == "ptq" else real(name))
+    cache.code_fingerprint.cache_clear()
+    try:
+        experiments.sweep(result, w_bits=(4,))
+    finally:
+        cache.code_fingerprint.cache_clear()
+    assert calls == [1]

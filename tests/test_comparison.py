@@ -69,6 +69,14 @@ def test_mean_ranks_put_the_most_accurate_first_and_top_k_share_counts_resamples
         comparison.top_k_share(frame, k=0)
 
 
+def test_the_ranking_table_puts_the_best_mean_rank_first_whatever_the_names():
+    frame = _grid({"baseline": 0.0, "kure": 1.0, "symreg": 2.0})  # alphabetical order is the worst first
+    table = comparison.ranking(frame, k=1, resamples=20)
+    assert list(table.index) == ["symreg", "kure", "baseline"]
+    assert list(table.columns) == ["mean rank", "in the top 1"]
+    assert table.loc["symreg", "in the top 1"] == 1.0 and table.loc["baseline", "in the top 1"] == 0.0
+
+
 def test_pareto_front_keeps_the_undominated_rows():
     frame = pd.DataFrame({"cost": [1.0, 2.0, 2.0, 3.0, 1.5], "gain": [0.0, 3.0, 1.0, 3.0, 0.0]},
                          index=list("abcde"))

@@ -2,10 +2,12 @@
 
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
+from scipy import stats
 
 from robustq import verdicts
 from robustq.verdicts import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, Claim, equivalent, paired
@@ -67,9 +69,45 @@ def test_equivalent_rules():
 
 def test_pairing_is_by_seed_not_by_position():
     cand = pd.Series({2: 72.0, 0: 70.0, 1: 71.0})
-    ref = pd.Series({0: 60.0, 1: 61.0, 2: 62.0, 3: 99.0})  # seed 3 has no partner
+    ref = pd.Series({0: 60.0, 1: 61.0, 2: 62.0})
     d = verdicts.differences(cand, ref)
     assert sorted(d.index) == [0, 1, 2] and (d == 10.0).all()
+
+
+def test_a_seed_without_its_partner_is_an_error_naming_it():
+    with pytest.raises(ValueError, match=r"unpaired seeds: \[\] only in the candidate, \[3\] only in the reference"):
+        paired({0: 70.0, 1: 71.0, 2: 72.0}, {0: 60.0, 1: 61.0, 2: 62.0, 3: 99.0}, tau=1)
+    with pytest.raises(ValueError, match=r"\[5\] only in the candidate"):
+        equivalent({0: 70.0, 1: 71.0, 5: 72.0}, {0: 60.0, 1: 61.0}, margin=1)
+
+
+def test_a_negative_tau_is_refused_since_it_would_not_test_non_inferiority():
+    with pytest.raises(ValueError, match="tau must be >= 0 points.*non-inferiority"):
+        paired([1.0, 2.0], [1.0, 2.0], tau=-1)
+    with pytest.raises(ValueError, match="threshold must be >= 0"):
+        Claim("01", "C", "s", "e", "paired", -0.5)
+
+
+def test_zero_spread_grades_on_the_mean_alone():
+    assert paired([3.0, 3.0, 3.0], [1.0, 1.0, 1.0], tau=2).grade == REPRODUCED  # mean == tau, se 0
+    assert paired([1.0, 1.0, 1.0], [1.0, 1.0, 1.0], tau=0).grade == INCONCLUSIVE  # interval [0, 0] is not above 0
+    assert paired([1.0, 1.0, 1.0], [1.0, 1.0, 1.0], tau=1).grade == NOT_REPRODUCED
+    assert equivalent([1.0, 1.0], [1.0, 1.0], margin=0).grade == REPRODUCED
+
+
+def test_a_mean_exactly_at_tau_is_reproduced():
+    d = [0.75, 1.25, 1.0, 0.75, 1.25]  # mean exactly 1.0, interval above 0
+    v = paired(d, [0.0] * 5, tau=1.0)
+    assert v.mean == 1.0 and v.grade == REPRODUCED
+    assert paired(d, [0.0] * 5, tau=math.nextafter(1.0, 2.0)).grade == INCONCLUSIVE
+
+
+def test_an_interval_exactly_at_the_margin_is_equivalent():
+    d, zeros = [0.25, 0.5, 0.75], [0.0] * 3
+    v = equivalent(d, zeros, margin=10.0)
+    margin = abs(v.mean) + v.mde  # the rule's own edge
+    assert equivalent(d, zeros, margin=margin).grade == REPRODUCED
+    assert equivalent(d, zeros, margin=math.nextafter(margin, 0.0)).grade == INCONCLUSIVE
 
 
 def test_bad_inputs_name_the_problem():
@@ -83,16 +121,29 @@ def test_bad_inputs_name_the_problem():
         paired([1.0, 2.0], [1.0, 2.0], tau=float("inf"))
 
 
-@given(st.lists(st.floats(-20, 20), min_size=2, max_size=8), st.floats(-5, 5))
-def test_reproduced_and_not_reproduced_exclude_each_other(diffs, tau):
-    ref = {i: 50.0 for i in range(len(diffs))}
-    cand = {i: 50.0 + d for i, d in enumerate(diffs)}
-    v = paired(cand, ref, tau)
-    low, high = v.interval
+DIFFS = st.lists(st.floats(-20, 20).map(lambda x: round(x, 2)), min_size=2, max_size=8)
+RANK = {NOT_REPRODUCED: 0, INCONCLUSIVE: 1, REPRODUCED: 2}
+
+
+@given(DIFFS, st.floats(0, 5))
+def test_the_interval_and_the_test_are_scipys(diffs, tau):
+    v = paired(diffs, [0.0] * len(diffs), tau)
+    assume(v.se > 1e-6)
+    low, high = stats.t.interval(0.95, len(diffs) - 1, loc=np.mean(diffs), scale=stats.sem(diffs))
+    assert v.interval == pytest.approx((low, high), rel=1e-9, abs=1e-9)
+    p_value = stats.ttest_1samp(diffs, 0.0).pvalue
+    assume(abs(p_value - 0.05) > 1e-6)  # away from the edge, where the two computations may round apart
+    assert (low > 0 or high < 0) == (p_value < 0.05)
     if v.grade == REPRODUCED:
-        assert low > 0 and v.mean >= tau
-    if v.grade == NOT_REPRODUCED:
-        assert high < tau
+        assert p_value < 0.05 and np.mean(diffs) > 0 and v.mean >= tau
+
+
+@given(DIFFS, st.floats(0, 5), st.floats(0, 10))
+def test_a_better_candidate_never_grades_worse(diffs, tau, gain):
+    zeros = [0.0] * len(diffs)
+    before = paired(diffs, zeros, tau).grade
+    after = paired([d + gain for d in diffs], zeros, tau).grade
+    assert RANK[after] >= RANK[before]
 
 
 def test_mde_before_the_run():
