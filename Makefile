@@ -51,7 +51,7 @@ book: setup  ## execute every notebook (profile book), write (under CI: compare)
 test: setup  ## notebook lint, workflow schema; unit, property and doctests; notebooks under the smoke profile
 	$(VENV)/bin/ruff check --extend-select E501 notebooks
 	$(VENV)/bin/check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
-	ROBUSTQ_PROFILE=smoke $(PY) -m pytest --nbval-lax tests robustq notebooks
+	ROBUSTQ_PROFILE=smoke $(PY) -m pytest --hypothesis-profile=make-test --durations=25 --nbval-lax tests robustq notebooks
 
 # The GPU machine has torch 2.11 and no network: the package must run there as it is.
 COMPAT_VENV := .venv-torch2.11

@@ -186,14 +186,15 @@ def update_reference(profile: str, executed: list[str], mode: str) -> bool:
     under CI); return False if the build differs from the reference."""
     files = reference.snapshot(verdicts.findings_dir(profile), BOOK / "notebooks", executed)
     folder = REFERENCE / profile
+    reasons = kernels.reference_deviations()
     if mode == "compare":
         lines = reference.differences(folder, files)
         for line in lines:
             print(line, flush=True)
         verdict = "differs from" if lines else "equals"
-        print(f"reference: this build {verdict} {folder.relative_to(ROOT)} ({len(files)} files compared)", flush=True)
+        print(f"reference: this build {verdict} {folder.relative_to(ROOT)} ({len(files)} files compared)"
+              + (f"; its kernels are not the reference ones: {'; '.join(reasons)}" if reasons else ""), flush=True)
         return not lines
-    reasons = kernels.deviations(*_torch_kernels())
     if reasons:
         print(f"reference: not written, this build's kernels are not the reference ones: {'; '.join(reasons)}",
               flush=True)
@@ -202,12 +203,6 @@ def update_reference(profile: str, executed: list[str], mode: str) -> bool:
     print(f"reference: {len(changed)} of {len(files)} files in {folder.relative_to(ROOT)} changed"
           + (f" ({', '.join(changed)}): commit them with the change that moved them" if changed else ""), flush=True)
     return True
-
-
-def _torch_kernels() -> tuple[str, int]:
-    import torch
-
-    return torch.backends.cpu.get_cpu_capability(), torch.get_num_threads()
 
 
 def main() -> int:

@@ -133,6 +133,16 @@ def check() -> str | None:
     return line
 
 
+def reference_deviations() -> list[str]:
+    """Why this process does not compute the reference numbers (empty when it does):
+    :func:`deviations` for its torch, and NumPy dispatch targets above AVX2."""
+    import torch
+
+    numpy_targets = _numpy_targets_above_avx2()
+    return deviations(torch.backends.cpu.get_cpu_capability(), torch.get_num_threads()) + (
+        [f"NumPy dispatches {' '.join(numpy_targets)}"] if numpy_targets else [])
+
+
 def environment() -> dict[str, str]:
     """What decides the numbers on this machine, for the book's status page: CPU model and flags,
     torch's capability and threads, the pinned variables, the MKL and oneDNN versions, and whether
@@ -143,8 +153,7 @@ def environment() -> dict[str, str]:
     capability = torch.backends.cpu.get_cpu_capability()
     threads = torch.get_num_threads()
     numpy_targets = _numpy_targets_above_avx2()
-    reasons = deviations(capability, threads) + (
-        [f"NumPy dispatches {' '.join(numpy_targets)}"] if numpy_targets else [])
+    reasons = reference_deviations()
     libraries = _library_versions(torch.__config__.show())
     return {
         "CPU": _cpu_model(),

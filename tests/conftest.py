@@ -2,8 +2,13 @@
 
 import pytest
 import torch
+from hypothesis import settings
 
 from robustq.data import load_dataset
+
+# `make test` runs the property tests with fewer examples (`--hypothesis-profile=make-test`); a
+# property test that sets its own max_examples keeps it. The default profile stays Hypothesis's.
+settings.register_profile("make-test", max_examples=30, deadline=None)
 
 
 @pytest.fixture(autouse=True)

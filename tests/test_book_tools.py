@@ -79,8 +79,7 @@ def test_the_reference_is_written_outside_ci_and_a_difference_fails_the_build_un
     monkeypatch.setattr(execute, "BOOK", tmp_path)
     monkeypatch.setattr(execute, "ROOT", tmp_path)
     monkeypatch.setattr(execute, "REFERENCE", tmp_path / "reference")
-    monkeypatch.setattr(execute, "_torch_kernels", lambda: ("AVX2", 2))
-    monkeypatch.setattr(kernels, "deviations", lambda capability, threads: [])
+    monkeypatch.setattr(kernels, "reference_deviations", lambda: [])
     monkeypatch.setenv("ROBUSTQ_FINDINGS", str(tmp_path / "findings"))
     claim = verdicts.Claim("01", "C1.1", "SymReg beats the baseline", "w432", "paired", 2.0)
     candidate, base = {0: 3.0, 1: 4.0}, {0: 0.0, 1: 0.0}
