@@ -32,9 +32,9 @@ SLURM where ``srun`` is on the PATH, else local. Each job logs to
 
 At most :attr:`Grid.parallel` jobs run at once: locally one on a CPU (each with the pinned thread
 count of :mod:`robustq.kernels`, so that its models are the notebooks'; split between the jobs only
-under ``ROBUSTQ_NATIVE_KERNELS``) and :attr:`Grid.per_gpu` per visible GPU, each job pinned to one GPU; on SLURM each job gets
-a GPU of its own when this machine has one (run the grid on a GPU node: cache keys include the
-device type, so the jobs' must be this machine's).
+under ``ROBUSTQ_NATIVE_KERNELS``) and :attr:`Grid.per_gpu` per visible GPU, each job pinned to one
+GPU; on SLURM each job gets a GPU of its own when this machine has one (run the grid on a GPU node:
+cache keys include the device type, so the jobs' must be this machine's).
 """
 
 from __future__ import annotations
