@@ -21,7 +21,7 @@ import time
 
 import pandas as pd
 
-from robustq import analysis, book, book_settings, experiments
+from robustq import analysis, book, book_settings, experiments, profiles
 from robustq.experiments import Experiment
 from robustq.quant import QuantSpec
 from robustq.verdicts import minimum_detectable_effect
@@ -64,7 +64,7 @@ def ptq_values(result, method: str, profile: str) -> dict[str, float]:
     if method == "symreg_satnl_asam":
         return row
     data = experiments.dataset_for(result.experiment)
-    x, labels = book.test_batch(data, profile)
+    x, labels = book.test_batch(data, profiles.get(profile).analysis_images)
     for name, endpoint in book_settings.ENDPOINTS.items():
         if name != "crossbit":
             row[name] = endpoint.value(result)

@@ -23,7 +23,7 @@ import sys
 from collections.abc import Iterator
 from typing import NoReturn
 
-from robustq import experiments, grid, methods, models, params
+from robustq import experiments, grid, methods, models, params, profiles
 from robustq.data import DATASET_NAMES
 from robustq.distributed import DistributedError
 from robustq.train import OPTIMIZERS, NonFiniteLossError
@@ -54,8 +54,8 @@ def _add_experiment_args(parser: argparse.ArgumentParser) -> None:
                         help="a method hyperparameter, repeatable (see 'python -m robustq methods')")
     parser.add_argument("--dataset", default="fashion-mnist", help=f"one of: {', '.join(DATASET_NAMES)}")
     parser.add_argument("--model", default="cnn", help=f"one of: {', '.join(models.available())}")
-    parser.add_argument("--profile", default=None, help=f"one of: {', '.join(experiments.PROFILES)} "
-                        f"(default: ${experiments.PROFILE_ENV} or {experiments.DEFAULT_PROFILE})")
+    parser.add_argument("--profile", default=None, help=f"one of: {', '.join(profiles.PROFILES)} "
+                        f"(default: ${profiles.PROFILE_ENV} or {profiles.DEFAULT_PROFILE})")
     parser.add_argument("--epochs", type=int, help="default: the profile's")
     parser.add_argument("--batch-size", type=int, help="default: the profile's")
     parser.add_argument("--lr", type=float, default=0.1, help="peak learning rate (default 0.1)")
@@ -80,7 +80,7 @@ def validate_args(args: argparse.Namespace) -> experiments.Experiment | grid.Gri
     _check_numbers(args)
     if hasattr(args, "w_bits"):
         params.check("bit_widths", args.w_bits, label="argument --w-bits")
-    with _blame("argument --profile" if args.profile else f"${experiments.PROFILE_ENV}"):
+    with _blame("argument --profile" if args.profile else f"${profiles.PROFILE_ENV}"):
         params.check("profile", args.profile)
     exp = _experiment(args)
     exp.train_config()  # runs TrainConfig's own checks on the values the profile filled in
@@ -114,7 +114,7 @@ def _experiment(args: argparse.Namespace) -> experiments.Experiment:
 
 
 def _grid(args: argparse.Namespace) -> grid.Grid:
-    with _blame("argument --profile" if args.profile else f"${experiments.PROFILE_ENV}"):
+    with _blame("argument --profile" if args.profile else f"${profiles.PROFILE_ENV}"):
         params.check("profile", args.profile)
     return grid.configure(args.chapters, args.profile, args.executor, args.parallel, args.per_gpu, args.timeout_min,
                           dict(args.slurm), blame=lambda setting: _blame(f"argument --{setting.replace('_', '-')}"))
@@ -195,8 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_grid_parser(commands) -> None:
     jobs = commands.add_parser("grid", help="train every model the chapters need that the cache lacks, one job each")
-    jobs.add_argument("--profile", default=None, help=f"one of: {', '.join(experiments.PROFILES)} "
-                      f"(default: ${experiments.PROFILE_ENV} or {experiments.DEFAULT_PROFILE})")
+    jobs.add_argument("--profile", default=None, help=f"one of: {', '.join(profiles.PROFILES)} "
+                      f"(default: ${profiles.PROFILE_ENV} or {profiles.DEFAULT_PROFILE})")
     jobs.add_argument("--chapters", nargs="+", metavar="NN", help=f"default: all ({', '.join(grid.CHAPTERS)})")
     jobs.add_argument("--executor", default="auto", help="auto (SLURM where srun is on the PATH, else local), "
                       "local (subprocesses here), slurm (one sbatch job each) or debug (in this process)")

@@ -12,6 +12,7 @@ that the text can number and reference them. CONTRIBUTING.md has the chapter tem
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,21 +23,23 @@ import numpy as np
 import pandas as pd
 import torch
 
-from robustq import book_settings, params, plots, verdicts
+from robustq import book_settings, params, plots, profiles, verdicts
 from robustq.data import Dataset, first_batch
-from robustq.experiments import Result
+from robustq.experiments import CHAPTER_ENV, Result
 from robustq.files import write_atomic
 
-SMOKE_IMAGES, BOOK_IMAGES = 256, 1000
 # executed chapters: book/execute.py writes them here, and Jupyter Book renders them from here
 BOOK_NOTEBOOKS = Path(__file__).resolve().parents[1] / "book" / "notebooks"
 
 
-def setup(profile: str | None, seed: int = 0, **parameters) -> str:
+def setup(profile: str | None, seed: int = 0, *, chapter: str | None = None, **parameters) -> str:
     """Validate the notebook's parameters (:func:`robustq.params.check_all`: a bad one fails here,
     before any work, naming the fix), resolve the profile, apply the house plot style, seed torch
-    and silence known-harmless warnings."""
+    and silence known-harmless warnings. ``chapter`` (``"03"``) names what this process runs
+    (:data:`robustq.experiments.CHAPTER_ENV`: the runs it asks for are recorded under it)."""
     profile = params.check_all(profile=profile, seed=seed, **parameters)["profile"]
+    if chapter is not None:
+        os.environ[CHAPTER_ENV] = chapter
     plots.use_style()
     pd.set_option("display.max_colwidth", None)  # verdict and power notes are sentences: show them whole
     warnings.filterwarnings("ignore", message="The figure layout has changed to tight")  # seaborn vs constrained
@@ -76,11 +79,16 @@ def number_range(values: pd.Series | Sequence[float], digits: int = 1, unit: str
     return f"{text} {unit}".rstrip()
 
 
-def test_batch(data: Dataset, profile: str, n_images: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``n_images`` normalised images of the (shared, fixed) test split and their labels;
-    by default 256 under ``smoke`` and 1000 otherwise."""
-    n = n_images or (SMOKE_IMAGES if profile == "smoke" else BOOK_IMAGES)
-    return first_batch(data, data.test, n)
+def sizes(profile: str | None, **overrides: int | None) -> profiles.Profile:
+    """The profile's sizes (:mod:`robustq.profiles`), with the notebook's parameters that are not
+    ``None`` in place of the profile's."""
+    return profiles.with_sizes(profile, **overrides)
+
+
+def test_batch(data: Dataset, n_images: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n_images`` normalised images of the (shared, fixed) test split and their labels
+    (a profile's ``analysis_images`` or ``hessian_images``)."""
+    return first_batch(data, data.test, n_images)
 
 
 def runs_table(runs: Mapping[str, Mapping[int, Result]]) -> pd.DataFrame:
@@ -99,19 +107,20 @@ def runs_table(runs: Mapping[str, Mapping[int, Result]]) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("method")
 
 
-def choices_table(choices: Mapping[str, dict]) -> pd.DataFrame:
+def choices_table(choices: Mapping[str, book_settings.Chosen]) -> pd.DataFrame:
     """The open choices made on the selection seed: the reference model's and the candidates'
-    validation accuracy, and the value the rule chose."""
+    validation accuracy, the value the rule chose, and its margin (points a validation accuracy
+    would have to move to change the pick)."""
     rows = []
     for name, chosen in choices.items():
-        validation = chosen["validation"]
         rows.append({
             "method": name,
-            "reference": chosen.get("reference", "baseline"),
-            "reference val. acc. (%)": round(100 * validation["baseline"], 2),
-            **{f"{' = '.join([chosen['param'], *chosen.get('tied', ())])} = {value:g}": round(100 * acc, 2)
-               for value, acc in validation.items() if value != "baseline"},
-            "chosen": chosen["value"],
+            "reference": chosen.reference,
+            "reference val. acc. (%)": round(100 * chosen.reference_accuracy, 2),
+            **{f"{' = '.join([chosen.param, *chosen.tied])} = {value:g}": round(100 * acc, 2)
+               for value, acc in chosen.validation.items()},
+            "chosen": chosen.value,
+            "margin (points)": round(chosen.margin, 2),
         })
     return pd.DataFrame(rows).set_index("method")
 

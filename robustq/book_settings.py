@@ -8,37 +8,35 @@ find them in the shared cache:
 * the **primary endpoint**, chosen once by its power on the selection seeds (:data:`ENDPOINT`),
   and the seed-to-seed spread it was chosen with, from which chapters print each claim's minimum
   detectable effect before the run;
-* the one QAT setting of the book (3 bits, 8-bit stem and classifier);
+* the one QAT setting of the book (3 bits, 8-bit stem and classifier: :data:`robustq.quant.QAT_BIT_WIDTH`),
+  in every QAT method's parameters;
 * each method's book settings and, where a value is chosen, its candidates and rule
-  (:data:`METHODS`, :func:`settings_for`);
-* the **run plan**: every model the book trains, with its cost, and an estimate of the build time
-  (:func:`run_plan`, :func:`estimate_minutes`).
+  (:data:`METHODS`, :func:`settings_for`), and the one call that runs a method as the book does
+  (:func:`experiment`, :func:`run`), its choices made once per profile (:class:`Chosen`).
+
+What each chapter trains, and the run plan derived from it, are in :mod:`robustq.manifest`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
 
-from robustq import analysis, experiments
+from robustq import experiments, profiles
+from robustq.analysis import gradients
 from robustq.data import Dataset, first_batch
 from robustq.experiments import Experiment, Result
+from robustq.quant import EDGE_BIT_WIDTH, QAT_BIT_WIDTH
 from robustq.verdicts import minimum_detectable_effect
 
 # --- seeds and validation ------------------------------------------------------------------------
 
 SELECTION_SEED = 100  # choices are made on this seed, on a validation split; it is never graded
-VALIDATION_SIZE = 5000  # images carved from the training set for selection runs
-
-# --- the shared QAT setting (book/methods.md §7) ------------------------------------------------------
-
-QAT_BIT_WIDTH = 3
-EDGE_BIT_WIDTH = 8
 
 # --- the primary endpoint -------------------------------------------------------------------------
 
@@ -136,7 +134,7 @@ ENDPOINTS = {
 # written in that script before it ran: of "w432" and "variants43", the one whose larger MDE at 5
 # seeds over the two comparisons (SymReg and SatNL against the baseline) is smaller. On the book
 # recipe of 15,000 images at batch 128 it measured MDE 0.49 for variants43 and 3.99 for w432; on
-# today's recipe (8,000 images, batch 64: experiments.PROFILES) it printed 0.60 and 5.58 and the
+# today's recipe (8,000 images, batch 64: robustq.profiles) it printed 0.60 and 5.58 and the
 # same choice. PLANNING_SD is the standard deviation of paired per-seed differences that last run
 # measured, in the endpoint's units, per endpoint (the larger over its comparisons); chapters print
 # each claim's minimum detectable effect from it before the run. They are inputs of the plan, not
@@ -186,6 +184,30 @@ def weight_grid(result: Result, **settings: Any) -> pd.DataFrame:
     return evaluate(result, w_bits=GRID_BITS, **settings)
 
 
+# How a row of :func:`accuracy_table` was quantized, by its ``policy``: a QAT model's own trained
+# quantizer, else the PTQ range policy (robustq.quant.POLICIES); an unknown policy keeps its name.
+QUANTIZER_LABELS = {"trained": "own (trained)", "minmax": "min-max", "mse": "MSE",
+                    "percentile": "percentile", "aciq": "ACIQ"}
+
+
+def accuracy_table(runs: dict[str, dict[int, Result]], **sweep: Any) -> pd.DataFrame:
+    """:func:`evaluate` of every run at the settings ``sweep``, tidy: one row per method, seed and
+    setting, with columns ``method``, ``seed``, the sweep's setting columns (``w_bits``, ``a_bits``,
+    ``symmetric``, ``per_channel``, ``policy``, ...), ``acc`` and ``fp_acc`` in accuracy points
+    (×100), and ``quantizer``: how the model was quantized (:data:`QUANTIZER_LABELS`:
+    ``"own (trained)"`` for a QAT model's own quantizer, else the PTQ policy, e.g. ``"min-max"``).
+    ``runs`` maps each method to its runs by seed (:func:`run_graded`). The evaluations are the
+    cached ones the chapters share: ``accuracy_table(runs, w_bits=GRID_BITS)`` reads each model's
+    :func:`weight_grid`."""
+    frames = [evaluate(result, **sweep).assign(method=name, seed=seed)
+              for name, by_seed in runs.items() for seed, result in by_seed.items()]
+    frame = pd.concat(frames, ignore_index=True)
+    columns = [c for c in frame.columns if c not in ("method", "seed", "acc", "fp_acc")]
+    labels = frame["policy"].map(lambda policy: QUANTIZER_LABELS.get(policy, policy))
+    frame = frame.assign(acc=100 * frame["acc"], fp_acc=100 * frame["fp_acc"], quantizer=labels)
+    return frame[["method", "seed", *columns, "acc", "fp_acc", "quantizer"]]
+
+
 def _evaluate_sweep(result: Result, sweep: dict[str, Any]) -> pd.DataFrame:
     # a QAT-type model has one quantizer, its own: the variant settings do not apply to it
     varied = set(sweep) - ({"symmetric", "per_channel", "policy"} if result.quantizers else set())
@@ -202,12 +224,12 @@ def _evaluate_sweep(result: Result, sweep: dict[str, Any]) -> pd.DataFrame:
 class Choice:
     """An open hyperparameter chosen on the selection seed by a rule written before the run:
     ``rule`` states it in words, ``pick`` applies it to ``{candidate value: validation accuracy}``
-    and the baseline's validation accuracy (both in [0, 1]) and returns the chosen value."""
+    and the reference's validation accuracy (both in [0, 1]) and returns the chosen value."""
 
     param: str
     candidates: tuple[Any, ...]
     rule: str
-    pick: Callable[[dict[Any, float], float], Any] = field(repr=False, compare=False)
+    pick: LargestWithin = field(repr=False, compare=False)
     tied: tuple[str, ...] = ()  # other parameters that take the same value (e.g. lam_a with lam_w)
     reference: str = "baseline"  # the book method whose validation accuracy the rule compares with
 
@@ -222,7 +244,8 @@ COLLAPSED_BELOW = 0.2  # a reference under twice chance on ten classes has not l
 BOUNDARY_POINTS = 1e-9  # float rounding of a difference of accuracies, in points; not an image
 
 
-def largest_within(points: float) -> Callable[[dict[Any, float], float], Any]:
+@dataclass(frozen=True)
+class LargestWithin:
     """Rule: the largest candidate whose validation accuracy stays within ``points`` of the
     reference's; the smallest candidate if none does, or if the reference collapsed (validation
     accuracy below :data:`COLLAPSED_BELOW`), when "within" would compare with chance.
@@ -233,15 +256,33 @@ def largest_within(points: float) -> Callable[[dict[Any, float], float], Any]:
 
     >>> largest_within(0.5)({0.1: 0.87, 1.0: 0.865, 10.0: 0.8648}, baseline=0.87)
     1.0
+    >>> round(largest_within(0.5).margin({0.1: 0.87, 1.0: 0.865, 10.0: 0.8648}, baseline=0.87), 2)
+    0.0
     """
 
-    def pick(accuracy: dict[Any, float], baseline: float) -> Any:
+    points: float
+
+    def __call__(self, accuracy: dict[Any, float], baseline: float) -> Any:
         if baseline < COLLAPSED_BELOW:
             return min(accuracy)
-        allowed = [value for value, acc in accuracy.items() if 100 * (baseline - acc) <= points + BOUNDARY_POINTS]
+        allowed = [value for value, acc in accuracy.items() if self._drop(acc, baseline) <= self.points + BOUNDARY_POINTS]
         return max(allowed) if allowed else min(accuracy)
 
-    return pick
+    def margin(self, accuracy: dict[Any, float], baseline: float) -> float:
+        """How far, in points, the candidate nearest the rule's threshold is from it: no validation
+        accuracy moved by less changes the choice (NaN when the reference collapsed)."""
+        if baseline < COLLAPSED_BELOW:
+            return math.nan
+        return min(abs(self._drop(acc, baseline) - self.points) for acc in accuracy.values())
+
+    @staticmethod
+    def _drop(acc: float, baseline: float) -> float:
+        return 100 * (baseline - acc)
+
+
+def largest_within(points: float) -> LargestWithin:
+    """:class:`LargestWithin` ``points`` of the reference (the book's rule for every λ)."""
+    return LargestWithin(points)
 
 
 @dataclass(frozen=True)
@@ -265,7 +306,7 @@ class MethodSettings:
         (at least the last epoch is penalised, whatever the profile's length)."""
         if self.penalised_share >= 1:
             return dict(self.params)
-        epochs = experiments.profile_settings(profile)["epochs"]
+        epochs = profiles.get(profile).epochs
         penalised = max(1, round(epochs * self.penalised_share))
         return {**self.params, "warmup_epochs": epochs - penalised}
 
@@ -332,39 +373,95 @@ METHODS: dict[str, MethodSettings] = {
 
 
 def experiment(name: str, seed: int, profile: str | None = None, *, model: str = "cnn",
-               train_size: int | None = None, **params: Any) -> Experiment:
-    """The book's experiment of method settings ``name`` on ``seed`` (``params`` override the
-    method's; ``model`` and ``train_size`` the recipe's, for checks on another network)."""
-    entry = _settings(name)
-    return Experiment(model=model, method=entry.method, method_params={**entry.params_for(profile), **params},
-                      seed=seed, train_size=train_size, profile=profile)
+               train_size: int | None = None, **overrides: Any) -> Experiment:
+    """Book method ``name`` on ``seed`` as the book runs it: its fixed parameters, the value its
+    choice picked on the selection seed (:func:`choose`, memoised) and lazy regularization where
+    :data:`LAZY_RULE` adopted it; ``overrides`` replace method parameters, ``model`` and
+    ``train_size`` the recipe's (for checks on another network)."""
+    return Experiment(model=model, method=_settings(name).method,
+                      method_params={**settings_for(name, profile), **overrides}, seed=seed,
+                      train_size=train_size, profile=profile)
+
+
+def run(name: str, seed: int, profile: str | None = None, *, progress: bool = False, **overrides: Any) -> Result:
+    """:func:`experiment` trained, or loaded from the cache: the one call for "method ``name`` on
+    seed ``seed``, as the book runs it"."""
+    return experiments.run(experiment(name, seed, profile, **overrides), progress=progress)
+
+
+def run_graded(name: str, profile: str | None = None, progress: bool = False) -> dict[int, Result]:
+    """Method ``name`` with its book settings on every graded seed of the profile."""
+    return {seed: run(name, seed, profile, progress=progress) for seed in graded_seeds(profile)}
 
 
 def selection_experiment(name: str, profile: str | None = None, **params: Any) -> Experiment:
-    """A run on the selection seed with a validation split (never graded)."""
+    """A run of ``name``'s fixed parameters (``params`` override them) on the selection seed, with
+    a validation split (never graded)."""
     entry = _settings(name)
     return Experiment(
         method=entry.method, method_params={**entry.params_for(profile), **params}, seed=SELECTION_SEED,
-        val_size=_validation_size(profile), profile=profile,
+        val_size=profiles.get(profile).validation_size, profile=profile,
     )
 
 
-def choose(name: str, profile: str | None = None, progress: bool = False) -> dict[str, Any]:
-    """Make method ``name``'s open choice on the selection seed by its rule, training (or loading)
-    one model per candidate and the baseline; returns ``{"value", "rule", "validation"}``, the
-    validation accuracies in [0, 1] keyed by candidate (and ``"baseline"``)."""
+@dataclass(frozen=True)
+class Chosen:
+    """What an open choice picked on the selection seed, and from what: the reference's and each
+    candidate's validation accuracy (in [0, 1]), the cache keys of those runs, and the rule's
+    ``margin`` in points (:meth:`LargestWithin.margin`: how far the nearest candidate is from
+    changing the pick)."""
+
+    name: str
+    param: str
+    tied: tuple[str, ...]
+    value: Any
+    rule: str
+    reference: str
+    reference_accuracy: float
+    validation: dict[Any, float]
+    margin: float
+    runs: tuple[str, ...]
+
+    def assign(self) -> dict[str, Any]:
+        """The method parameters the chosen value sets."""
+        return {name: self.value for name in (self.param, *self.tied)}
+
+
+def selection_runs(name: str, profile: str | None = None) -> list[Experiment]:
+    """The selection runs of method ``name``'s own choice: its reference's, then one per candidate
+    (empty if it makes none); :func:`choose` and the grid both train exactly these."""
     choice = _settings(name).choice
     if choice is None:
-        return {}
-    baseline = _final_val_acc(experiments.run(
-        selection_experiment(choice.reference, profile), progress=progress))
-    accuracy = {
-        value: _final_val_acc(experiments.run(selection_experiment(name, profile, **choice.assign(value)),
-                                              progress=progress))
-        for value in choice.candidates
-    }
-    return {"param": choice.param, "tied": choice.tied, "value": choice.pick(accuracy, baseline), "rule": choice.rule,
-            "reference": choice.reference, "validation": {**accuracy, "baseline": baseline}}
+        return []
+    return [selection_experiment(choice.reference, profile),
+            *(selection_experiment(name, profile, **choice.assign(value)) for value in choice.candidates)]
+
+
+def choose(name: str, profile: str | None = None, progress: bool = False) -> Chosen | None:
+    """Make method ``name``'s open choice by its rule on the selection seed, training (or loading)
+    :func:`selection_runs`; ``None`` for a method without a choice. Memoised per method, resolved
+    profile and cache (:func:`forget_choices`), so that chapters recover it once."""
+    return _choose(name, profiles.resolve_profile(profile), str(experiments.cache_dir()), progress)
+
+
+@functools.cache
+def _choose(name: str, profile: str, cache: str, progress: bool) -> Chosen | None:
+    choice = _settings(name).choice
+    runs = selection_runs(name, profile)
+    if choice is None:
+        return None
+    reference, *candidates = (experiments.run(exp, progress=progress) for exp in runs)
+    baseline = _final_val_acc(reference)
+    accuracy = {value: _final_val_acc(result) for value, result in zip(choice.candidates, candidates)}
+    return Chosen(name=name, param=choice.param, tied=choice.tied, value=choice.pick(accuracy, baseline),
+                  rule=choice.rule, reference=choice.reference, reference_accuracy=baseline, validation=accuracy,
+                  margin=choice.pick.margin(accuracy, baseline), runs=tuple(exp.key() for exp in runs))
+
+
+def forget_choices() -> None:
+    """Drop the memoised choices and lazy rules (after the cache under them changed)."""
+    _choose.cache_clear()
+    _choose_lazy.cache_clear()
 
 
 def settings_for(name: str, profile: str | None = None) -> dict[str, Any]:
@@ -380,22 +477,35 @@ def settings_for(name: str, profile: str | None = None) -> dict[str, Any]:
 def chosen_params(name: str, profile: str | None) -> dict[str, Any]:
     """Fixed parameters plus the value the choice (own or inherited) picked on the selection seed."""
     entry = _settings(name)
-    source = entry.inherits or name
-    chosen = choose(source, profile)
-    chosen_value = _settings(source).choice.assign(chosen["value"]) if chosen else {}
-    return {**entry.params_for(profile), **chosen_value}
+    chosen = choose(entry.inherits or name, profile)
+    return {**entry.params_for(profile), **(chosen.assign() if chosen else {})}
+
+
+def lazy_rule_runs(name: str, profile: str | None = None) -> list[Experiment]:
+    """The selection runs of :data:`LAZY_RULE` for ``name``: the full and the lazy penalty at the
+    chosen λ (empty for a method without a lazy variant)."""
+    every = _settings(name).lazy_every
+    if every <= 1:
+        return []
+    params = chosen_params(name, profile)
+    return [selection_experiment(name, profile, **params, lazy_every=k) for k in (1, every)]
 
 
 def choose_lazy(name: str, profile: str | None = None, progress: bool = False) -> dict[str, Any]:
     """:data:`LAZY_RULE` on the selection seed: the full penalty's and the lazy penalty's trained
-    models at the chosen λ, their ‖∇L‖₁ on the validation split, and whether lazy is adopted."""
+    models at the chosen λ, their ‖∇L‖₁ on the validation split, and whether lazy is adopted
+    (memoised as :func:`choose` is)."""
+    return _choose_lazy(name, profiles.resolve_profile(profile), str(experiments.cache_dir()), progress)
+
+
+@functools.cache
+def _choose_lazy(name: str, profile: str, cache: str, progress: bool) -> dict[str, Any]:
     entry = _settings(name)
-    params = chosen_params(name, profile)
     norms = {}
-    for k in (1, entry.lazy_every):
-        result = experiments.run(selection_experiment(name, profile, **params, lazy_every=k), progress=progress)
+    for exp in lazy_rule_runs(name, profile):
+        result = experiments.run(exp, progress=progress)
         x, labels = validation_batch(experiments.dataset_for(result.experiment))
-        norms[k] = analysis.grad_l1_norm(result.model, x, labels)
+        norms[exp.method_params.get("lazy_every", 1)] = gradients.grad_l1_norm(result.model, x, labels)
     ratio = norms[entry.lazy_every] / norms[1]
     return {"lazy_every": entry.lazy_every, "norm_full": norms[1], "norm_lazy": norms[entry.lazy_every],
             "ratio": ratio, "adopted": abs(ratio - 1) <= LAZY_TOLERANCE + RATIO_ROUNDING, "rule": LAZY_RULE}
@@ -408,16 +518,9 @@ def validation_batch(data: Dataset, n_images: int = 1000):
     return first_batch(data, data.val, n_images)
 
 
-def run_graded(name: str, profile: str | None = None, progress: bool = False) -> dict[int, Result]:
-    """Method ``name`` with its book settings on every graded seed of the profile."""
-    params = settings_for(name, profile)
-    return {seed: experiments.run(experiment(name, seed, profile, **params), progress=progress)
-            for seed in graded_seeds(profile)}
-
-
 def graded_seeds(profile: str | None = None) -> tuple[int, ...]:
-    """The profile's graded seeds (``experiments.PROFILES``); the selection seed is never among them."""
-    return tuple(experiments.PROFILES[experiments.resolve_profile(profile)]["seeds"])
+    """The profile's graded seeds (:mod:`robustq.profiles`); the selection seed is never among them."""
+    return tuple(profiles.get(profile).seeds)
 
 
 def endpoint_values(runs: dict[int, Result], endpoint: Endpoint | None = None) -> pd.Series:
@@ -445,108 +548,5 @@ def _settings(name: str) -> MethodSettings:
     return METHODS[name]
 
 
-def _validation_size(profile: str | None) -> int:
-    return 256 if experiments.resolve_profile(profile) == "smoke" else VALIDATION_SIZE
-
-
 def _final_val_acc(result: Result) -> float:
     return float(result.history["val_acc"].iloc[-1])
-
-
-# --- the run plan ---------------------------------------------------------------------------------
-
-BUDGET_MINUTES = 36.0  # the plan's estimate must fit this (the book's cap is 40 minutes, goal 30)
-
-# Measured on the 2-core machine for the book recipe (8,000 images, batch 64): a baseline model trains
-# in 6.1-6.9 s in benchmarks/power.py and 6.5 s inside a notebook, about 8 s with its setup and
-# cache writes; an evaluation (a quantized copy and a pass over the 5,000-image test subset) takes
-# 0.4 s plain min-max, more with calibrated activations or bias correction. With these two numbers
-# and the method costs of the cold build of commit 5ceff46, the plan of chapters 00-08 estimates
-# 28.2 minutes, against 28.6 measured (per chapter within 70 s; 03 is the furthest, 140 s
-# estimated against 208 s).
-SECONDS_PER_UNIT = 8.0
-SECONDS_PER_EVALUATION = 0.40
-
-
-@dataclass(frozen=True)
-class Planned:
-    """One line of the run plan: a chapter trains ``models`` models of book method ``name`` (its
-    ``cost`` in baseline units each; models another chapter trained are not counted again) and runs
-    ``evaluations`` passes over the test set (cached evaluations are not counted again)."""
-
-    chapter: str
-    name: str
-    seeds: str  # "graded", "selection" or "seed 0"
-    models: int
-    evaluations: int
-    note: str = ""
-
-
-def run_plan(profile: str = "book") -> pd.DataFrame:
-    """Every model the book trains and every evaluation it runs, chapter by chapter, with the cost
-    of each line in baseline-model units (``METHODS[name].cost`` × models). Chapters train only
-    models of this plan; one that needs more changes the plan, which must still fit
-    :data:`BUDGET_MINUTES` (:func:`estimate_minutes`)."""
-    n = len(graded_seeds(profile))
-    lam = len(METHODS["symreg"].choice.candidates)
-    primary = 8  # evaluations of the primary endpoint (variants43) per model
-    rows = [
-        Planned("00", "baseline", "seed 0", 0, 0, "synthetic tensors only"),
-        Planned("01", "baseline", "selection", 1, 0, "validation reference of every choice"),
-        Planned("01", "symreg", "selection", lam, 0, "λ candidates"),
-        Planned("01", "baseline", "graded", n, 9 * n, "SQNR drop and bias drift per seed (analysis passes)"),
-        Planned("01", "symreg", "graded", n, 4 * n, "bias drift per seed"),
-        Planned("01", "symreg_layer", "seed 0", 1, 0, "descriptive"),
-        Planned("01", "symreg_kernel", "seed 0", 1, 0, "descriptive"),
-        Planned("01", "baseline", "seed 0", 0, 75, "layer-by-layer grid, drift table, analytic link"),
-        Planned("02", "satnl", "graded", n, 14 * n, "policy grid W4-W2, clip curves"),
-        Planned("02", "baseline", "graded", 0, 14 * n, "policy grid of chapter 1's baselines"),
-        Planned("03", "symreg", "graded", 0, (primary + 16) * 2 * n + primary * n,
-                "endpoint, worst case over 16 policies at W3, baseline + bias correction"),
-        Planned("03", "symreg", "seed 0", 1, primary, "2:2 pairing, descriptive"),
-        Planned("03", "mobilenetv2", "seed 0", 2, 4, "with and without depthwise SymReg, training subset"),
-        Planned("04", "symreg_satnl_asam", "graded", n, (primary + 2) * n),
-        Planned("04", "satnl", "graded", 0, primary * n + 2 * n, "SatNL alone vs baseline; quartile sensitivity"),
-        Planned("04", "asam", "seed 0", 1, primary, "ASAM alone, descriptive"),
-        Planned("04", "satnl_asam", "seed 0", 1, primary, "SatNL+ASAM, descriptive"),
-        Planned("04", "baseline", "seed 0", 0, 40, "Hessian, noise and ASAM-perturbation passes of four models"),
-        Planned("04", "satnl", "selection", 3, 0, "the three SatNL forms"),
-        Planned("04", "qat_lsq", "graded", n, 5 * n, "LSQ, cross-bit"),
-        Planned("04", "symreg_satnl_lsq", "graded", n, 5 * n, "LSQ on SymReg+SatNL, cross-bit"),
-        Planned("05", "grad_l1", "selection", 3, 0, "λ candidates"),
-        Planned("05", "grad_l1", "selection", 1, 0, "lazy regularization (k = 4), the rule's model"),
-        Planned("05", "grad_l1", "selection", 1, 6, "the unweighted penalty at the chosen λ, descriptive"),
-        Planned("05", "grad_l1", "graded", n, (2 + 1 + 6) * n, "W6A6/W4A4, W8A8, W8-W2"),
-        Planned("05", "baseline", "graded", 0, (2 + 1 + 6) * n, "the same for the baseline"),
-        Planned("05", "qat_ste", "graded", n, 6 * n, "own quantizer, W8-W2"),
-        Planned("06", "wrpn", "selection", 1, 0, "the reference of SinReQ's λ rule"),
-        Planned("06", "sinreq_wrpn", "selection", 3, 0, "λ candidates"),
-        *(Planned("06", m, "graded", n, 6 * n, "the weight grid (W3 graded)")
-          for m in ("wrpn", "sinreq_wrpn", "dorefa", "sinreq_dorefa")),
-        Planned("06", "wrpn", "seed 0", 2, 0, "WRPN and SinReQ-WRPN retraced with a grid-distance hook"),
-        Planned("06", "wrpn", "seed 0", 1, 0, "WRPN with the default init, descriptive"),
-        Planned("06", "sinreq_dorefa", "selection", 2, 2, "DoReFa's sinusoid on raw and on normalised weights"),
-        Planned("07", "oscillation", "selection", 3, 0, "λ candidates"),
-        Planned("07", "oscillation", "graded", n, 12 * n, "W8-W2, unfolded and folded"),
-        Planned("07", "baseline", "graded", 0, 6 * n, "the baseline folded (its grid and STE-QAT's: chapter 05)"),
-        Planned("07", "baseline", "seed 0", 3, 0, "three models retraced with an oscillation tracker"),
-        Planned("08", "kure", "graded", n, (6 + primary) * n, "KURE: the weight grid and the primary endpoint"),
-        Planned("08", "baseline", "graded", 0, 3 * 6 * n + 2 * 6 * n,
-                "grids of SymReg, SatNL, SymReg+SatNL+ASAM; bias-corrected baseline (twice the cost)"),
-        Planned("08", "baseline", "graded", 0, 2 * primary * n, "primary endpoint of gradient-ℓ1 and oscillation"),
-        Planned("08", "baseline", "seed 0", 0, 16 * 7 + 7 + 11, "secondary settings, descriptive"),
-        Planned("08", "baseline", "seed 0", 2, 0, "overhead: 35 timed steps of every method, about two models"),
-        Planned("08", "symreg_satnl_asam_kure", "seed 0", 1, primary + 6, "with KURE, descriptive"),
-    ]
-    frame = pd.DataFrame([dataclasses.asdict(row) for row in rows])
-    cost = frame["name"].map(lambda name: METHODS[name].cost if name in METHODS else MOBILENET_COST)
-    return frame.assign(units=frame["models"] * cost)
-
-
-MOBILENET_COST = 0.9  # MobileNetV2 on 2,048 training images (4,096 measured 20-22 s: 1.7 units)
-
-
-def estimate_minutes(plan: pd.DataFrame, seconds_per_unit: float = SECONDS_PER_UNIT,
-                     seconds_per_evaluation: float = SECONDS_PER_EVALUATION) -> float:
-    """Estimated build time of a plan: training units × seconds per unit + evaluations × seconds."""
-    return (plan["units"].sum() * seconds_per_unit + plan["evaluations"].sum() * seconds_per_evaluation) / 60

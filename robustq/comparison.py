@@ -5,7 +5,8 @@ The functions take tidy frames, one row per (method, seed, setting), so that a m
 chapter without other changes:
 
 * :func:`compared_methods`: the methods of the comparison, in the book's order;
-* :func:`accuracy_frame`: the per-seed accuracies of many runs at one deployment, with float accuracy;
+* the tidy frame itself is :func:`robustq.book_settings.accuracy_table` (every chapter's tables use it):
+  per method, seed and setting, ``acc`` and ``fp_acc`` in points;
 * :func:`paired_cells`: per method and bit-width, the paired difference to a reference method and
   its grade (:func:`robustq.verdicts.paired`);
 * :func:`mean_ranks` and :func:`top_k_share`: the ranking over the primary grid and how stable it is
@@ -18,27 +19,18 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable, Mapping
 
 import numpy as np
 import pandas as pd
 
 from robustq import book_settings, experiments, verdicts
-from robustq.experiments import Experiment, Result
+from robustq.experiments import Experiment
+from robustq.params import check_int
 
 
 def compared_methods() -> list[str]:
     """The book methods of chapter 08 (``MethodSettings.compared``), in :data:`METHODS` order."""
     return [name for name, entry in book_settings.METHODS.items() if entry.compared]
-
-
-def accuracy_frame(runs: Mapping[str, Mapping[int, Result]],
-                   evaluate: Callable[[Result], pd.DataFrame] = book_settings.weight_grid) -> pd.DataFrame:
-    """``evaluate`` of every run, tidy: its rows with ``method``, ``seed`` and ``acc`` in points."""
-    frames = [evaluate(result).assign(method=name, seed=seed)
-              for name, by_seed in runs.items() for seed, result in by_seed.items()]
-    frame = pd.concat(frames, ignore_index=True)
-    return frame.assign(acc=100 * frame["acc"], fp_acc=100 * frame["fp_acc"])
 
 
 def paired_cells(frame: pd.DataFrame, reference: str, tau: float, by: str = "w_bits") -> pd.DataFrame:
@@ -71,8 +63,8 @@ def top_k_share(frame: pd.DataFrame, k: int = 3, resamples: int = 1000, seed: in
     """How often each method is among the ``k`` best mean ranks when the seeds are resampled with
     replacement ``resamples`` times (a bootstrap over seeds; fixed ``seed``): the stability of
     :func:`mean_ranks`."""
-    if k < 1 or resamples < 1:
-        raise ValueError(f"k and resamples must be >= 1, got k={k}, resamples={resamples}")
+    check_int("k", k, minimum=1, example=3)
+    check_int("resamples", resamples, minimum=1, example=1000)
     ranks = frame.assign(rank=frame.groupby(["seed", by])["acc"].rank(ascending=False, method="average"))
     per_seed = ranks.groupby(["seed", "method"])["rank"].mean().unstack("method")
     generator = np.random.default_rng(seed)
@@ -108,8 +100,8 @@ def step_seconds(exp: Experiment, steps: int = 30, warmup: int = 5) -> float:
     timed in this process on ``warmup + steps`` batches of its data (an uncached, throwaway run).
     A method with a warm start is timed with its penalty on (``warmup_epochs = 0``); a lazy penalty
     counts as it runs, on one step in k (hence the mean, not the median)."""
-    if steps < 1 or warmup < 0:
-        raise ValueError(f"steps must be >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
+    check_int("steps", steps, minimum=1, example=30)
+    check_int("warmup", warmup, example=5)
     exp = exp.resolved()
     params = {**exp.method_params, **({"warmup_epochs": 0} if "warmup_epochs" in exp.method_params else {})}
     short = dataclasses.replace(exp, epochs=1, train_size=(warmup + steps) * exp.batch_size, val_size=0,
@@ -119,6 +111,6 @@ def step_seconds(exp: Experiment, steps: int = 30, warmup: int = 5) -> float:
     def stamp(model, epoch, step):
         stamps.append(time.perf_counter())
 
-    experiments.train_observed(short, on_step_end=[stamp])
+    experiments.train_observed(short, on_step_end=[stamp], purpose="timed")
     timed = stamps[warmup - 1:] if warmup else stamps  # from the end of the last warm-up step
     return float(np.mean(np.diff(timed)))

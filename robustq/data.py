@@ -2,33 +2,26 @@
 
 The registry (:data:`DATASETS`) has three datasets:
 
-* ``"fashion-mnist"`` (Xiao et al. 2017, arXiv 1708.07747), read by
-  ``torchvision.datasets.FashionMNIST`` from a copy of the four IDX files that
-  :func:`prepare_fashion_mnist` gunzips into the experiment cache, from the ``.gz`` files of the
-  Debian package ``dataset-fashion-mnist``, of a folder named by ``ROBUSTQ_DATA``, or, where
-  neither exists (macOS, Colab), fetched by torchvision's own download path
-  (:func:`download_fashion_mnist`);
-* ``"cifar10"`` (Krizhevsky 2009, "Learning Multiple Layers of Features from Tiny Images"), read by
-  ``torchvision.datasets.CIFAR10`` from the Python version, ``cifar-10-batches-py/``, whose MD5
-  sums torchvision checks on every load;
+* ``"fashion-mnist"`` (Xiao et al. 2017, arXiv 1708.07747) and ``"cifar10"`` (Krizhevsky 2009,
+  "Learning Multiple Layers of Features from Tiny Images"), read by torchvision from the files
+  that :mod:`robustq.datafiles` finds, fetches and checks;
 * ``"synthetic"``, class templates plus noise, for tests that must run in seconds.
 
 Files are read once per process; ``load_dataset`` then takes seeded subsets by indexing.
 ``BatchLoader`` keeps the uint8 images on the device and does crop, flip and normalisation on
 whole batches, so an epoch of Fashion-MNIST costs a fraction of a second.
+
+``python -m robustq.data`` (``make data``) gunzips Fashion-MNIST for torchvision, or says how to
+get it (:func:`robustq.datafiles.main`).
 """
 
 from __future__ import annotations
 
-import gzip
-import hashlib
 import math
 import os
-import shutil
-import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from functools import lru_cache, partial
+from functools import lru_cache
 from pathlib import Path
 from typing import NamedTuple
 
@@ -36,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from robustq.files import write_atomic
+from robustq import datafiles
 from robustq.params import check_choice, check_int
 
 
@@ -66,23 +59,6 @@ CIFAR10_CLASSES = (
     "airplane", "automobile", "bird", "cat", "deer",
     "dog", "frog", "horse", "ship", "truck",
 )  # fmt: skip
-
-DATA_ENV_VAR = "ROBUSTQ_DATA"
-DEFAULT_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-FASHION_MNIST_FILES = (
-    "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
-    "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz",
-)  # fmt: skip
-FASHION_MNIST_INSTALL_HINT = (
-    f"install it with `sudo apt-get install dataset-fashion-mnist` or set {DATA_ENV_VAR} to a folder "
-    f"with the four IDX .gz files ({', '.join(FASHION_MNIST_FILES)})"
-)
-CACHE_ENV_VAR = "ROBUSTQ_CACHE"  # the experiment cache (experiments.cache_dir); decompressed data goes in data/
-
-CIFAR10_ENV_VAR = "ROBUSTQ_CIFAR10"
-DEFAULT_CIFAR10_DIR = Path("~/.cache/robustq/data/cifar10")
-CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
-CIFAR10_FOLDER = "cifar-10-batches-py"  # torchvision's CIFAR10.base_folder
 
 SYNTHETIC_TRAIN_SIZE = 2048
 SYNTHETIC_TEST_SIZE = 512
@@ -164,23 +140,10 @@ def source_files(name: str, root: str | os.PathLike | None = None) -> list[Path]
     the experiment cache fingerprints, so a model trained on other files is never served."""
     check_choice("dataset", name, DATASET_NAMES)
     if name == "fashion-mnist":
-        folder = fashion_mnist_folder(root)
-        files = [folder / file for file in FASHION_MNIST_FILES]
-        missing = [f.name for f in files if not f.is_file()]
-        if missing:
-            raise FileNotFoundError(
-                f"Fashion-MNIST folder {folder} lacks {', '.join(missing)}; {FASHION_MNIST_INSTALL_HINT}"
-            )
-        return files
+        return datafiles.fashion_mnist_files(root)
     if name == "cifar10":
-        return _cifar10_files(cifar10_folder(root))
+        return datafiles.cifar10_files(datafiles.cifar10_folder(root))
     return []
-
-
-def _file_signature(paths: Sequence[Path]) -> tuple[tuple[str, int, int], ...]:
-    """(name, size, mtime) of each file: changes when a file is replaced, so stale parses are
-    never served."""
-    return tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in paths)
 
 
 class _Parsed(NamedTuple):
@@ -196,208 +159,26 @@ def _parsed_from_splits(train: Split, test: Split) -> _Parsed:
     return _Parsed(train, test, *channel_mean_std(train.images))
 
 
-# --- Fashion-MNIST: Debian's .gz files, gunzipped for torchvision.datasets.FashionMNIST ---------
-
-
-def fashion_mnist_folder(root: str | os.PathLike | None = None) -> Path:
-    """The folder of the ``.gz`` files: ``root``, else ``$ROBUSTQ_DATA``, else the Debian path,
-    else the folder :func:`download_fashion_mnist` fetches them into.
-
-    A folder that lacks the files but has a ``fashion-mnist`` subfolder holding them resolves to
-    that subfolder, so ``ROBUSTQ_DATA`` may name a general data folder.
-    """
-    if root is None:
-        root = os.environ.get(DATA_ENV_VAR)
-    if root is None and not (DEFAULT_FASHION_MNIST_DIR / FASHION_MNIST_FILES[0]).is_file():
-        return download_fashion_mnist()
-    folder = Path(root or DEFAULT_FASHION_MNIST_DIR).expanduser()
-    if folder.exists() and not folder.is_dir():
-        raise FileNotFoundError(
-            f"Fashion-MNIST folder {folder} is a file, not a folder; {FASHION_MNIST_INSTALL_HINT}"
-        )
-    if not folder.is_dir():
-        raise FileNotFoundError(f"Fashion-MNIST folder {folder} does not exist; {FASHION_MNIST_INSTALL_HINT}")
-    subfolder = folder / "fashion-mnist"
-    if not (folder / FASHION_MNIST_FILES[0]).is_file() and (subfolder / FASHION_MNIST_FILES[0]).is_file():
-        folder = subfolder
-    return folder.resolve()
-
-
-def download_fashion_mnist(root: str | os.PathLike | None = None) -> Path:
-    """Fetch the four ``.gz`` files through torchvision's own download path
-    (``FashionMNIST(download=True)``: its mirror list, and the MD5 sum of every file) into
-    ``root`` (default ``$ROBUSTQ_CACHE/data/fashion-mnist/download``) and return the folder holding
-    them; files already there and whole are not fetched again. If a download fails, every file
-    that fails its MD5 check is deleted and named in the error, which also names the offline fixes
-    (the Debian package, or ``ROBUSTQ_DATA``)."""
-    from torchvision.datasets import FashionMNIST
-    from torchvision.datasets.utils import check_integrity
-
-    root = Path(root) if root is not None else _data_cache_dir() / "fashion-mnist" / "download"
-    raw = root / "FashionMNIST" / "raw"
-    complete = raw / ".downloaded"  # written once every file passed its check: later calls stop here
-    if complete.is_file():
-        return raw.resolve()
-    try:
-        FashionMNIST(str(root), train=False, download=True)
-    except (RuntimeError, OSError) as err:
-        bad = [name for name, md5 in FashionMNIST.resources
-               if (raw / name).is_file() and not check_integrity(str(raw / name), md5)]
-        for name in bad:
-            (raw / name).unlink()
-        deleted = f"; deleted {', '.join(bad)}, which failed the MD5 check" if bad else ""
-        reason = " ".join(str(err).split())
-        raise FileNotFoundError(
-            f"Fashion-MNIST is not installed and torchvision could not download it into {raw} "
-            f"({reason}){deleted}. Offline, {FASHION_MNIST_INSTALL_HINT}"
-        ) from err
-    write_atomic(complete, lambda tmp: tmp.write_text("torchvision's MD5 checks passed\n"))
-    return raw.resolve()
-
-
-def _data_cache_dir() -> Path:
-    """``$ROBUSTQ_CACHE/data``, else ``data/`` in the checkout's or the home's ``.cache/robustq``:
-    the rule of ``experiments.cache_dir``, which cannot be imported here (it imports this module)."""
-    if os.environ.get(CACHE_ENV_VAR):
-        return Path(os.environ[CACHE_ENV_VAR]) / "data"
-    checkout = Path(__file__).resolve().parent.parent
-    base = checkout / ".cache" if (checkout / "pyproject.toml").exists() else Path.home() / ".cache"
-    return base / "robustq" / "data"
-
-
-def prepare_fashion_mnist(root: str | os.PathLike | None = None) -> Path:
-    """The torchvision root for the ``.gz`` files of :func:`fashion_mnist_folder` (``root``): a
-    folder of the experiment cache, one per source folder, whose ``FashionMNIST/raw/`` holds the
-    four files decompressed. A file missing there, or made from another version of its ``.gz`` (a
-    ``.source`` stamp beside it records the path, size and mtime it came from), is gunzipped again;
-    each file is written to a temporary file and renamed, so a damaged ``.gz`` or an interrupt
-    leaves no half-written file."""
-    sources = source_files("fashion-mnist", root)
-    folder = sources[0].parent
-    tv_root = _data_cache_dir() / "fashion-mnist" / hashlib.sha256(str(folder).encode()).hexdigest()[:16]
-    raw = tv_root / "FashionMNIST" / "raw"
-    for source in sources:
-        target = raw / source.name.removesuffix(".gz")
-        stamp = target.with_name(f"{target.name}.source")
-        stat = source.stat()
-        origin = f"{source} {stat.st_size} {stat.st_mtime_ns}\n"
-        if target.is_file() and stamp.is_file() and stamp.read_text() == origin:
-            continue
-        write_atomic(target, partial(_gunzip, source))
-        write_atomic(stamp, lambda tmp, text=origin: tmp.write_text(text))
-    return tv_root
-
-
-def _gunzip(source: Path, target: Path) -> None:
-    try:
-        with gzip.open(source, "rb") as compressed, open(target, "wb") as plain:
-            shutil.copyfileobj(compressed, plain, 1 << 20)
-    except (EOFError, gzip.BadGzipFile, zlib.error) as err:
-        raise ValueError(
-            f"{source} is damaged: truncated or not a gzip file ({err}); replace it with a complete "
-            f"copy: {FASHION_MNIST_INSTALL_HINT}"
-        ) from err
-
-
 @lru_cache(maxsize=2)
 def _fashion_mnist(folder: str, signature: tuple) -> _Parsed:
     """Official splits of the ``.gz`` files in ``folder``; cached per folder and file signature."""
-    from torchvision.datasets import FashionMNIST  # importing it costs a second: only when used
-
-    tv_root = prepare_fashion_mnist(folder)
-    splits = []
-    for train in (True, False):
-        files = f"{'train' if train else 't10k'}-*"
-        try:
-            tv_split = FashionMNIST(tv_root, train=train, download=False)
-        except (AssertionError, KeyError, RuntimeError, TypeError, ValueError) as err:  # bad IDX header
-            detail = f"{type(err).__name__}: {err}" if str(err) else f"{type(err).__name__} on the header"
-            raise ValueError(
-                f"torchvision cannot read the IDX files {files} gunzipped from {folder} into {tv_root} "
-                f"({detail}); the .gz files are damaged or not Fashion-MNIST: {FASHION_MNIST_INSTALL_HINT}"
-            ) from err
-        images, labels = tv_split.data, tv_split.targets
-        top = int(labels.max()) if len(labels) else 0
-        if tuple(images.shape[1:]) != (28, 28) or len(images) != len(labels) or top >= 10:
-            raise ValueError(
-                f"{folder}/{files}.gz hold {len(images)} images of "
-                f"{tuple(images.shape[1:])} pixels and {len(labels)} labels up to {top}, expected 28x28 "
-                f"images with one label in 0..9 each; the files come from different datasets or are not "
-                f"Fashion-MNIST: {FASHION_MNIST_INSTALL_HINT}"
-            )
-        splits.append(Split(images.unsqueeze(1), labels))
-    return _parsed_from_splits(*splits)
-
-
-# --- CIFAR-10: the Python version, through torchvision.datasets.CIFAR10 -----------------------
-
-
-def cifar10_folder(root: str | os.PathLike | None = None) -> Path:
-    """The torchvision root of CIFAR-10, the folder holding ``cifar-10-batches-py/``: ``root``,
-    else ``$ROBUSTQ_CIFAR10``, else ``~/.cache/robustq/data/cifar10``; a path to
-    ``cifar-10-batches-py`` itself means its parent."""
-    if root is None:
-        root = os.environ.get(CIFAR10_ENV_VAR) or DEFAULT_CIFAR10_DIR
-    folder = Path(root).expanduser().resolve()
-    return folder.parent if folder.name == CIFAR10_FOLDER else folder
-
-
-def _cifar10_checksums() -> dict[str, str]:
-    """File name to MD5 for the seven files torchvision reads, from its own lists."""
-    from torchvision.datasets import CIFAR10
-
-    listed = CIFAR10.train_list + CIFAR10.test_list + [[CIFAR10.meta["filename"], CIFAR10.meta["md5"]]]
-    return {name: md5 for name, md5 in listed}
-
-
-def _cifar10_files(folder: Path) -> list[Path]:
-    files = [folder / CIFAR10_FOLDER / name for name in _cifar10_checksums()]
-    missing = [f.name for f in files if not f.is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"CIFAR-10 not found: {folder / CIFAR10_FOLDER} lacks {', '.join(missing)}. Download "
-            f"{CIFAR10_URL} (the Python version) and extract it in {folder}, or set {CIFAR10_ENV_VAR} "
-            f"to the folder that holds {CIFAR10_FOLDER}/, or pass download=True to load_dataset"
-        )
-    return files
+    train, test = (Split(images, labels) for images, labels in datafiles.read_fashion_mnist(folder))
+    return _parsed_from_splits(train, test)
 
 
 def _cifar10_parsed(root: str | os.PathLike | None, download: bool) -> _Parsed:
-    folder = cifar10_folder(root)
+    folder = datafiles.cifar10_folder(root)
     if download:
-        from torchvision.datasets import CIFAR10
-
-        try:  # downloads and extracts only what is missing or fails its MD5 check
-            CIFAR10(folder, train=False, download=True)
-        except (OSError, RuntimeError) as err:
-            raise RuntimeError(
-                f"could not download CIFAR-10 into {folder} ({err}); download {CIFAR10_URL} by hand "
-                f"and extract it there"
-            ) from err
-    files = _cifar10_files(folder)
-    return _cifar10(str(folder), _file_signature(files))
+        datafiles.download_cifar10(folder)
+    files = datafiles.cifar10_files(folder)
+    return _cifar10(str(folder), datafiles.file_signature(files))
 
 
 @lru_cache(maxsize=2)
 def _cifar10(folder: str, signature: tuple) -> _Parsed:
     """Official splits of CIFAR-10 under ``folder``; cached per folder and file signature."""
-    from torchvision.datasets import CIFAR10
-    from torchvision.datasets.utils import check_integrity
-
-    splits = []
-    for train in (True, False):
-        try:
-            tv_split = CIFAR10(folder, train=train, download=False)
-        except RuntimeError as err:  # the files exist (_cifar10_files): an MD5 sum does not match
-            base = Path(folder) / CIFAR10_FOLDER
-            bad = [name for name, md5 in _cifar10_checksums().items() if not check_integrity(base / name, md5)]
-            raise ValueError(
-                f"{', '.join(bad) or 'a file'} in {base} failed torchvision's MD5 check: damaged, or not "
-                f"from the Python version of CIFAR-10; delete {base} and extract {CIFAR10_URL} again"
-            ) from err
-        images = torch.from_numpy(np.ascontiguousarray(tv_split.data.transpose(0, 3, 1, 2)))  # HWC -> CHW
-        splits.append(Split(images, torch.tensor(tv_split.targets, dtype=torch.int64)))
-    return _parsed_from_splits(*splits)
+    train, test = (Split(images, labels) for images, labels in datafiles.read_cifar10(folder))
+    return _parsed_from_splits(train, test)
 
 
 # =============================================================================================
@@ -509,10 +290,11 @@ def _official_splits(name: str, root: str | os.PathLike | None, min_train: int, 
     if name == "fashion-mnist":
         if download:
             raise ValueError(
-                f"fashion-mnist is not downloaded by robustq; {FASHION_MNIST_INSTALL_HINT}, "
+                f"fashion-mnist is not downloaded by robustq; {datafiles.FASHION_MNIST_INSTALL_HINT}, "
                 "then call load_dataset without download=True"
             )
-        return _fashion_mnist(str(fashion_mnist_folder(root)), _file_signature(source_files(name, root)))
+        signature = datafiles.file_signature(source_files(name, root))
+        return _fashion_mnist(str(datafiles.fashion_mnist_folder(root)), signature)
     if name == "cifar10":
         return _cifar10_parsed(root, download)
     # synthetic: the pool grows to fit a larger requested training set
@@ -725,16 +507,11 @@ def eval_loader(
 ) -> BatchLoader:  # fmt: skip
     """Loader over ``dataset.test`` or ``dataset.val`` in order, without augmentation."""
     splits = {"test": dataset.test, "val": dataset.val, "train": dataset.train}
-    if split not in splits:
-        raise ValueError(f"unknown split {split!r}; choose 'test', 'val' or 'train'")
-    chosen = splits[split]
+    chosen = splits[check_choice("split", split, tuple(splits))]
     if chosen is None:
         raise ValueError("dataset has no validation split; load it with val_size > 0")
     return BatchLoader(chosen, batch_size, mean=dataset.mean, std=dataset.std, device=device)
 
 
-if __name__ == "__main__":  # `make data`: gunzip Fashion-MNIST for torchvision, or say how to get it
-    try:
-        print(f"Fashion-MNIST ready for torchvision in {prepare_fashion_mnist()}")
-    except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"robustq: error: {error}") from None
+if __name__ == "__main__":  # `make data`
+    datafiles.main()

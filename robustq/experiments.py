@@ -7,9 +7,8 @@ Entries are written atomically and locked while written; each records the SHA-25
 and one that fails verification is moved aside and retrained (:mod:`robustq.cache`); weights load
 with ``weights_only=True``.
 
-Profiles size every experiment (design.md, Profiles): ``smoke`` for tests, ``book`` for the
-published book, ``paper`` for long runs. A profile fills in the fields left as ``None``; explicit
-fields win.
+A profile (:mod:`robustq.profiles`: ``smoke`` for tests, ``book`` for the published book, ``paper``
+for long runs) fills in the fields left as ``None``; explicit fields win.
 """
 
 from __future__ import annotations
@@ -32,49 +31,20 @@ import torch
 from torch import nn
 
 import robustq
-from robustq import cache, distributed, kernels, methods, models, ptq, qat
+from robustq import cache, distributed, kernels, methods, models, profiles, ptq, qat
 from robustq.data import DATASET_NAMES, load_dataset, source_files
 from robustq.files import write_atomic
+from robustq.params import check_choice, check_int
 from robustq.ptq import accuracy
 from robustq.train import TrainConfig, default_device, save_atomic, train
 
 TEST_SUBSET_SEED = 0  # one fixed test subset for every experiment, whatever its seed
-PROFILE_ENV = "ROBUSTQ_PROFILE"
 CACHE_ENV = "ROBUSTQ_CACHE"
-DEFAULT_PROFILE = "book"
-
-PROFILES: dict[str, dict[str, Any]] = {
-    # every notebook in seconds: tiny subsets, two seeds so that every grading path runs; 64 steps
-    # that learn (baseline: last-epoch loss 1.5 against 2.30 at chance, 52% test accuracy, 0.4 s).
-    # Half the images of the earlier 1,024 at batch 32 (51%, 0.6 s), for the 20 s a notebook; 512 at
-    # batch 32 (32 steps) stayed at chance.
-    "smoke": {"epochs": 2, "train_size": 512, "test_size": 500, "batch_size": 16, "seeds": (0, 1)},
-    # the published book: five graded seeds of a short recipe (8,000 images, 3 epochs, batch 64,
-    # 375 steps: 87.1-87.5% float on selection seeds 100-102, about 7 s a model on 2 cores;
-    # benchmarks/power.py measured its seed spread), evaluated on one fixed 5,000-image test subset
-    # (binomial standard error 0.47 points at 87%). 15,000 images at batch 128 (89.3%) did not fit
-    # the 40-minute cap once chapters 06 and 08 joined, and 8,000 at batch 128 (187 steps) left
-    # seeds unconverged, 82.7-85.6%, quadrupling the paired spread of the primary endpoint.
-    "book": {"epochs": 3, "train_size": 8000, "test_size": 5000, "batch_size": 64, "seeds": (0, 1, 2, 3, 4)},
-    # GPU or long runs: all data, more epochs
-    "paper": {"epochs": 30, "train_size": None, "test_size": None, "batch_size": 256, "seeds": (0, 1, 2, 3, 4)},
-}
-
-
-def resolve_profile(profile: str | None = None) -> str:
-    """The profile name: ``profile`` if given, else ``$ROBUSTQ_PROFILE``, else ``book``."""
-    name = profile or os.environ.get(PROFILE_ENV) or DEFAULT_PROFILE
-    if name not in PROFILES:
-        raise ValueError(
-            f"unknown profile {name!r}; known profiles: {', '.join(PROFILES)} "
-            f"(set by the notebook parameter 'profile' or ${PROFILE_ENV})"
-        )
-    return name
-
-
-def profile_settings(profile: str | None = None) -> dict[str, Any]:
-    """The settings of a profile (epochs, sizes, batch size, graded seeds), as a new dict."""
-    return dict(PROFILES[resolve_profile(profile)])
+# With $ROBUSTQ_RECORD set to a folder, every run, retrace and evaluation a process asks for is
+# appended to <folder>/<chapter>.jsonl, the chapter named by $ROBUSTQ_CHAPTER (book.setup sets it):
+# tests/test_manifest.py compares what each notebook asked for with its manifest entry.
+RECORD_ENV = "ROBUSTQ_RECORD"
+CHAPTER_ENV = "ROBUSTQ_CHAPTER"
 
 
 @dataclass(frozen=True)
@@ -107,28 +77,22 @@ class Experiment:
 
     def __post_init__(self) -> None:
         methods.make(self.method, **self.method_params)  # fail now on unknown names or bad values
-        if self.dataset not in DATASET_NAMES:
-            raise ValueError(f"unknown dataset {self.dataset!r}; known datasets: {', '.join(DATASET_NAMES)}")
-        if self.model not in models.available():
-            raise ValueError(f"unknown model {self.model!r}; known models: {', '.join(models.available())}")
-        for name in ("epochs", "batch_size", "train_size", "test_size"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive int or None (the profile's), got {value!r}")
-        if isinstance(self.val_size, bool) or not isinstance(self.val_size, int) or self.val_size < 0:
-            raise ValueError(f"val_size must be an int >= 0, got {self.val_size!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be an int >= 0, got {self.seed!r}")
+        check_choice("dataset", self.dataset, DATASET_NAMES)
+        check_choice("model", self.model, models.available())
+        for name, example in (("epochs", 3), ("batch_size", 64), ("train_size", 8000), ("test_size", 5000)):
+            check_int(name, getattr(self, name), minimum=1, example=example, none_means="the profile's")
+        check_int("val_size", self.val_size, example=1000)
+        check_int("seed", self.seed)
 
     def __hash__(self) -> int:
         return hash(json.dumps(self.config(), sort_keys=True))
 
     def resolved(self) -> Experiment:
         """A copy with the profile's settings filled in for every ``None`` field."""
-        name = resolve_profile(self.profile)
-        settings = PROFILES[name]
+        settings = profiles.get(self.profile)
+        name = settings.name
         filled = {
-            key: settings[key]
+            key: getattr(settings, key)
             for key in ("epochs", "batch_size", "train_size", "test_size")
             if getattr(self, key) is None
         }
@@ -228,6 +192,7 @@ def run(experiment: Experiment, *, progress: bool = True, device: torch.device |
     Under torchrun the processes first join one group (:func:`robustq.distributed.init_from_env`)
     and train the experiment together; only rank 0 touches the cache entry."""
     exp = experiment.resolved()
+    _record("run", exp)
     kernels.check()
     distributed.init_from_env(device or default_device())
     if distributed.world_size() > 1:
@@ -263,6 +228,15 @@ def _run_distributed(exp: Experiment, progress: bool, device) -> Result:
         return result
 
 
+def _record(kind: str, exp: Experiment, **details: str) -> None:
+    folder = os.environ.get(RECORD_ENV)
+    if not folder:
+        return
+    line = {"kind": kind, "key": exp.key(), "method": exp.method, "seed": exp.seed, **details}
+    with open(Path(folder) / f"{os.environ.get(CHAPTER_ENV, 'unnamed')}.jsonl", "a") as file:
+        file.write(json.dumps(line) + "\n")  # one short append per line: concurrent writers do not interleave
+
+
 def dataset_for(exp: Experiment):
     """The dataset of a (resolved) experiment: the profile's training subset (seeded by the
     experiment's seed) and, with ``test_size``, one fixed test subset shared by every experiment
@@ -279,12 +253,16 @@ def dataset_for(exp: Experiment):
 def sweep(result: Result, **settings: Any) -> pd.DataFrame:
     """``ptq.bit_sweep(result, <its test split>, **settings)``, cached beside the model: a chapter
     that asks for an evaluation another chapter already ran reads it instead of re-evaluating.
+    The calibration batch (activations, bias correction) has the profile's size unless
+    ``calib_size`` is given.
 
     Keyed by the settings, the package version and a fingerprint of the evaluation code; an
     unreadable entry is reported on stderr and recomputed."""
+    settings = {"calib_size": profiles.get(result.experiment.profile).calibration_images, **settings}
     material = {"settings": settings, "version": robustq.__version__,  # json writes tuples as lists
                 "code": cache.code_fingerprint(cache.EVALUATION_MODULES)}
     digest = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
+    _record("sweep", result.experiment, evaluation=digest)
     path = cache_dir() / result.experiment.key() / "ptq" / f"{digest}.json"
     if path.exists():
         try:
@@ -300,11 +278,13 @@ def sweep(result: Result, **settings: Any) -> pd.DataFrame:
 
 
 def train_observed(exp: Experiment, on_step_end=(), on_epoch_end=(), *, progress: bool = False,
-                   device: torch.device | str | None = None) -> pd.DataFrame:
+                   device: torch.device | str | None = None, purpose: str = "retrace") -> pd.DataFrame:
     """Train ``exp``'s recipe again, uncached, with measurement hooks (``train.Extensions``
     ``on_step_end`` / ``on_epoch_end``, e.g. an ``analysis.OscillationTracker``) and return its
-    history. Hooks only observe: on CPU the same seed retraces the cached model's trajectory."""
+    history. Hooks only observe: on CPU the same seed retraces the cached model's trajectory.
+    ``purpose`` (``"retrace"`` or ``"timed"``) is what the run is recorded as (:data:`RECORD_ENV`)."""
     exp = exp.resolved()
+    _record(purpose, exp)
     data, method, model = prepared(exp)
     extensions = dataclasses.replace(method.extensions(model), on_step_end=list(on_step_end),
                                      on_epoch_end=list(on_epoch_end))

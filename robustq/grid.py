@@ -1,21 +1,20 @@
 """Train every model a set of chapters needs that the cache lacks, one job each, on this machine or
 a SLURM cluster: ``python -m robustq grid --profile paper``.
 
-**What runs.** The models the chapters train through :mod:`robustq.book_settings`
-(:data:`CHAPTER_MODELS`: each method graded on every graded seed, and the book methods a chapter
-shows on seed 0), in three phases, because a graded run needs the λ its method's choice picked on
-the selection seed:
+**What runs.** The book-settings models the chapters' manifest lists (:mod:`robustq.manifest`: each
+method graded on every graded seed, and the book methods a chapter shows on seed 0), in three
+phases, because a graded run needs the λ its method's choice picked on the selection seed:
 
 1. *choices*: every open choice's selection runs, its reference's and one per candidate
-   (what :func:`~robustq.book_settings.choose` trains);
+   (:func:`~robustq.book_settings.selection_runs`, what :func:`~robustq.book_settings.choose` trains);
 2. *lazy rule*: the full and the lazy penalty at the chosen λ
-   (what :func:`~robustq.book_settings.choose_lazy` trains);
-3. *graded*: each method with its book settings (:func:`~robustq.book_settings.settings_for`) on
+   (:func:`~robustq.book_settings.lazy_rule_runs`, what :func:`~robustq.book_settings.choose_lazy` trains);
+3. *graded*: each method as the book runs it (:func:`~robustq.book_settings.experiment`) on
    every graded seed, and the seed-0 models.
 
 A phase's list is computed once the phase before it is in the cache, so ``choose`` and
 ``settings_for`` only read it; a phase with a failed job stops the grid after that phase. Models a
-notebook trains outside :data:`~robustq.book_settings.METHODS` or with other parameters (MobileNetV2,
+notebook trains outside the book settings (the manifest's ``Extra`` rows: MobileNetV2,
 SatNL's forms, the unweighted gradient-ℓ1 penalty, DoReFa's sinusoid domains, SymReg's 2:2 pairing,
 WRPN's default initialisation, retraced trajectories, timed steps) are not run here: the notebook
 trains them when it runs.
@@ -52,8 +51,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from robustq import book_settings, cache, experiments, kernels, params
-from robustq.book_settings import METHODS
+from robustq import cache, experiments, kernels, manifest, params, profiles
 from robustq.experiments import Experiment
 
 EXECUTORS = ("auto", "local", "slurm", "debug")
@@ -62,24 +60,8 @@ LOG_FOLDER = "grid-logs"
 # baseline and 27 for gradient-l1 (3 units) at the book's measured speed on 2 CPU cores.
 DEFAULT_TIMEOUT_MIN = 240
 POLL_S = 0.5
-COMPARISON_CHAPTER = "08"  # it grades every compared method (MethodSettings.compared) besides these
 
-# Per chapter, the book methods its notebook trains on every graded seed (run_graded) and on seed 0
-# only (experiment(name, 0, ...) with the method's book settings). The run plan lists each model
-# under the chapter that trains it first, so one chapter's rows there miss the models it reuses;
-# tests/test_grid.py checks this table against the method names each notebook's code quotes.
-CHAPTER_MODELS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "00": ((), ()),
-    "01": (("baseline", "symreg"), ("symreg_layer", "symreg_kernel")),
-    "02": (("baseline", "satnl"), ()),
-    "03": (("baseline", "symreg"), ("symreg_layer", "symreg_kernel")),
-    "04": (("baseline", "symreg", "satnl", "symreg_satnl_asam", "qat_lsq", "symreg_satnl_lsq"), ("asam", "satnl_asam")),
-    "05": (("baseline", "grad_l1", "qat_ste"), ()),
-    "06": (("baseline", "wrpn", "sinreq_wrpn", "dorefa", "sinreq_dorefa"), ()),
-    "07": (("baseline", "qat_ste", "oscillation"), ()),
-    "08": (("baseline", "kure"), ("symreg_satnl_asam_kure",)),
-}
-CHAPTERS = tuple(CHAPTER_MODELS)
+CHAPTERS = tuple(manifest.CHAPTERS)
 
 
 @dataclass(frozen=True)
@@ -90,7 +72,7 @@ class Grid:
     ``submitit.SlurmExecutor`` (``partition``, ``account``, ``cpus_per_task``, ...)."""
 
     chapters: tuple[str, ...] = CHAPTERS
-    profile: str = experiments.DEFAULT_PROFILE
+    profile: str = profiles.DEFAULT_PROFILE
     executor: str = "local"
     parallel: int | None = None
     per_gpu: int = 1
@@ -141,7 +123,7 @@ def configure(chapters: Sequence[str] | None = None, profile: str | None = None,
         check_per_gpu(per_gpu, resolved)
     with blame("slurm"):
         checked_slurm = check_slurm_parameters(slurm or {}, resolved)
-    return Grid(checked_chapters, experiments.resolve_profile(profile), resolved, parallel, per_gpu or 1, timeout_min,
+    return Grid(checked_chapters, profiles.resolve_profile(profile), resolved, parallel, per_gpu or 1, timeout_min,
                 checked_slurm)
 
 
@@ -215,52 +197,28 @@ def visible_gpus() -> list[int]:
 
 
 def chapter_methods(chapters: Iterable[str]) -> tuple[list[str], list[str]]:
-    """(methods graded on every graded seed, methods shown on seed 0) of ``chapters``, in book order."""
-    graded, seed0 = [], []
-    for chapter in chapters:
-        on_graded, on_seed0 = CHAPTER_MODELS[chapter]
-        if chapter == COMPARISON_CHAPTER:
-            on_graded = (*on_graded, *(name for name, entry in METHODS.items() if entry.compared))
-        graded.extend(on_graded)
-        seed0.extend(on_seed0)
-    return list(dict.fromkeys(graded)), [name for name in dict.fromkeys(seed0) if name not in graded]
+    """(methods graded on every graded seed, methods shown on seed 0) of ``chapters``, in book order
+    (:mod:`robustq.manifest`)."""
+    graded = list(dict.fromkeys(name for chapter in chapters for name in manifest.graded_methods(chapter)))
+    seed0 = dict.fromkeys(name for chapter in chapters for name in manifest.seed0_methods(chapter))
+    return graded, [name for name in seed0 if name not in graded]
 
 
 def choice_runs(chapters: Iterable[str], profile: str) -> list[Experiment]:
     """Phase 1: the selection runs of every choice the chapters' methods make or inherit."""
-    runs = []
-    for name in _all_methods(chapters):
-        source = METHODS[name].inherits or name
-        choice = METHODS[source].choice
-        if choice is not None:
-            runs.append(book_settings.selection_experiment(choice.reference, profile))
-            runs.extend(book_settings.selection_experiment(source, profile, **choice.assign(value))
-                        for value in choice.candidates)
-    return _unique(runs)
+    return _unique(exp for chapter in chapters for exp in manifest.selection_experiments(chapter, profile))
 
 
 def lazy_rule_runs(chapters: Iterable[str], profile: str) -> list[Experiment]:
     """Phase 2: the full and the lazy penalty at the chosen λ, for each method with a lazy rule
     (reads phase 1 from the cache)."""
-    runs = []
-    for name in _all_methods(chapters):
-        every = METHODS[name].lazy_every
-        if every > 1:
-            chosen = book_settings.chosen_params(name, profile)
-            runs.extend(book_settings.selection_experiment(name, profile, **chosen, lazy_every=k) for k in (1, every))
-    return _unique(runs)
+    return _unique(exp for chapter in chapters for exp in manifest.lazy_experiments(chapter, profile))
 
 
 def graded_runs(chapters: Iterable[str], profile: str) -> list[Experiment]:
     """Phase 3: each graded method on every graded seed and the seed-0 methods on the first one,
     with their book settings (reads phases 1 and 2 from the cache)."""
-    graded, seed0 = chapter_methods(chapters)
-    seeds = book_settings.graded_seeds(profile)
-    runs = [book_settings.experiment(name, seed, profile, **book_settings.settings_for(name, profile))
-            for name in graded for seed in seeds]
-    runs += [book_settings.experiment(name, seeds[0], profile, **book_settings.settings_for(name, profile))
-             for name in seed0]
-    return _unique(runs)
+    return _unique(exp for chapter in chapters for exp in manifest.book_experiments(chapter, profile))
 
 
 PHASES: tuple[tuple[str, Callable[[Iterable[str], str], list[Experiment]]], ...] = (
@@ -268,12 +226,7 @@ PHASES: tuple[tuple[str, Callable[[Iterable[str], str], list[Experiment]]], ...]
 )
 
 
-def _all_methods(chapters: Iterable[str]) -> list[str]:
-    graded, seed0 = chapter_methods(chapters)
-    return graded + seed0
-
-
-def _unique(runs: list[Experiment]) -> list[Experiment]:
+def _unique(runs: Iterable[Experiment]) -> list[Experiment]:
     return list(dict.fromkeys(runs))  # Experiment hashes and compares by its configuration
 
 
@@ -309,7 +262,7 @@ def run_jobs(exps: Sequence[Experiment], grid: Grid, desc: str = "jobs", progres
     free = slots(grid, len(exps))
     split = grid.executor == "local" and len(free) > 1 and kernels.opted_out()  # pinned: thread count in the key
     threads = max(1, (os.cpu_count() or 1) // len(free)) if split else None
-    env = {experiments.CACHE_ENV: str(experiments.cache_dir().resolve()), experiments.PROFILE_ENV: grid.profile}
+    env = {experiments.CACHE_ENV: str(experiments.cache_dir().resolve()), profiles.PROFILE_ENV: grid.profile}
     pending, running, failures = list(exps), {}, []
     with tqdm(total=len(exps), desc=desc, unit="job", disable=not progress, file=sys.stderr) as bar:
 

@@ -27,8 +27,8 @@ from torch import nn
 
 from robustq import distributed, qat, regularizers, sam, satnl
 from robustq.models import stem_and_classifier, weighted_layers
-from robustq.params import check_choice
-from robustq.quant import validate_bit_width
+from robustq.params import check_choice, check_int
+from robustq.quant import EDGE_BIT_WIDTH, QAT_BIT_WIDTH, validate_bit_width
 from robustq.train import Extensions, StepContext
 
 # --- layer selection -----------------------------------------------------------------------------
@@ -270,7 +270,7 @@ class GradL1(Part):
     lam_a: float = 0.01
     warmup_epochs: int = 0
     weighting: str = "none"
-    reference_bit_width: int = 3  # the book's one QAT target (book/methods.md §7)
+    reference_bit_width: int = QAT_BIT_WIDTH  # the book's one QAT target
     lazy_every: int = 1
 
     capture_activations: typing.ClassVar[bool] = True
@@ -284,9 +284,7 @@ class GradL1(Part):
             validate_bit_width(self.reference_bit_width)
         except ValueError as error:
             raise ValueError(f"GradL1.reference_bit_width: {error}") from None
-        if self.lazy_every < 1:
-            raise ValueError(f"GradL1.lazy_every must be an int >= 1 (1 = every step, k = every k-th "
-                             f"step), got {self.lazy_every}")
+        check_int("GradL1.lazy_every", self.lazy_every, minimum=1, example=4)  # k: every k-th step
 
     def penalty(self, model, context):
         if not self._applies_at(context):
@@ -331,7 +329,7 @@ class QAT(Part):
 
     quantizer: str = "ste"
     bit_width: int = 4
-    edge_bit_width: int = 8
+    edge_bit_width: int = EDGE_BIT_WIDTH
     per_channel: bool = False
     init_to_grid: bool = False
 
@@ -461,8 +459,7 @@ def make(name: str, **params: typing.Any) -> Method:
     >>> make("sinreq_wrpn", bit_width=3).params()["bit_width"]
     3
     """
-    if name not in REGISTRY:
-        raise ValueError(f"unknown method {name!r}; known methods: {', '.join(available())}")
+    check_choice("method", name, available())
     recipe = REGISTRY[name]
     accepted = {f.name for cls, fixed in recipe for f in dataclasses.fields(cls) if f.name not in fixed}
     unknown = sorted(set(params) - accepted)

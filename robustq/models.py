@@ -14,10 +14,12 @@ Conventions other modules rely on (``fold_bn``, quantizer insertion, first/last-
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
+
+from robustq.params import check_choice, check_int
 
 # Channel widths of the "cnn" model. Halving the first four of 32-32-64-64-128 cuts the
 # multiply-adds from 22 M to 6.4 M per 28x28 image (the 28x28 layers dominate), which is what
@@ -44,6 +46,34 @@ def weighted_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``(qualified name, module)`` of every conv and linear layer, in module order: the layers
     that every quantizer, regularizer, reparametrization and analysis of the package acts on."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, WEIGHTED_TYPES)]
+
+
+def target_layers(
+    model: nn.Module, *, include: Iterable[str] | None = None, exclude: Iterable[str] = ()
+) -> dict[str, nn.Module]:
+    """The :func:`weighted_layers` of ``model`` by qualified name that a reparametrization (SatNL,
+    a QAT quantizer) goes on: those named in ``include`` (in its order; None: all, in module order)
+    less those named in ``exclude``. ``ValueError`` if either names a module that is not such a
+    layer, or is a string instead of a collection of names."""
+    layers = dict(weighted_layers(model))
+    chosen = list(layers) if include is None else _layer_names("include", include, layers)
+    excluded = set(_layer_names("exclude", exclude, layers))
+    return {name: layers[name] for name in chosen if name not in excluded}
+
+
+def _layer_names(argument: str, names: Iterable[str], layers: dict[str, nn.Module]) -> list[str]:
+    if isinstance(names, str):
+        raise ValueError(  # noqa: TRY004 (a usage error, as every other check here)
+            f"{argument} must be a collection of module names, got the string {names!r}"
+        )
+    names = list(names)
+    unknown = sorted(set(names) - set(layers))
+    if unknown:
+        raise ValueError(
+            f"{argument} names modules that are not Conv2d/Linear layers of the model: {unknown}; "
+            f"allowed: {sorted(layers)}"
+        )
+    return names
 
 
 class ConvBN(nn.Sequential):
@@ -257,11 +287,9 @@ def init_weights(model: nn.Module) -> None:
 
 def make_model(name: str, in_channels: int, num_classes: int) -> nn.Module:
     """Build the model ``name`` (one of :func:`available`) for ``in_channels`` x H x W inputs."""
-    if name not in _BUILDERS:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(available())}")
-    for arg, value in (("in_channels", in_channels), ("num_classes", num_classes)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{arg} must be a positive int, got {value!r}; e.g. dataset.{arg}")
+    check_choice("model", name, available())
+    check_int("in_channels", in_channels, minimum=1, example=1)
+    check_int("num_classes", num_classes, minimum=1, example=10)
     model = _BUILDERS[name](in_channels, num_classes)
     init_weights(model)
     return model

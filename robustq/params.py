@@ -1,7 +1,8 @@
 """One validator for every user-facing parameter, from the command line or a notebook's papermill
 ``parameters`` cell: a bad value fails before any work, with a message naming the parameter and
 the fix. :func:`check_choice` and :func:`check_int` are the package's only choice and integer
-validators; this module imports no other ``robustq`` module at import time, so any module may use
+validators, :func:`validate_bit_width` its only bit-width validator; at import time this module
+imports only :mod:`robustq.profiles` (which imports no ``robustq`` module), so any module may use
 them without an import cycle.
 
 Papermill's ``-p NAME VALUE`` passes strings; lists go through ``-y``, e.g.
@@ -15,6 +16,9 @@ from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
 
+from robustq import profiles
+
+MIN_BIT_WIDTH, MAX_BIT_WIDTH = 2, 16  # the grids of robustq.quant
 YAML_HINT = "pass lists to papermill with -y, e.g. -y '{name}: [4, 3]'"  # -p passes strings
 
 
@@ -50,11 +54,24 @@ def check_int(
     return value
 
 
-def _bit_width(name: str, value: Any) -> int:
-    from robustq import quant  # no robustq import at module level: any module may import this one
+def validate_bit_width(bit_width: int) -> int:
+    """Return ``bit_width`` if it is an int in 2..16, else raise ``ValueError`` saying so."""
+    if isinstance(bit_width, bool) or not isinstance(bit_width, int):
+        raise ValueError(  # noqa: TRY004 (callers, the CLI and book.parameters, report ValueErrors)
+            f"bit_width must be an int in {MIN_BIT_WIDTH}..{MAX_BIT_WIDTH}, got {bit_width!r} "
+            f"({type(bit_width).__name__}); pass e.g. bit_width=4"
+        )
+    if not MIN_BIT_WIDTH <= bit_width <= MAX_BIT_WIDTH:
+        raise ValueError(
+            f"bit_width must be in {MIN_BIT_WIDTH}..{MAX_BIT_WIDTH}, got {bit_width}; "
+            "1-bit (binary) networks need a different quantizer"
+        )
+    return bit_width
 
+
+def _bit_width(name: str, value: Any) -> int:
     try:
-        return quant.validate_bit_width(value)
+        return validate_bit_width(value)
     except ValueError as error:
         raise ValueError(f"{name}: {error}") from None
 
@@ -78,9 +95,7 @@ def _ratio(name: str, value: Any) -> float:
 def _profile(name: str, value: Any) -> str:
     if value is not None and not isinstance(value, str):
         raise ValueError(f"{name}: must be a profile name or None, got {value!r}")
-    from robustq import experiments  # here, not at the top: experiments imports data, which imports params
-
-    return experiments.resolve_profile(value)
+    return profiles.resolve_profile(value)
 
 
 CHECKS: dict[str, Callable[[str, Any], Any]] = {

@@ -27,11 +27,10 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from robustq import qat, quant
 from robustq.data import Dataset, Split, eval_loader, first_batch
 from robustq.models import stem_and_classifier, weighted_layers
-from robustq.quant import QuantSpec
+from robustq.quant import EDGE_BIT_WIDTH, QuantSpec
 from robustq.train import EVAL_BATCH_SIZE, evaluate
 
 FLOAT_BITS = 32  # how tidy frames label an unquantized tensor
-EDGE_BIT_WIDTH = 8  # the stem conv and the classifier in the primary deployment setting
 TRAINED = "trained"  # bit_sweep's policy name for a QAT model's own quantizer
 
 

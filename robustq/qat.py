@@ -22,13 +22,14 @@ parameter; ``remove_qat`` then drops the quantizer and leaves ``f(theta)`` to ``
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from robustq.models import ConvBN, stem_and_classifier, weighted_layers
+from robustq.models import ConvBN, stem_and_classifier, target_layers
+from robustq.params import check_choice
 from robustq.quant import QuantSpec, quantize, round_ste, validate_bit_width
 from robustq.reparam import in_layout_of, register_weight_parametrizations
 from robustq.satnl import SaturatingWeight
@@ -243,7 +244,7 @@ def prepare_qat(
     if has_qat(model):
         raise ValueError("QAT is already prepared on this model; call remove_qat first")
     register_weight_parametrizations(
-        _target_layers(model, exclude),
+        target_layers(model, exclude=exclude),
         lambda name, layer: make_weight_quantizer(
             quantizer, edge_bits if name in edges else bit_width, layer.weight, per_channel
         ),
@@ -358,8 +359,7 @@ def has_qat(model: nn.Module) -> bool:
 
 
 def _check_quantizer_args(quantizer: str, per_channel: bool) -> None:
-    if quantizer not in QUANTIZERS:
-        raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {quantizer!r}")
+    check_choice("quantizer", quantizer, QUANTIZERS)
     if not isinstance(per_channel, bool):
         raise ValueError(f"per_channel must be True or False, got {per_channel!r}")
     if per_channel and quantizer != "ste":
@@ -372,17 +372,3 @@ def _qat_quantizer(layer: nn.Module) -> WeightQuantizer | None:
     if not parametrize.is_parametrized(layer, "weight"):
         return None
     return next((p for p in layer.parametrizations["weight"] if isinstance(p, WeightQuantizer)), None)
-
-
-def _target_layers(model: nn.Module, exclude: Iterable[str]) -> dict[str, nn.Module]:
-    layers = dict(weighted_layers(model))
-    if isinstance(exclude, str):
-        raise ValueError(f"exclude must be a collection of module names, got the string {exclude!r}")
-    unknown = sorted(set(exclude) - set(layers))
-    if unknown:
-        raise ValueError(
-            f"exclude names modules that are not Conv2d/Linear layers of the model: {unknown}; "
-            f"allowed: {sorted(layers)}"
-        )
-    excluded = set(exclude)
-    return {name: layer for name, layer in layers.items() if name not in excluded}

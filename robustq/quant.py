@@ -29,9 +29,15 @@ from functools import lru_cache
 
 import torch
 
+from robustq.params import check_choice, validate_bit_width
+
 POLICIES = ("minmax", "mse", "percentile", "aciq")
+# The book's one QAT setting (book/methods.md §7), in one place: weights trained at 3 bits, the stem
+# conv and the classifier at 8 (as LSQ and SinReQ train), which is also where the primary PTQ
+# deployment keeps its edges.
+QAT_BIT_WIDTH = 3
+EDGE_BIT_WIDTH = 8
 ACIQ_PRIORS = ("laplace", "gaussian")
-MIN_BIT_WIDTH, MAX_BIT_WIDTH = 2, 16
 MSE_GRID_SIZE = 100
 # Elements per block of the ``mse`` search's batched passes: 1 MiB of float32, so a block stays in
 # a core's L2 cache. Its scratch memory is one block, or two rows of a larger group.
@@ -41,21 +47,6 @@ _TORCH_GRAIN_SIZE = 32768
 
 # Kernels of torch's fake-quant ops accept these dtypes; float64 takes the pure-torch path.
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def validate_bit_width(bit_width: int) -> int:
-    """Return ``bit_width`` if it is an int in 2..16, else raise ``ValueError`` saying so."""
-    if isinstance(bit_width, bool) or not isinstance(bit_width, int):
-        raise ValueError(
-            f"bit_width must be an int in {MIN_BIT_WIDTH}..{MAX_BIT_WIDTH}, got {bit_width!r} "
-            f"({type(bit_width).__name__}); pass e.g. bit_width=4"
-        )
-    if not MIN_BIT_WIDTH <= bit_width <= MAX_BIT_WIDTH:
-        raise ValueError(
-            f"bit_width must be in {MIN_BIT_WIDTH}..{MAX_BIT_WIDTH}, got {bit_width}; "
-            "1-bit (binary) networks need a different quantizer"
-        )
-    return bit_width
 
 
 def qrange(bit_width: int, signed: bool = True, narrow_range: bool = True) -> tuple[int, int]:
@@ -167,12 +158,10 @@ class QuantSpec:
         for name in ("symmetric", "narrow_range", "per_channel"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"QuantSpec.{name} must be True or False, got {getattr(self, name)!r}")
-        if self.policy not in POLICIES:
-            raise ValueError(f"QuantSpec.policy must be one of {POLICIES}, got {self.policy!r}")
+        check_choice("QuantSpec.policy", self.policy, POLICIES)
         if not 50.0 < self.percentile <= 100.0:
             raise ValueError(f"QuantSpec.percentile must be in (50, 100], got {self.percentile!r}")
-        if self.aciq_prior not in ACIQ_PRIORS:
-            raise ValueError(f"QuantSpec.aciq_prior must be one of {ACIQ_PRIORS}, got {self.aciq_prior!r}")
+        check_choice("QuantSpec.aciq_prior", self.aciq_prior, ACIQ_PRIORS)
 
     @property
     def qrange(self) -> tuple[int, int]:
@@ -480,8 +469,7 @@ def aciq_alpha(bit_width: int, prior: str = "laplace") -> float:
     (Laplace 2.83, 3.89, 5.03 for 2, 3, 4 bits) to 0.01.
     """
     bit_width = validate_bit_width(bit_width)
-    if prior not in ACIQ_PRIORS:
-        raise ValueError(f"prior must be one of {ACIQ_PRIORS}, got {prior!r}")
+    check_choice("prior", prior, ACIQ_PRIORS)
     alpha = torch.linspace(0.01, 40.0, 400_000, dtype=torch.float64)
     rounding = alpha**2 / (3 * 4.0**bit_width)
     if prior == "laplace":

@@ -14,9 +14,12 @@ belong to the base optimizer, so LR schedulers and checkpoints work on ``sam.bas
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
+
+from robustq.params import check_choice
 
 SAM_KINDS = ("sam", "asam")
 DEFAULT_RHO = {"sam": 0.05, "asam": 0.5}  # SAM paper's default; ASAM paper's CIFAR value
@@ -143,8 +146,7 @@ def make_sam(
     """SAM (Foret et al., arXiv 2010.01412) for ``kind="sam"`` or ASAM (Kwon et al.,
     arXiv 2102.11600, ``eta = 0.01``) for ``kind="asam"``; ``rho=None`` takes the kind's default
     (0.05 for SAM, 0.5 for ASAM, the ASAM paper's CIFAR value)."""
-    if kind not in SAM_KINDS:
-        raise ValueError(f"kind must be one of {SAM_KINDS}, got {kind!r}")
+    check_choice("kind", kind, SAM_KINDS)
     return SAM(params, base_optimizer, rho=DEFAULT_RHO[kind] if rho is None else rho, adaptive=kind == "asam")
 
 

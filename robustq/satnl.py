@@ -16,13 +16,14 @@ it into plain weights before post-training quantization.
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from robustq.models import weighted_layers
+from robustq.models import target_layers
+from robustq.params import check_choice
 from robustq.reparam import in_layout_of, register_weight_parametrizations
 
 SATNL_FORMS = ("tanh", "scaled_tanh", "normalized_tanh")
@@ -49,8 +50,7 @@ class SaturatingWeight(nn.Module):
 
     def __init__(self, form: str = "scaled_tanh", alpha: float | None = None) -> None:
         super().__init__()
-        if form not in SATNL_FORMS:
-            raise ValueError(f"form must be one of {SATNL_FORMS}, got {form!r}")
+        check_choice("form", form, SATNL_FORMS)
         if form == "scaled_tanh" and (alpha is None or not alpha > 0):
             raise ValueError(f"alpha must be > 0 for form='scaled_tanh', got {alpha!r}")
         self.form = form
@@ -106,14 +106,13 @@ def apply_satnl(
     fold SatNL first (``remove_satnl``), keep their layers disjoint (``include``/``exclude``), or
     stack the quantizer on SatNL (``robustq.qat.prepare_qat(..., stack_on_satnl=True)``).
     """
-    if form not in SATNL_FORMS:
-        raise ValueError(f"form must be one of {SATNL_FORMS}, got {form!r}")
+    check_choice("form", form, SATNL_FORMS)
     if not alpha_mult > 0:
         raise ValueError(f"alpha_mult must be > 0, got {alpha_mult!r}")
     if has_satnl(model):
         raise ValueError("SatNL is already applied to this model; call remove_satnl first")
     register_weight_parametrizations(
-        _target_layers(model, include),
+        target_layers(model, include=include),
         lambda name, layer: SaturatingWeight(form, _alpha_for(name, layer, form, alpha_mult)),
         fix="e.g. a QAT quantizer: remove it first (remove_qat) or leave the layer out with include=...",
     )
@@ -145,20 +144,6 @@ def _has_satnl_weight(layer: nn.Module) -> bool:
     return parametrize.is_parametrized(layer, "weight") and any(
         isinstance(p, SaturatingWeight) for p in layer.parametrizations["weight"]
     )
-
-
-def _target_layers(model: nn.Module, include: Iterable[str] | None) -> dict[str, nn.Module]:
-    layers = dict(weighted_layers(model))
-    if include is None:
-        return layers
-    include = list(include)
-    unknown = sorted(set(include) - set(layers))
-    if unknown:
-        raise ValueError(
-            f"include names modules that are not Conv2d/Linear layers of the model: {unknown}; "
-            f"allowed: {sorted(layers)}"
-        )
-    return {name: layers[name] for name in include}
 
 
 def _alpha_for(name: str, layer: nn.Module, form: str, alpha_mult: float) -> float | None:

@@ -30,6 +30,7 @@ import pandas as pd
 from scipy import stats
 
 from robustq.files import write_atomic
+from robustq.params import check_choice, check_int
 
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive"
 GRADES = (REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE)
@@ -46,8 +47,7 @@ def t_quantile(n: int) -> float:
     >>> round(t_quantile(3), 2), round(t_quantile(5), 2)
     (4.3, 2.78)
     """
-    if n < 2:
-        raise ValueError(f"a t quantile needs at least 2 seeds, got n={n}")
+    check_int("n (paired seeds)", n, minimum=2, example=5)
     return float(stats.t.ppf(CONFIDENCE, n - 1))
 
 
@@ -200,8 +200,7 @@ class Claim:
     threshold: float
 
     def __post_init__(self) -> None:
-        if self.rule not in ("paired", "equivalent"):
-            raise ValueError(f"rule must be 'paired' or 'equivalent', got {self.rule!r}")
+        check_choice("rule", self.rule, ("paired", "equivalent"))
         _check_threshold("threshold", self.threshold)
 
     def grade(self, candidate: PerSeed, reference: PerSeed) -> Verdict:

@@ -302,7 +302,7 @@ def test_magnitude_masks_are_equal_quartiles_without_ties():
     weight = torch.randn(8, 3, 3, 3, generator=torch.Generator().manual_seed(0))
     masks = _partition_ok(weight, 4)
     assert masks.sum(dim=(1, 2, 3, 4)).tolist() == [54, 54, 54, 54]
-    with pytest.raises(ValueError, match="n_buckets must be an integer >= 1"):
+    with pytest.raises(ValueError, match="n_buckets must be a positive int"):
         analysis.magnitude_quartile_masks(weight, 0)
 
 
@@ -446,6 +446,7 @@ def test_asam_perturbation_of_satnl_lives_on_theta_and_is_carried_by_the_slope()
 import dataclasses
 
 from robustq import experiments, methods
+from robustq.latent import satnl_latent
 
 LATENT_TINY = {"dataset": "synthetic", "epochs": 1, "batch_size": 64, "train_size": 256, "test_size": 200}
 
@@ -459,7 +460,7 @@ def satnl_result(tmp_path_factory):
 
 def test_satnl_latent_reproduces_the_trained_weights_with_the_training_alpha(satnl_result):
     before = torch.get_rng_state()
-    latent = analysis.satnl_latent(satnl_result)
+    latent = satnl_latent(satnl_result)
     assert torch.equal(torch.get_rng_state(), before)  # the replay keeps the caller's RNG
     assert satnl.has_satnl(latent) and not latent.training
     trained = dict(ptq.weighted_layers(satnl_result.model))
@@ -477,7 +478,7 @@ def test_satnl_latent_reproduces_the_trained_weights_with_the_training_alpha(sat
 
 
 def test_asam_perturbation_runs_on_the_satnl_latent(satnl_result):
-    latent = analysis.satnl_latent(satnl_result)
+    latent = satnl_latent(satnl_result)
     x = torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(1))
     frame = analysis.asam_perturbation_by_magnitude(latent, x, torch.arange(16) % 10, rho=0.5)
     assert len(frame) == 4 * len(ptq.weighted_layers(latent))
@@ -489,13 +490,13 @@ def test_satnl_latent_rejects_weights_its_alpha_cannot_reproduce(satnl_result):
     with torch.no_grad():
         ptq.weighted_layers(tampered)[0][1].weight.mul_(10.0)  # beyond alpha: saturates
     with pytest.raises(ValueError, match="were not recovered"):
-        analysis.satnl_latent(dataclasses.replace(satnl_result, model=tampered))
+        satnl_latent(dataclasses.replace(satnl_result, model=tampered))
 
 
 def test_satnl_latent_passes_a_method_without_satnl_through_and_refuses_normalized_tanh(cnn):
     result = experiments.Result(experiments.Experiment(method="baseline", **LATENT_TINY).resolved(), cnn,
                                 {}, pd.DataFrame(), cached=True)
-    plain = analysis.satnl_latent(result)
+    plain = satnl_latent(result)
     assert plain is not cnn and not satnl.has_satnl(plain)
     for a, b in zip(plain.state_dict().values(), cnn.state_dict().values()):
         assert torch.equal(a, b)
@@ -504,7 +505,7 @@ def test_satnl_latent_passes_a_method_without_satnl_through_and_refuses_normaliz
         method="satnl", method_params=params, **LATENT_TINY).resolved())
     assert methods.make("satnl", **params).parts[0].form == "normalized_tanh"
     with pytest.raises(ValueError, match="normalized_tanh"):
-        analysis.satnl_latent(normalized)
+        satnl_latent(normalized)
 
 
 # --- gradient-ℓ1: the first-order bound (chapter 05) ---------------------------------------------

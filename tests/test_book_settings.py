@@ -1,12 +1,11 @@
 """The book's settings: valid methods, choices off the graded seeds, and a run plan that fits."""
 
-from pathlib import Path
 from types import SimpleNamespace
 
 import pandas as pd
 import pytest
 
-from robustq import book_settings, experiments, methods
+from robustq import book_settings, methods, profiles
 from robustq.book_settings import METHODS, SELECTION_SEED, largest_within
 
 
@@ -27,7 +26,7 @@ def test_qat_methods_share_the_books_one_qat_setting():
             assert params["edge_bit_width"] == book_settings.EDGE_BIT_WIDTH, name
 
 
-@pytest.mark.parametrize("profile", list(experiments.PROFILES))
+@pytest.mark.parametrize("profile", list(profiles.PROFILES))
 def test_the_selection_seed_is_never_graded(profile):
     assert SELECTION_SEED not in book_settings.graded_seeds(profile)
     assert len(book_settings.graded_seeds(profile)) >= 2
@@ -47,27 +46,19 @@ def test_largest_within_rule():
 
 def test_choose_trains_candidates_on_the_selection_seed_with_a_validation_split():
     chosen = book_settings.choose("symreg", "smoke")
-    assert chosen["param"] == "lam" and chosen["value"] in METHODS["symreg"].choice.candidates
-    assert set(chosen["validation"]) == {*METHODS["symreg"].choice.candidates, "baseline"}
-    exp = book_settings.selection_experiment("symreg", "smoke", lam=chosen["value"]).resolved()
+    assert chosen.param == "lam" and chosen.value in METHODS["symreg"].choice.candidates
+    assert set(chosen.validation) == set(METHODS["symreg"].choice.candidates) and chosen.reference == "baseline"
+    assert chosen.runs == tuple(exp.key() for exp in book_settings.selection_runs("symreg", "smoke"))
+    exp = book_settings.selection_experiment("symreg", "smoke", lam=chosen.value).resolved()
     assert exp.seed == SELECTION_SEED and exp.val_size > 0
-    assert book_settings.settings_for("symreg", "smoke") == {"scope": "channel", "lam": chosen["value"]}
+    assert book_settings.settings_for("symreg", "smoke") == {"scope": "channel", "lam": chosen.value}
+    assert book_settings.experiment("symreg", 3, "smoke").method_params == {"scope": "channel", "lam": chosen.value}
+    assert book_settings.choose("symreg", "smoke") is chosen  # memoised: recovered once per profile
 
 
 def test_unknown_book_method_names_the_known_ones():
     with pytest.raises(ValueError, match="the book's methods are: baseline"):
         book_settings.experiment("nope", 0)
-
-
-CHAPTERS_OF_THIS_BUILD = sorted(p.name[:2] for p in (Path(__file__).parents[1] / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-
-
-def test_run_plan_covers_every_chapter_and_the_chapters_of_this_build_fit_the_budget():
-    plan = book_settings.run_plan("book")
-    assert set(plan["chapter"]) == {f"{n:02d}" for n in range(9)}
-    assert set(plan["name"]) - {"mobilenetv2"} <= set(METHODS)
-    minutes = book_settings.estimate_minutes(plan[plan["chapter"].isin(CHAPTERS_OF_THIS_BUILD)])
-    assert 0 < minutes <= book_settings.BUDGET_MINUTES, minutes
 
 
 def test_primary_endpoint_is_one_of_the_candidates_and_has_a_planning_spread():
@@ -76,19 +67,12 @@ def test_primary_endpoint_is_one_of_the_candidates_and_has_a_planning_spread():
     assert book_settings.planning_mde(5) < book_settings.planning_mde(3)
 
 
-@pytest.mark.parametrize("chapters, share", [(("00", "01", "02"), 15)])
-def test_the_chapters_of_this_build_fit_their_share_of_the_budget(chapters, share):
-    plan = book_settings.run_plan("book")
-    minutes = book_settings.estimate_minutes(plan[plan["chapter"].isin(chapters)])
-    assert minutes <= share, minutes  # the chapters' share of the book's 40-minute cap
-
-
 def test_a_tied_choice_sets_every_tied_parameter_and_an_heir_reuses_its_sources_choice():
     choice = book_settings.Choice("lam_w", (0.1, 1.0), "rule", largest_within(0.5), tied=("lam_a",))
     assert choice.assign(0.1) == {"lam_w": 0.1, "lam_a": 0.1}
     chosen = book_settings.choose("symreg", "smoke")
     inherited = book_settings.settings_for("symreg_satnl_asam", "smoke")
-    assert inherited == {"scope": "channel", "lam": chosen["value"]}
+    assert inherited == {"scope": "channel", "lam": chosen.value}
 
 
 def test_an_endpoint_of_several_sweeps_pools_their_rows(monkeypatch):
@@ -111,7 +95,7 @@ def test_an_endpoint_of_several_sweeps_pools_their_rows(monkeypatch):
 def test_a_warm_start_penalises_the_last_third_of_the_epochs_and_at_least_one(profile, warmup):
     params = book_settings.METHODS["grad_l1"].params_for(profile)
     assert params == {"weighting": "step", "warmup_epochs": warmup}
-    exp = book_settings.experiment("grad_l1", 0, profile).resolved()
+    exp = book_settings.selection_experiment("grad_l1", profile).resolved()
     assert exp.method_params["warmup_epochs"] == warmup < exp.epochs
     assert book_settings.METHODS["symreg"].params_for(profile) == {"scope": "channel"}
 
@@ -167,7 +151,7 @@ class _Recorded:
         monkeypatch.setattr(book_settings.experiments, "run", self.run)
         monkeypatch.setattr(book_settings.experiments, "dataset_for", lambda exp: None)
         monkeypatch.setattr(book_settings, "validation_batch", lambda data: (None, None))
-        monkeypatch.setattr(book_settings.analysis, "grad_l1_norm", lambda model, x, y: self.norms[model])
+        monkeypatch.setattr(book_settings.gradients, "grad_l1_norm", lambda model, x, y: self.norms[model])
 
 
 def test_choose_picks_exactly_by_the_rule_on_recorded_validation_accuracies(monkeypatch):
@@ -176,8 +160,9 @@ def test_choose_picks_exactly_by_the_rule_on_recorded_validation_accuracies(monk
                           ("symreg", 10.0): 4324 / n})
     recorded.install(monkeypatch)
     chosen = book_settings.choose("symreg", "book")
-    assert chosen["value"] == 1.0  # 25 images (0.5 points) below the reference is within 0.5 points
-    assert chosen["validation"] == {0.1: 4360 / n, 1.0: 4325 / n, 10.0: 4324 / n, "baseline": 4350 / n}
+    assert chosen.value == 1.0  # 25 images (0.5 points) below the reference is within 0.5 points
+    assert chosen.validation == {0.1: 4360 / n, 1.0: 4325 / n, 10.0: 4324 / n} and chosen.reference_accuracy == 4350 / n
+    assert chosen.margin == pytest.approx(0.0, abs=1e-9)  # 1.0 sits on the rule's boundary
     assert {exp.seed for exp in recorded.runs} == {book_settings.SELECTION_SEED}
     assert all(exp.val_size > 0 for exp in recorded.runs)
 
@@ -185,7 +170,7 @@ def test_choose_picks_exactly_by_the_rule_on_recorded_validation_accuracies(monk
 def test_choose_takes_the_smallest_candidate_when_the_reference_collapsed(monkeypatch):
     _Recorded({("baseline", None): 0.1, ("symreg", 0.1): 0.8, ("symreg", 1.0): 0.85,
                ("symreg", 10.0): 0.86}).install(monkeypatch)
-    assert book_settings.choose("symreg", "book")["value"] == 0.1
+    assert book_settings.choose("symreg", "book").value == 0.1
 
 
 @pytest.mark.parametrize("lazy_norm, adopted", [(2.2, True), (1.8, True), (2.2000001, False), (1.79, False)])

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from robustq import experiments
+from robustq import experiments, profiles
 from robustq.__main__ import build_parser, main, validate_args
 from robustq.train import NonFiniteLossError
 
@@ -82,7 +82,7 @@ def test_validate_args_returns_the_experiment_to_run():
     args = build_parser().parse_args(["sweep", "--method", "kure", "--param", "lam=0.5", "--w-bits", "4"])
     exp = validate_args(args)
     assert (exp.method, exp.method_params, exp.profile) == ("kure", {"lam": 0.5}, None)
-    assert exp.train_config().epochs == experiments.PROFILES["smoke"]["epochs"]  # the smoke profile of conftest
+    assert exp.train_config().epochs == profiles.get("smoke").epochs  # the smoke profile of conftest
     assert validate_args(build_parser().parse_args(["methods"])) is None
 
 

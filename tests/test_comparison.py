@@ -26,7 +26,7 @@ def toy_method(monkeypatch):
     return "toy_kure"
 
 
-def test_a_registered_toy_method_goes_through_every_table(toy_method):
+def test_a_registered_toy_method_goes_through_every_table(toy_method, monkeypatch):
     assert toy_method in comparison.compared_methods()
     exp = book_settings.experiment(toy_method, seed=0, profile="smoke").resolved()
     assert exp.method == "toy_kure" and methods.make(exp.method, **exp.method_params).parts[0].target == 2.0
@@ -35,18 +35,34 @@ def test_a_registered_toy_method_goes_through_every_table(toy_method):
         def __init__(self, offset):
             self.offset = offset
 
-    def evaluate(result):
-        return pd.DataFrame({"w_bits": [8, 4], "acc": [0.9 + result.offset, 0.5 + result.offset], "fp_acc": 0.9})
+    def evaluate(result, **sweep):  # book_settings.evaluate's frame: fractions, one row per setting
+        assert sweep == {"w_bits": (8, 4)}
+        return pd.DataFrame({"w_bits": [8, 4], "policy": "minmax", "acc": [0.9 + result.offset, 0.5 + result.offset],
+                             "fp_acc": 0.9})
 
+    monkeypatch.setattr(book_settings, "evaluate", evaluate)
     runs = {"baseline": {0: FakeResult(0.0), 1: FakeResult(0.01)},
             toy_method: {0: FakeResult(0.05), 1: FakeResult(0.07)}}
-    frame = comparison.accuracy_frame(runs, evaluate)
-    assert set(frame["method"]) == {"baseline", toy_method}
+    frame = book_settings.accuracy_table(runs, w_bits=(8, 4))
+    assert list(frame.columns) == ["method", "seed", "w_bits", "policy", "acc", "fp_acc", "quantizer"]
+    assert set(frame["method"]) == {"baseline", toy_method} and set(frame["quantizer"]) == {"min-max"}
+    assert frame["fp_acc"].tolist() == pytest.approx([90.0] * 8)
     assert frame.query("method == @toy_method and seed == 1 and w_bits == 4")["acc"].item() == pytest.approx(57.0)
     cells = comparison.paired_cells(frame, "baseline", tau=1.0)
     assert set(cells["method"]) == {toy_method} and cells["mean"].tolist() == pytest.approx([5.5, 5.5])
     assert comparison.mean_ranks(frame).index[0] == toy_method
     assert comparison.top_k_share(frame, k=1, resamples=20)[toy_method] == 1.0
+
+
+def test_the_accuracy_table_labels_how_each_row_was_quantized(monkeypatch):
+    def evaluate(result, **sweep):  # a QAT model is evaluated with its own quantizer (policy "trained")
+        policies = ["trained"] if result == "qat" else ["minmax", "mse", "aciq"]
+        return pd.DataFrame({"w_bits": 3, "policy": policies, "acc": 0.5, "fp_acc": 0.9})
+
+    monkeypatch.setattr(book_settings, "evaluate", evaluate)
+    frame = book_settings.accuracy_table({"qat_lsq": {0: "qat"}, "baseline": {0: "ptq"}}, w_bits=(3,))
+    assert frame["quantizer"].tolist() == ["own (trained)", "min-max", "MSE", "ACIQ"]
+    assert frame["acc"].tolist() == [50.0] * 4
 
 
 def test_paired_cells_grade_each_bit_width_against_the_reference():
@@ -65,7 +81,7 @@ def test_mean_ranks_put_the_most_accurate_first_and_top_k_share_counts_resamples
     assert comparison.mean_ranks(frame)["high"] == 1.0
     shares = comparison.top_k_share(frame, k=2, resamples=50)
     assert shares["high"] == shares["mid"] == 1.0 and shares["low"] == 0.0
-    with pytest.raises(ValueError, match="k and resamples must be >= 1"):
+    with pytest.raises(ValueError, match=r"k must be a positive int, got 0 \(e\.g\. 3\)"):
         comparison.top_k_share(frame, k=0)
 
 
@@ -95,7 +111,7 @@ def test_step_seconds_times_a_short_run_and_rejects_bad_counts():
     exp = dataclasses.replace(book_settings.experiment("baseline", 0, "smoke"), train_size=None)
     seconds = comparison.step_seconds(exp, steps=3, warmup=1)
     assert 0 < seconds < 5
-    with pytest.raises(ValueError, match="steps must be >= 1"):
+    with pytest.raises(ValueError, match="steps must be a positive int, got 0"):
         comparison.step_seconds(exp, steps=0)
 
 

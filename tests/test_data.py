@@ -1,4 +1,5 @@
-"""Tests of robustq.data: Fashion-MNIST and CIFAR-10 through torchvision, load_dataset, BatchLoader."""
+"""Tests of robustq.data and robustq.datafiles: Fashion-MNIST and CIFAR-10 through torchvision,
+load_dataset, BatchLoader."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch
 import torchvision.datasets
 import torchvision.datasets.cifar
 
-from robustq import data
+from robustq import data, datafiles
 
 # ---------------------------------------------------------------------------------------------
 # Helpers writing small files in the official formats
@@ -117,10 +118,10 @@ def test_fashion_mnist_round_trip(tmp_path: Path, isolated_cache: Path) -> None:
 
 def test_prepare_is_idempotent_and_follows_a_replaced_file(tmp_path: Path, isolated_cache: Path) -> None:
     write_fashion_mnist(tmp_path, train_count=40)
-    root = data.prepare_fashion_mnist(tmp_path)
+    root = datafiles.prepare_fashion_mnist(tmp_path)
     images = root / "FashionMNIST" / "raw" / "train-images-idx3-ubyte"
     written = images.stat().st_mtime_ns
-    assert data.prepare_fashion_mnist(tmp_path) == root and images.stat().st_mtime_ns == written
+    assert datafiles.prepare_fashion_mnist(tmp_path) == root and images.stat().st_mtime_ns == written
     assert len(data.load_dataset("fashion-mnist", root=tmp_path).train) == 40
     write_fashion_mnist(tmp_path, train_count=41)
     assert len(data.load_dataset("fashion-mnist", root=tmp_path).train) == 41  # gunzipped and read again
@@ -128,8 +129,8 @@ def test_prepare_is_idempotent_and_follows_a_replaced_file(tmp_path: Path, isola
 
 def test_fashion_mnist_env_var_and_subfolder(tmp_path: Path, monkeypatch) -> None:
     write_fashion_mnist(tmp_path / "fashion-mnist")
-    monkeypatch.setenv(data.DATA_ENV_VAR, str(tmp_path))
-    assert data.fashion_mnist_folder() == (tmp_path / "fashion-mnist").resolve()
+    monkeypatch.setenv(datafiles.DATA_ENV_VAR, str(tmp_path))
+    assert datafiles.fashion_mnist_folder() == (tmp_path / "fashion-mnist").resolve()
     assert len(data.load_dataset("fashion-mnist").train) == 40
 
 
@@ -188,20 +189,20 @@ def test_fashion_mnist_wrong_image_size_or_count(tmp_path: Path) -> None:
 def test_make_data_entry_point(tmp_path: Path, monkeypatch, capsys) -> None:
     """``python -m robustq.data`` (``make data``): the torchvision root, or one line with the fix."""
     write_fashion_mnist(tmp_path)
-    monkeypatch.setenv(data.DATA_ENV_VAR, str(tmp_path))
+    monkeypatch.setenv(datafiles.DATA_ENV_VAR, str(tmp_path))
     runpy.run_module("robustq.data", run_name="__main__")
     assert "Fashion-MNIST ready for torchvision in" in capsys.readouterr().out
-    monkeypatch.setenv(data.DATA_ENV_VAR, str(tmp_path / "nowhere"))
+    monkeypatch.setenv(datafiles.DATA_ENV_VAR, str(tmp_path / "nowhere"))
     with pytest.raises(SystemExit, match=r"^robustq: error: .*does not exist.*dataset-fashion-mnist"):
         runpy.run_module("robustq.data", run_name="__main__")
 
 
 @pytest.mark.skipif(
-    not (data.DEFAULT_FASHION_MNIST_DIR / data.FASHION_MNIST_FILES[0]).is_file(),
+    not (datafiles.DEFAULT_FASHION_MNIST_DIR / datafiles.FASHION_MNIST_FILES[0]).is_file(),
     reason="Debian package dataset-fashion-mnist is not installed",
 )
 def test_debian_fashion_mnist_through_torchvision_is_bit_identical() -> None:
-    folder = data.DEFAULT_FASHION_MNIST_DIR
+    folder = datafiles.DEFAULT_FASHION_MNIST_DIR
     dataset = data.load_dataset("fashion-mnist", root=folder)
     for split, prefix, count in ((dataset.train, "train", 60_000), (dataset.test, "t10k", 10_000)):
         images = parse_idx_gz(folder / f"{prefix}-images-idx3-ubyte.gz", 16).reshape(count, 1, 28, 28)
@@ -227,29 +228,29 @@ def mirror(tmp_path: Path, isolated_cache: Path, monkeypatch):
     torchvision's only mirror with the served files' own MD5s (Debian recompressed the archives,
     so torchvision's sums do not match them); the Debian path made absent. Yields the served folder."""
     served = tmp_path / "served"
-    if (data.DEFAULT_FASHION_MNIST_DIR / data.FASHION_MNIST_FILES[0]).is_file():
-        shutil.copytree(data.DEFAULT_FASHION_MNIST_DIR, served)
+    if (datafiles.DEFAULT_FASHION_MNIST_DIR / datafiles.FASHION_MNIST_FILES[0]).is_file():
+        shutil.copytree(datafiles.DEFAULT_FASHION_MNIST_DIR, served)
     else:
         write_fashion_mnist(served)
     server = ThreadingHTTPServer(("127.0.0.1", 0), partial(QuietHandler, directory=str(served)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    md5 = [(name, hashlib.md5((served / name).read_bytes()).hexdigest()) for name in data.FASHION_MNIST_FILES]
+    md5 = [(name, hashlib.md5((served / name).read_bytes()).hexdigest()) for name in datafiles.FASHION_MNIST_FILES]
     monkeypatch.setattr(torchvision.datasets.FashionMNIST, "mirrors", [f"http://127.0.0.1:{server.server_port}/"])
     monkeypatch.setattr(torchvision.datasets.FashionMNIST, "resources", md5)
-    monkeypatch.setattr(data, "DEFAULT_FASHION_MNIST_DIR", tmp_path / "no-debian-package")
-    monkeypatch.delenv(data.DATA_ENV_VAR, raising=False)
+    monkeypatch.setattr(datafiles, "DEFAULT_FASHION_MNIST_DIR", tmp_path / "no-debian-package")
+    monkeypatch.delenv(datafiles.DATA_ENV_VAR, raising=False)
     yield served
     server.shutdown()
     server.server_close()
 
 
 def test_without_the_debian_package_fashion_mnist_is_downloaded_through_torchvision(mirror: Path) -> None:
-    folder = data.fashion_mnist_folder()
-    for name in data.FASHION_MNIST_FILES:
+    folder = datafiles.fashion_mnist_folder()
+    for name in datafiles.FASHION_MNIST_FILES:
         assert (folder / name).read_bytes() == (mirror / name).read_bytes()
-    written = (folder / data.FASHION_MNIST_FILES[0]).stat().st_mtime_ns
-    assert data.fashion_mnist_folder() == folder  # already whole: not fetched again
-    assert (folder / data.FASHION_MNIST_FILES[0]).stat().st_mtime_ns == written
+    written = (folder / datafiles.FASHION_MNIST_FILES[0]).stat().st_mtime_ns
+    assert datafiles.fashion_mnist_folder() == folder  # already whole: not fetched again
+    assert (folder / datafiles.FASHION_MNIST_FILES[0]).stat().st_mtime_ns == written
     test = data.load_dataset("fashion-mnist").test
     assert torch.equal(test.labels, torchvision.datasets.FashionMNIST(str(folder.parents[1]), train=False).targets)
 
@@ -259,7 +260,7 @@ def test_a_corrupted_download_is_deleted_and_reported(mirror: Path, isolated_cac
     labels.write_bytes(labels.read_bytes()[:-100])  # the mirror serves a truncated copy
     with pytest.raises(FileNotFoundError, match=r"deleted t10k-labels-idx1-ubyte\.gz, which failed the MD5.*"
                                                 r"apt-get install dataset-fashion-mnist.*ROBUSTQ_DATA"):
-        data.fashion_mnist_folder()
+        datafiles.fashion_mnist_folder()
     (raw,) = isolated_cache.glob("data/fashion-mnist/download/FashionMNIST/raw")
     assert not (raw / labels.name).exists()
     assert (raw / "train-images-idx3-ubyte.gz").is_file()  # the whole files stay, for the next try
@@ -293,8 +294,8 @@ def test_cifar_round_trip(cifar_folder) -> None:
 
 def test_cifar_root_may_name_the_batches_folder(cifar_folder, monkeypatch) -> None:
     root, _ = cifar_folder
-    monkeypatch.setenv(data.CIFAR10_ENV_VAR, str(root / "cifar-10-batches-py"))
-    assert data.cifar10_folder() == root.resolve()
+    monkeypatch.setenv(datafiles.CIFAR10_ENV_VAR, str(root / "cifar-10-batches-py"))
+    assert datafiles.cifar10_folder() == root.resolve()
     assert len(data.load_dataset("cifar10").test) == 3
 
 
@@ -303,7 +304,7 @@ def test_cifar_missing_names_the_fix_and_never_downloads(tmp_path: Path, monkeyp
         raise AssertionError("load_dataset must not download without download=True")
 
     monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", no_network)
-    monkeypatch.setenv(data.CIFAR10_ENV_VAR, str(tmp_path))
+    monkeypatch.setenv(datafiles.CIFAR10_ENV_VAR, str(tmp_path))
     message = r"cifar-10-batches-py lacks data_batch_1.*cifar-10-python\.tar\.gz.*extract it in.*ROBUSTQ_CIFAR10"
     with pytest.raises(FileNotFoundError, match=message):
         data.load_dataset("cifar10")
@@ -330,7 +331,7 @@ def test_cifar_download_goes_through_torchvision(cifar_folder, monkeypatch) -> N
 
     monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", fake_download)
     dataset = data.load_dataset("cifar10", root=source / "fresh", download=True)
-    assert calls == [data.CIFAR10_URL] and len(dataset.train) == 15
+    assert calls == [datafiles.CIFAR10_URL] and len(dataset.train) == 15
     data.load_dataset("cifar10", root=source / "fresh", download=True)
     assert len(calls) == 1  # present and verified: not fetched again
 

@@ -4,14 +4,15 @@ import pytest
 import torch
 
 from robustq import experiments
-from robustq.experiments import PROFILES, Experiment, resolve_profile, run
+from robustq.experiments import Experiment, run
+from robustq.profiles import PROFILES, resolve_profile
 
 TINY = dict(dataset="synthetic", epochs=1, batch_size=128)
 
 
 def test_profile_fills_missing_fields_and_explicit_fields_win():
     smoke = Experiment(profile="smoke").resolved()
-    assert (smoke.epochs, smoke.train_size, smoke.batch_size) == (2, PROFILES["smoke"]["train_size"], 16)
+    assert (smoke.epochs, smoke.train_size, smoke.batch_size) == (2, PROFILES["smoke"].train_size, 16)
     assert Experiment(profile="smoke", epochs=3).resolved().epochs == 3
 
 
@@ -35,8 +36,8 @@ def test_unknown_profile_names_the_known_ones():
 
 @pytest.mark.parametrize(
     "kwargs, match",
-    [({"method": "magic"}, "unknown method 'magic'"), ({"model": "vgg"}, "unknown model 'vgg'"),
-     ({"dataset": "mnist"}, "unknown dataset 'mnist'"), ({"method": "kure", "method_params": {"lam": -1.0}}, "lam"),
+    [({"method": "magic"}, "method must be one of .*, got 'magic'"), ({"model": "vgg"}, "model must be one of .*, got 'vgg'"),
+     ({"dataset": "mnist"}, "dataset must be one of .*, got 'mnist'"), ({"method": "kure", "method_params": {"lam": -1.0}}, "lam"),
      ({"method": "qat_ste", "method_params": {"bit_width": 1}}, "bit_width")],
 )
 def test_bad_experiments_are_rejected_at_construction(kwargs, match):
@@ -121,12 +122,12 @@ def test_bad_sizes_fail_before_training(kwargs, message):
 
 
 def test_a_data_path_that_is_a_file_says_so(tmp_path, monkeypatch):
-    from robustq import data
+    from robustq import datafiles
 
     path = tmp_path / "fmnist"
     path.write_text("")
     with pytest.raises(FileNotFoundError, match="is a file, not a folder"):
-        data.fashion_mnist_folder(path)
+        datafiles.fashion_mnist_folder(path)
 
 
 def test_train_observed_retraces_the_cached_run_and_calls_its_hooks(tmp_path, monkeypatch):

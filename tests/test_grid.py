@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from robustq import book_settings, experiments, grid
+from robustq import book_settings, experiments, grid, manifest
 from robustq.__main__ import main
 from robustq.book_settings import GRAD_L1_LAM, METHODS
 from robustq.experiments import Experiment
@@ -93,12 +93,12 @@ def test_the_phases_list_what_book_settings_trains(recorded_runs):
 
 
 def test_the_chapter_table_names_the_methods_each_notebook_trains():
-    for chapter, (graded, seed0) in grid.CHAPTER_MODELS.items():
+    for chapter, entry in manifest.CHAPTERS.items():
         notebook = next((ROOT / "notebooks").glob(f"{chapter}_*.ipynb"))
         cells = json.loads(notebook.read_text())["cells"]
         code = "\n".join("".join(cell["source"]) for cell in cells if cell["cell_type"] == "code")
         quoted = set(re.findall(r'"([a-z0-9_]+)"', code)) & set(METHODS)
-        listed = set(graded) | set(seed0)
+        listed = set(entry.graded) | set(entry.seed0)
         assert listed <= quoted <= set(_methods_of([chapter])), chapter
     assert {name for name, entry in METHODS.items() if entry.compared} <= set(grid.chapter_methods(["08"])[0])
 

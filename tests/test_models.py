@@ -132,7 +132,7 @@ def test_init_is_seeded_and_batchnorm_is_identity() -> None:
 
 
 def test_unknown_name_lists_known() -> None:
-    with pytest.raises(ValueError, match="unknown model 'vgg16'; choose one of cnn, resnet20, mobilenetv2"):
+    with pytest.raises(ValueError, match=r"model must be one of \('cnn', 'resnet20', 'mobilenetv2'\), got 'vgg16'"):
         models.make_model("vgg16", 3, 10)
 
 

@@ -50,10 +50,11 @@ def test_check_int_accepts_ints_and_none_when_told_what_it_means():
 
 
 def test_params_imports_no_robustq_module():  # so that every module may use its validators
-    # robustq.kernels is the package's own first import (the CPU pin, before torch), and imports none
+    # robustq.kernels is the package's own first import (the CPU pin, before torch), and imports none;
+    # robustq.profiles (which profile names are valid) imports none either
     code = "import sys, robustq.params; print(sorted(m for m in sys.modules if m.startswith('robustq.')))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
-    assert done.stdout.strip() == "['robustq.kernels', 'robustq.params']"
+    assert done.stdout.strip() == "['robustq.kernels', 'robustq.params', 'robustq.profiles']"
 
 
 def test_good_parameters_come_back_checked():

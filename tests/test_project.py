@@ -46,11 +46,11 @@ def test_readme_and_ci_run_the_two_commands():
 
 
 def test_readme_profile_table_matches_the_profiles():
-    from robustq.experiments import PROFILES
+    from robustq.profiles import PROFILES
 
     readme = (ROOT / "README.md").read_text()
     for name, settings in PROFILES.items():
         row = next(line for line in readme.splitlines() if line.startswith(f"| `{name}` |"))
-        assert f"{settings['epochs']} epoch" in row, (name, row)
-        size = settings["train_size"]
+        assert f"{settings.epochs} epoch" in row, (name, row)
+        size = settings.train_size
         assert (f"{size:,}" if size else "all 60,000") in row, (name, row)

@@ -17,7 +17,7 @@ def test_t_quantiles_are_students_not_two_standard_errors():
     assert verdicts.t_quantile(3) == pytest.approx(4.303, abs=1e-3)
     assert verdicts.t_quantile(5) == pytest.approx(2.776, abs=1e-3)
     assert verdicts.t_quantile(1000) == pytest.approx(1.962, abs=1e-3)
-    with pytest.raises(ValueError, match="at least 2 seeds"):
+    with pytest.raises(ValueError, match=r"n \(paired seeds\) must be an int >= 2, got 1"):
         verdicts.t_quantile(1)
 
 

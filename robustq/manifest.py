@@ -1,0 +1,271 @@
+"""The chapter manifest: the one place that says what each chapter trains and evaluates.
+
+Each :class:`Chapter` lists, as data, the book methods it grades on every graded seed and shows on
+seed 0 (with their book settings: :func:`robustq.book_settings.experiment`), the models it runs
+outside the book settings (:class:`Extra`: another network, another parameter, a retraced
+trajectory) and the passes over the test set it makes (:class:`Evaluations`). Everything else is
+derived from it:
+
+* the selection runs (each method's open choice, :func:`robustq.book_settings.selection_runs`) and
+  the lazy rule's runs, for every method a chapter uses;
+* :func:`experiments_of`, the experiments a chapter asks for, which the grid
+  (:mod:`robustq.grid`) trains and ``tests/test_manifest.py`` compares with what each notebook
+  asked for under the ``smoke`` profile;
+* :func:`run_plan`, every model the book trains under the chapter that first needs it, with its
+  cost, and :func:`estimate_minutes`.
+
+Adding a method to the book: an entry in :data:`robustq.book_settings.METHODS` and a name in one
+chapter's ``graded`` (or ``seed0``); the grid, the run plan and chapter 08 (every ``compared``
+method) follow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+
+from robustq import book_settings, params, profiles
+from robustq.book_settings import METHODS
+from robustq.experiments import Experiment
+
+COMPARISON_CHAPTER = "08"  # it grades every compared method (MethodSettings.compared) besides its own
+
+
+EXTRA_KINDS = ("run", "retrace", "timed")
+
+
+@dataclass(frozen=True)
+class Extra:
+    """``models`` models a chapter trains outside the book settings, at about ``cost`` baseline
+    units each: ``run`` (trained and cached by :func:`robustq.experiments.run`), ``retrace``
+    (trained again, uncached, with measurement hooks: :func:`robustq.experiments.train_observed`)
+    or ``timed`` (a few timed steps of one method, nothing stored:
+    :func:`robustq.comparison.step_seconds`)."""
+
+    note: str
+    models: int
+    cost: float = 1.0
+    kind: str = "run"
+
+    def __post_init__(self) -> None:
+        params.check_choice("kind", self.kind, EXTRA_KINDS)
+
+
+@dataclass(frozen=True)
+class Evaluations:
+    """Passes over the test set (a quantized copy evaluated, or an analysis pass) that a chapter
+    makes: ``per_model`` for each model of ``name`` on ``seeds`` ("graded" or "seed 0"), or a fixed
+    count with ``per_model=0`` and ``fixed``. Cached evaluations another chapter made are not
+    counted again."""
+
+    name: str
+    seeds: str
+    per_model: int
+    note: str = ""
+    fixed: int = 0
+
+    def count(self, n_graded: int) -> int:
+        return self.fixed + self.per_model * (n_graded if self.seeds == "graded" else 1)
+
+
+@dataclass(frozen=True)
+class Chapter:
+    """What one chapter trains and evaluates (see the module docstring)."""
+
+    graded: tuple[str, ...] = ()
+    seed0: tuple[str, ...] = ()
+    extras: tuple[Extra, ...] = ()
+    evaluations: tuple[Evaluations, ...] = ()
+
+
+PRIMARY = 8  # evaluations of the primary endpoint (variants43) per model
+GRID = len(book_settings.GRID_BITS)  # the weight grid, W8-W2
+
+CHAPTERS: dict[str, Chapter] = {
+    "00": Chapter(),  # synthetic tensors only
+    "01": Chapter(("baseline", "symreg"), ("symreg_layer", "symreg_kernel"), evaluations=(
+        Evaluations("baseline", "graded", 9, "SQNR drop and bias drift per seed (analysis passes)"),
+        Evaluations("symreg", "graded", 4, "bias drift per seed"),
+        Evaluations("baseline", "seed 0", 75, "layer-by-layer grid, drift table, analytic link"),
+    )),
+    "02": Chapter(("baseline", "satnl"), evaluations=(
+        Evaluations("satnl", "graded", 14, "policy grid W4-W2, clip curves"),
+        Evaluations("baseline", "graded", 14, "policy grid of chapter 1's baselines"),
+    )),
+    "03": Chapter(("baseline", "symreg"), ("symreg_layer", "symreg_kernel"), extras=(
+        Extra("SymReg with the 2:2 pairing, seed 0", 1),
+        Extra("MobileNetV2 with and without depthwise SymReg, the profile's training subset", 2, cost=0.9),
+    ), evaluations=(
+        Evaluations("symreg", "graded", 2 * (PRIMARY + 16), "endpoint and worst case over 16 policies at W3"),
+        Evaluations("baseline", "graded", PRIMARY, "baseline + bias correction"),
+        Evaluations("symreg", "seed 0", 3 * PRIMARY + 4, "ablation: scopes and pairing; MobileNetV2"),
+    )),
+    "04": Chapter(("baseline", "symreg", "satnl", "symreg_satnl_asam", "qat_lsq", "symreg_satnl_lsq"),
+                  ("asam", "satnl_asam"), extras=(Extra("the three SatNL forms on the selection seed", 3),),
+                  evaluations=(
+        Evaluations("symreg_satnl_asam", "graded", PRIMARY + 2),
+        Evaluations("satnl", "graded", PRIMARY + 2, "SatNL alone vs baseline; quartile sensitivity"),
+        Evaluations("asam", "seed 0", 2 * PRIMARY, "ASAM and SatNL+ASAM alone, descriptive"),
+        Evaluations("baseline", "seed 0", 40, "Hessian, noise and ASAM-perturbation passes of four models"),
+        Evaluations("qat_lsq", "graded", 2 * 5, "LSQ and LSQ on SymReg+SatNL, cross-bit"),
+    )),
+    "05": Chapter(("baseline", "grad_l1", "qat_ste"), extras=(
+        Extra("the unweighted penalty at the chosen λ, selection seed", 1, cost=METHODS["grad_l1"].cost),
+    ), evaluations=(
+        Evaluations("grad_l1", "graded", 2 * (2 + 1 + GRID), "W6A6/W4A4, W8A8, W8-W2, with the baseline's"),
+        Evaluations("qat_ste", "graded", GRID, "own quantizer, W8-W2"),
+        Evaluations("grad_l1", "seed 0", GRID, "the unweighted penalty"),
+    )),
+    "06": Chapter(("baseline", "wrpn", "sinreq_wrpn", "dorefa", "sinreq_dorefa"), extras=(
+        Extra("WRPN and SinReQ-WRPN retraced with a grid-distance hook", 2, kind="retrace"),
+        Extra("WRPN with the default init, seed 0", 1),
+        Extra("DoReFa's sinusoid on raw and on normalised weights, selection seed", 2, cost=1.1),
+    ), evaluations=(
+        Evaluations("wrpn", "graded", 4 * GRID, "the weight grid of the four QAT models (W3 graded)"),
+        Evaluations("sinreq_dorefa", "seed 0", 2, "the two sinusoid domains"),
+    )),
+    "07": Chapter(("baseline", "qat_ste", "oscillation"), extras=(
+        Extra("three models retraced with an oscillation tracker", 3, kind="retrace"),
+    ), evaluations=(
+        Evaluations("oscillation", "graded", 2 * GRID, "W8-W2, unfolded and folded"),
+        Evaluations("baseline", "graded", GRID, "the baseline folded"),
+    )),
+    "08": Chapter(("baseline", "kure"), ("symreg_satnl_asam_kure",), extras=(
+        # about 6.5 s each in the cold build of 4b34db9 (71.7 s for 11 methods): setup and 35 steps
+        Extra("overhead: 35 timed steps of every compared method, not stored",
+              sum(entry.compared for entry in METHODS.values()), cost=0.8, kind="timed"),
+    ), evaluations=(
+        Evaluations("kure", "graded", GRID + PRIMARY, "KURE: the weight grid and the primary endpoint"),
+        Evaluations("baseline", "graded", 3 * GRID + 2 * GRID,
+                    "grids of SymReg, SatNL, SymReg+SatNL+ASAM; bias-corrected baseline (twice the cost)"),
+        Evaluations("baseline", "graded", 2 * PRIMARY, "primary endpoint of gradient-ℓ1 and oscillation"),
+        Evaluations("baseline", "seed 0", 0, "secondary settings, descriptive", fixed=16 * 7 + 7 + 11),
+        Evaluations("symreg_satnl_asam_kure", "seed 0", PRIMARY + GRID, "with KURE, descriptive"),
+    )),
+}
+
+
+def chapter(number: str) -> Chapter:
+    """The manifest entry of chapter ``number`` (``"00"``-``"08"``)."""
+    if number not in CHAPTERS:
+        raise ValueError(f"unknown chapter {number!r}; the book's chapters are {', '.join(CHAPTERS)}")
+    return CHAPTERS[number]
+
+
+def graded_methods(number: str) -> tuple[str, ...]:
+    """The book methods chapter ``number`` grades on every graded seed (chapter 08: also every
+    ``compared`` method)."""
+    graded = chapter(number).graded
+    if number == COMPARISON_CHAPTER:
+        graded = (*graded, *(name for name, entry in METHODS.items() if entry.compared))
+    return tuple(dict.fromkeys(graded))
+
+
+def seed0_methods(number: str) -> tuple[str, ...]:
+    """The book methods chapter ``number`` shows on the first graded seed only."""
+    return tuple(name for name in chapter(number).seed0 if name not in graded_methods(number))
+
+
+def choice_sources(number: str) -> tuple[str, ...]:
+    """The methods whose open choice the chapter's methods make or inherit."""
+    sources = (METHODS[name].inherits or name for name in (*graded_methods(number), *seed0_methods(number)))
+    return tuple(name for name in dict.fromkeys(sources) if METHODS[name].choice is not None)
+
+
+def lazy_methods(number: str) -> tuple[str, ...]:
+    """The chapter's methods with a lazy rule (:data:`robustq.book_settings.LAZY_RULE`)."""
+    return tuple(name for name in (*graded_methods(number), *seed0_methods(number)) if METHODS[name].lazy_every > 1)
+
+
+def selection_experiments(number: str, profile: str | None = None) -> list[Experiment]:
+    """Every selection run of the choices the chapter makes or inherits (no training: candidates
+    and reference only)."""
+    return _unique(exp for name in choice_sources(number) for exp in book_settings.selection_runs(name, profile))
+
+
+def lazy_experiments(number: str, profile: str | None = None) -> list[Experiment]:
+    """The lazy rule's runs (they need the chosen λ: the selection runs first)."""
+    return _unique(exp for name in lazy_methods(number) for exp in book_settings.lazy_rule_runs(name, profile))
+
+
+def book_experiments(number: str, profile: str | None = None) -> list[Experiment]:
+    """The chapter's methods with their book settings: graded on every graded seed, seed-0 methods
+    on the first (they need the choices and the lazy rule: their runs first)."""
+    seeds = book_settings.graded_seeds(profile)
+    return _unique([*(book_settings.experiment(name, seed, profile) for name in graded_methods(number) for seed in seeds),
+                    *(book_settings.experiment(name, seeds[0], profile) for name in seed0_methods(number))])
+
+
+def experiments_of(number: str, profile: str | None = None) -> list[Experiment]:
+    """Every book-settings experiment chapter ``number`` asks for: selection, lazy rule, graded and
+    seed-0 runs (its :class:`Extra` models are counted, not listed)."""
+    return _unique([*selection_experiments(number, profile), *lazy_experiments(number, profile),
+                    *book_experiments(number, profile)])
+
+
+def _unique(experiments) -> list[Experiment]:
+    return list(dict.fromkeys(experiments))
+
+
+# --- the run plan ---------------------------------------------------------------------------------
+
+BUDGET_MINUTES = 36.0  # the plan's estimate must fit this (the book's cap is 40 minutes, goal 30)
+
+# Measured on the 2-core machine for the book recipe (8,000 images, batch 64): a baseline model trains
+# in 6.1-6.9 s in benchmarks/power.py and 6.5 s inside a notebook, about 8 s with its setup and
+# cache writes; an evaluation (a quantized copy and a pass over the 5,000-image test subset) takes
+# 0.4 s plain min-max, more with calibrated activations or bias correction. With these two numbers
+# and the method costs of the cold build of commit 5ceff46, the plan of chapters 00-08 estimated
+# 28.2 minutes, against 28.6 measured (per chapter within 70 s).
+SECONDS_PER_UNIT = 8.0
+SECONDS_PER_EVALUATION = 0.40
+
+
+def run_plan(profile: str = "book") -> pd.DataFrame:
+    """Every model the book trains and every evaluation it runs, chapter by chapter, derived from
+    :data:`CHAPTERS`: a model is counted under the first chapter that needs it, with its cost in
+    baseline-model units (``METHODS[name].cost`` × models). Nothing is trained to make it: the
+    choices' values do not change what is trained, only which λ."""
+    n = len(profiles.get(profile).seeds)
+    seen: set[tuple] = set()
+    rows = []
+    for number, entry in CHAPTERS.items():
+        for name, seeds, models, note in _chapter_models(number, n):
+            new = [model for model in models if model not in seen]
+            seen.update(new)
+            if new:
+                rows.append({"chapter": number, "name": name, "seeds": seeds, "models": len(new),
+                             "units": len(new) * METHODS[name].cost, "evaluations": 0, "note": note})
+        for extra in entry.extras:
+            rows.append({"chapter": number, "name": "(extra)", "seeds": "", "models": extra.models,
+                         "units": extra.models * extra.cost, "evaluations": 0, "note": extra.note})
+        for evaluations in entry.evaluations:
+            rows.append({"chapter": number, "name": evaluations.name, "seeds": evaluations.seeds, "models": 0,
+                         "units": 0.0, "evaluations": evaluations.count(n), "note": evaluations.note})
+        if not any(row["chapter"] == number for row in rows):
+            rows.append({"chapter": number, "name": "", "seeds": "", "models": 0, "units": 0.0, "evaluations": 0,
+                         "note": "synthetic tensors only"})
+    return pd.DataFrame(rows)
+
+
+def _chapter_models(number: str, n: int):
+    """(method, seeds, model identities, note) of a chapter, symbolically (no choice is made)."""
+    for source in choice_sources(number):
+        choice = METHODS[source].choice
+        yield choice.reference, "selection", [("selection", choice.reference)], "a choice's validation reference"
+        yield source, "selection", [("selection", source, value) for value in choice.candidates], "λ candidates"
+    for name in lazy_methods(number):
+        # the full penalty at the chosen λ is that candidate's selection run: only the lazy one is new
+        yield name, "selection", [("lazy", name, METHODS[name].lazy_every)], "the lazy rule's lazy run"
+    for name in graded_methods(number):
+        yield name, "graded", [(name, seed) for seed in range(n)], "graded"
+    for name in seed0_methods(number):
+        yield name, "seed 0", [(name, 0)], "seed 0, descriptive"
+
+
+def estimate_minutes(plan: pd.DataFrame, seconds_per_unit: float = SECONDS_PER_UNIT,
+                     seconds_per_evaluation: float = SECONDS_PER_EVALUATION) -> float:
+    """Estimated build time of a plan: training units × seconds per unit + evaluations × seconds."""
+    return (plan["units"].sum() * seconds_per_unit + plan["evaluations"].sum() * seconds_per_evaluation) / 60
+

@@ -1,0 +1,109 @@
+"""Profiles: how large every run of the book is, in one place.
+
+A profile sizes the training recipe (epochs, training and test subsets, batch size, graded seeds) and
+every other number that depends on how much time a build has: the validation split of selection
+runs, the fixed image batches of the analysis passes, the PTQ calibration batch, the Hessian's
+power iteration, the MobileNetV2 check's training subset and chapter 00's synthetic draws. Chapters
+and helpers read these fields; none branches on a profile's name.
+
+* ``smoke``: every notebook in seconds (``make test``); numbers that only show the code runs.
+* ``book``: the published book, on two CPU cores within its 40-minute cap.
+* ``paper``: all of Fashion-MNIST and ten times the epochs, for a GPU or a long run.
+
+This module imports no other ``robustq`` module, so that the validators (:mod:`robustq.params`)
+and the runner (:mod:`robustq.experiments`) can both use it without an import cycle.
+
+>>> get("smoke").epochs
+2
+>>> get("book").recipe()["train_size"]
+8000
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any
+
+PROFILE_ENV = "ROBUSTQ_PROFILE"
+DEFAULT_PROFILE = "book"
+
+
+@dataclass(frozen=True)
+class Profile:
+    """The sizes of one profile. The first five fields are the training recipe that an
+    :class:`~robustq.experiments.Experiment` fills its ``None`` fields from (:meth:`recipe`); the
+    others size the evaluations and analyses (each enters the cache key of what it sizes)."""
+
+    name: str
+    epochs: int
+    train_size: int | None  # None: all 60,000 training images
+    test_size: int | None  # None: all 10,000 test images
+    batch_size: int
+    seeds: tuple[int, ...]  # the graded seeds
+    validation_size: int  # images carved from the training set for selection runs
+    analysis_images: int  # the fixed batch of test images of the analysis passes (propagation, bound)
+    calibration_images: int  # PTQ calibration batch: activation ranges and bias correction
+    hessian_images: int  # the fixed batch of the Hessian's power iteration (chapter 04)
+    hessian_iterations: int
+    mobilenet_train_size: int  # training images of chapter 03's MobileNetV2 (depthwise) check
+    synthetic_samples: int  # draws per synthetic distribution (chapter 00)
+
+    def recipe(self) -> dict[str, Any]:
+        """The training recipe's fields, as a new dict."""
+        return {field: getattr(self, field) for field in RECIPE_FIELDS}
+
+
+RECIPE_FIELDS = ("epochs", "train_size", "test_size", "batch_size", "seeds")
+
+PROFILES: dict[str, Profile] = {
+    # every notebook in seconds: tiny subsets, two seeds so that every grading path runs; 64 steps
+    # that learn (baseline: last-epoch loss 1.5 against 2.30 at chance, 52% test accuracy, 0.4 s).
+    # Half the images of the earlier 1,024 at batch 32 (51%, 0.6 s), for the 20 s a notebook; 512 at
+    # batch 32 (32 steps) stayed at chance. Evaluations, not training, dominate a smoke notebook:
+    # a 256-image test subset and a 64-image calibration batch (bias correction was the largest cost
+    # of chapters 03 and 08 at the book's 512) keep each one near 20 s.
+    "smoke": Profile("smoke", epochs=2, train_size=512, test_size=256, batch_size=16, seeds=(0, 1),
+                     validation_size=256, analysis_images=256, calibration_images=64, hessian_images=128,
+                     hessian_iterations=5, mobilenet_train_size=128, synthetic_samples=2_000),
+    # the published book: five graded seeds of a short recipe (8,000 images, 3 epochs, batch 64,
+    # 375 steps: 87.1-87.5% float on selection seeds 100-102, about 7 s a model on 2 cores;
+    # benchmarks/power.py measured its seed spread), evaluated on one fixed 5,000-image test subset
+    # (binomial standard error 0.47 points at 87%). 15,000 images at batch 128 (89.3%) did not fit
+    # the 40-minute cap once chapters 06 and 08 joined, and 8,000 at batch 128 (187 steps) left
+    # seeds unconverged, 82.7-85.6%, quadrupling the paired spread of the primary endpoint.
+    "book": Profile("book", epochs=3, train_size=8000, test_size=5000, batch_size=64, seeds=(0, 1, 2, 3, 4),
+                    validation_size=5000, analysis_images=1000, calibration_images=512, hessian_images=512,
+                    hessian_iterations=20, mobilenet_train_size=2048, synthetic_samples=50_000),
+    # GPU or long runs: all data, more epochs
+    "paper": Profile("paper", epochs=30, train_size=None, test_size=None, batch_size=256, seeds=(0, 1, 2, 3, 4),
+                     validation_size=5000, analysis_images=1000, calibration_images=512, hessian_images=512,
+                     hessian_iterations=20, mobilenet_train_size=2048, synthetic_samples=200_000),
+}
+
+
+def resolve_profile(profile: str | None = None) -> str:
+    """The profile name: ``profile`` if given, else ``$ROBUSTQ_PROFILE``, else ``book``."""
+    name = profile or os.environ.get(PROFILE_ENV) or DEFAULT_PROFILE
+    if name not in PROFILES:
+        raise ValueError(
+            f"unknown profile {name!r}; known profiles: {', '.join(PROFILES)} "
+            f"(set by the notebook parameter 'profile' or ${PROFILE_ENV})"
+        )
+    return name
+
+
+def get(profile: str | None = None) -> Profile:
+    """The :class:`Profile` of ``profile`` (resolved as :func:`resolve_profile` does)."""
+    return PROFILES[resolve_profile(profile)]
+
+
+def with_sizes(profile: str | None = None, **sizes: int | None) -> Profile:
+    """The profile with some sizes overridden (a notebook parameter left at ``None`` keeps the
+    profile's value).
+
+    >>> with_sizes("smoke", hessian_images=None, analysis_images=64).analysis_images
+    64
+    """
+    return dataclasses.replace(get(profile), **{name: value for name, value in sizes.items() if value is not None})
