@@ -25,9 +25,11 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from robustq import book_settings, params, profiles
+from robustq import book_settings, experiments, params, profiles
 from robustq.book_settings import METHODS
 from robustq.experiments import Experiment
+
+EVALUATION_KINDS = (*experiments.EVALUATION_KINDS, "passes")
 
 COMPARISON_CHAPTER = "08"  # it grades every compared method (MethodSettings.compared) besides its own
 
@@ -54,19 +56,24 @@ class Extra:
 
 @dataclass(frozen=True)
 class Evaluations:
-    """Passes over the test set (a quantized copy evaluated, or an analysis pass) that a chapter
-    makes: ``per_model`` for each model of ``name`` on ``seeds`` ("graded" or "seed 0"), or a fixed
-    count with ``per_model=0`` and ``fixed``. Cached evaluations another chapter made are not
-    counted again."""
+    """Evaluations a chapter runs that no earlier chapter ran (cached ones are free): ``per_model``
+    for each model of ``name`` on ``seeds`` (``"graded"``: every graded seed; ``"seed 0"`` or
+    ``"selection"``: ``per_model`` in all), of one ``kind``: a row of :func:`robustq.experiments.sweep` of that cost
+    (:data:`robustq.experiments.EVALUATION_KINDS`, counted by ``tests/test_manifest.py`` under the
+    smoke profile) or ``"passes"``, an analysis's forward passes over a batch (estimated)."""
 
     name: str
     seeds: str
     per_model: int
+    kind: str = "plain"
     note: str = ""
-    fixed: int = 0
+
+    def __post_init__(self) -> None:
+        params.check_choice("seeds", self.seeds, ("graded", "seed 0", "selection"))
+        params.check_choice("kind", self.kind, EVALUATION_KINDS)
 
     def count(self, n_graded: int) -> int:
-        return self.fixed + self.per_model * (n_graded if self.seeds == "graded" else 1)
+        return self.per_model * (n_graded if self.seeds == "graded" else 1)
 
 
 @dataclass(frozen=True)
@@ -85,63 +92,63 @@ GRID = len(book_settings.GRID_BITS)  # the weight grid, W8-W2
 CHAPTERS: dict[str, Chapter] = {
     "00": Chapter(),  # synthetic tensors only
     "01": Chapter(("baseline", "symreg"), ("symreg_layer", "symreg_kernel"), evaluations=(
-        Evaluations("baseline", "graded", 9, "SQNR drop and bias drift per seed (analysis passes)"),
-        Evaluations("symreg", "graded", 4, "bias drift per seed"),
-        Evaluations("baseline", "seed 0", 75, "layer-by-layer grid, drift table, analytic link"),
+        Evaluations("baseline", "graded", 9, note="SQNR drop and bias drift per seed (analysis passes)"),
+        Evaluations("symreg", "graded", 4, note="bias drift per seed"),
+        Evaluations("baseline", "seed 0", 75, note="layer-by-layer grid, drift table, analytic link"),
     )),
     "02": Chapter(("baseline", "satnl"), evaluations=(
-        Evaluations("satnl", "graded", 14, "policy grid W4-W2, clip curves"),
-        Evaluations("baseline", "graded", 14, "policy grid of chapter 1's baselines"),
+        Evaluations("satnl", "graded", 14, note="policy grid W4-W2, clip curves"),
+        Evaluations("baseline", "graded", 14, note="policy grid of chapter 1's baselines"),
     )),
     "03": Chapter(("baseline", "symreg"), ("symreg_layer", "symreg_kernel"), extras=(
         Extra("SymReg with the 2:2 pairing, seed 0", 1),
         Extra("MobileNetV2 with and without depthwise SymReg, the profile's training subset", 2, cost=0.9),
     ), evaluations=(
-        Evaluations("symreg", "graded", 2 * (PRIMARY + 16), "endpoint and worst case over 16 policies at W3"),
-        Evaluations("baseline", "graded", PRIMARY, "baseline + bias correction"),
-        Evaluations("symreg", "seed 0", 3 * PRIMARY + 4, "ablation: scopes and pairing; MobileNetV2"),
+        Evaluations("symreg", "graded", 2 * (PRIMARY + 16), note="endpoint and worst case over 16 policies at W3"),
+        Evaluations("baseline", "graded", PRIMARY, note="baseline + bias correction"),
+        Evaluations("symreg", "seed 0", 3 * PRIMARY + 4, note="ablation: scopes and pairing; MobileNetV2"),
     )),
     "04": Chapter(("baseline", "symreg", "satnl", "symreg_satnl_asam", "qat_lsq", "symreg_satnl_lsq"),
                   ("asam", "satnl_asam"), extras=(Extra("the three SatNL forms on the selection seed", 3),),
                   evaluations=(
         Evaluations("symreg_satnl_asam", "graded", PRIMARY + 2),
-        Evaluations("satnl", "graded", PRIMARY + 2, "SatNL alone vs baseline; quartile sensitivity"),
-        Evaluations("asam", "seed 0", 2 * PRIMARY, "ASAM and SatNL+ASAM alone, descriptive"),
-        Evaluations("baseline", "seed 0", 40, "Hessian, noise and ASAM-perturbation passes of four models"),
-        Evaluations("qat_lsq", "graded", 2 * 5, "LSQ and LSQ on SymReg+SatNL, cross-bit"),
+        Evaluations("satnl", "graded", PRIMARY + 2, note="SatNL alone vs baseline; quartile sensitivity"),
+        Evaluations("asam", "seed 0", 2 * PRIMARY, note="ASAM and SatNL+ASAM alone, descriptive"),
+        Evaluations("baseline", "seed 0", 40, note="Hessian, noise and ASAM-perturbation passes of four models"),
+        Evaluations("qat_lsq", "graded", 2 * 5, note="LSQ and LSQ on SymReg+SatNL, cross-bit"),
     )),
     "05": Chapter(("baseline", "grad_l1", "qat_ste"), extras=(
         Extra("the unweighted penalty at the chosen λ, selection seed", 1, cost=METHODS["grad_l1"].cost),
     ), evaluations=(
-        Evaluations("grad_l1", "graded", 2 * (2 + 1 + GRID), "W6A6/W4A4, W8A8, W8-W2, with the baseline's"),
-        Evaluations("qat_ste", "graded", GRID, "own quantizer, W8-W2"),
-        Evaluations("grad_l1", "seed 0", GRID, "the unweighted penalty"),
+        Evaluations("grad_l1", "graded", 2 * (2 + 1 + GRID), note="W6A6/W4A4, W8A8, W8-W2, with the baseline's"),
+        Evaluations("qat_ste", "graded", GRID, note="own quantizer, W8-W2"),
+        Evaluations("grad_l1", "seed 0", GRID, note="the unweighted penalty"),
     )),
     "06": Chapter(("baseline", "wrpn", "sinreq_wrpn", "dorefa", "sinreq_dorefa"), extras=(
         Extra("WRPN and SinReQ-WRPN retraced with a grid-distance hook", 2, kind="retrace"),
         Extra("WRPN with the default init, seed 0", 1),
         Extra("DoReFa's sinusoid on raw and on normalised weights, selection seed", 2, cost=1.1),
     ), evaluations=(
-        Evaluations("wrpn", "graded", 4 * GRID, "the weight grid of the four QAT models (W3 graded)"),
-        Evaluations("sinreq_dorefa", "seed 0", 2, "the two sinusoid domains"),
+        Evaluations("wrpn", "graded", 4 * GRID, note="the weight grid of the four QAT models (W3 graded)"),
+        Evaluations("sinreq_dorefa", "seed 0", 2, note="the two sinusoid domains"),
     )),
     "07": Chapter(("baseline", "qat_ste", "oscillation"), extras=(
         Extra("three models retraced with an oscillation tracker", 3, kind="retrace"),
     ), evaluations=(
-        Evaluations("oscillation", "graded", 2 * GRID, "W8-W2, unfolded and folded"),
-        Evaluations("baseline", "graded", GRID, "the baseline folded"),
+        Evaluations("oscillation", "graded", 2 * GRID, note="W8-W2, unfolded and folded"),
+        Evaluations("baseline", "graded", GRID, note="the baseline folded"),
     )),
     "08": Chapter(("baseline", "kure"), ("symreg_satnl_asam_kure",), extras=(
         # about 6.5 s each in the cold build of 4b34db9 (71.7 s for 11 methods): setup and 35 steps
         Extra("overhead: 35 timed steps of every compared method, not stored",
               sum(entry.compared for entry in METHODS.values()), cost=0.8, kind="timed"),
     ), evaluations=(
-        Evaluations("kure", "graded", GRID + PRIMARY, "KURE: the weight grid and the primary endpoint"),
+        Evaluations("kure", "graded", GRID + PRIMARY, note="KURE: the weight grid and the primary endpoint"),
         Evaluations("baseline", "graded", 3 * GRID + 2 * GRID,
-                    "grids of SymReg, SatNL, SymReg+SatNL+ASAM; bias-corrected baseline (twice the cost)"),
-        Evaluations("baseline", "graded", 2 * PRIMARY, "primary endpoint of gradient-ℓ1 and oscillation"),
-        Evaluations("baseline", "seed 0", 0, "secondary settings, descriptive", fixed=16 * 7 + 7 + 11),
-        Evaluations("symreg_satnl_asam_kure", "seed 0", PRIMARY + GRID, "with KURE, descriptive"),
+                    note="grids of SymReg, SatNL, SymReg+SatNL+ASAM; bias-corrected baseline (twice the cost)"),
+        Evaluations("baseline", "graded", 2 * PRIMARY, note="primary endpoint of gradient-ℓ1 and oscillation"),
+        Evaluations("baseline", "seed 0", 16 * 7 + 7 + 11, note="secondary settings, descriptive"),
+        Evaluations("symreg_satnl_asam_kure", "seed 0", PRIMARY + GRID, note="with KURE, descriptive"),
     )),
 }
 
@@ -219,7 +226,8 @@ BUDGET_MINUTES = 36.0  # the plan's estimate must fit this (the book's cap is 40
 # and the method costs of the cold build of commit 5ceff46, the plan of chapters 00-08 estimated
 # 28.2 minutes, against 28.6 measured (per chapter within 70 s).
 SECONDS_PER_UNIT = 8.0
-SECONDS_PER_EVALUATION = 0.40
+SECONDS_PER_EVALUATION = {"plain": 0.4, "activations": 0.6, "mse": 1.0, "bias_corrected": 2.0, "passes": 0.4}
+SECONDS_PER_CHAPTER = 10.0
 
 
 def run_plan(profile: str = "book") -> pd.DataFrame:
@@ -235,18 +243,21 @@ def run_plan(profile: str = "book") -> pd.DataFrame:
             new = [model for model in models if model not in seen]
             seen.update(new)
             if new:
-                rows.append({"chapter": number, "name": name, "seeds": seeds, "models": len(new),
-                             "units": len(new) * METHODS[name].cost, "evaluations": 0, "note": note})
+                rows.append(_row(number, name, seeds, note, models=len(new), units=len(new) * METHODS[name].cost))
         for extra in entry.extras:
-            rows.append({"chapter": number, "name": "(extra)", "seeds": "", "models": extra.models,
-                         "units": extra.models * extra.cost, "evaluations": 0, "note": extra.note})
+            rows.append(_row(number, "(extra)", "", extra.note, models=extra.models, units=extra.models * extra.cost))
         for evaluations in entry.evaluations:
-            rows.append({"chapter": number, "name": evaluations.name, "seeds": evaluations.seeds, "models": 0,
-                         "units": 0.0, "evaluations": evaluations.count(n), "note": evaluations.note})
+            rows.append(_row(number, evaluations.name, evaluations.seeds, evaluations.note,
+                             evaluations=evaluations.count(n), kind=evaluations.kind))
         if not any(row["chapter"] == number for row in rows):
-            rows.append({"chapter": number, "name": "", "seeds": "", "models": 0, "units": 0.0, "evaluations": 0,
-                         "note": "synthetic tensors only"})
+            rows.append(_row(number, "", "", "synthetic tensors only"))
     return pd.DataFrame(rows)
+
+
+def _row(chapter: str, name: str, seeds: str, note: str, *, models: int = 0, units: float = 0.0,
+         evaluations: int = 0, kind: str = "") -> dict:
+    return {"chapter": chapter, "name": name, "seeds": seeds, "models": models, "units": units,
+            "evaluations": evaluations, "kind": kind, "note": note}
 
 
 def _chapter_models(number: str, n: int):
@@ -265,7 +276,11 @@ def _chapter_models(number: str, n: int):
 
 
 def estimate_minutes(plan: pd.DataFrame, seconds_per_unit: float = SECONDS_PER_UNIT,
-                     seconds_per_evaluation: float = SECONDS_PER_EVALUATION) -> float:
-    """Estimated build time of a plan: training units × seconds per unit + evaluations × seconds."""
-    return (plan["units"].sum() * seconds_per_unit + plan["evaluations"].sum() * seconds_per_evaluation) / 60
-
+                     seconds_per_evaluation: dict[str, float] | None = None,
+                     seconds_per_chapter: float = SECONDS_PER_CHAPTER) -> float:
+    """Estimated build time of a plan, in minutes: training units × seconds per unit, evaluations ×
+    their kind's seconds, and each chapter's fixed cost (a kernel, imports, figures)."""
+    costs = SECONDS_PER_EVALUATION if seconds_per_evaluation is None else seconds_per_evaluation
+    evaluations = (plan["evaluations"] * plan["kind"].map(costs).fillna(0.0)).sum()
+    chapters = plan["chapter"].nunique()
+    return (plan["units"].sum() * seconds_per_unit + evaluations + chapters * seconds_per_chapter) / 60

@@ -1,8 +1,8 @@
 """The chapter manifest (robustq/manifest.py): what each chapter trains, and what is derived from it
 (the grid's run lists, the run plan); after the smoke notebooks of the same ``make test``, that each
 notebook asked for exactly the runs its manifest entry lists, retraced and timed as many models as
-it says, and evaluated only models it asked for. (The evaluation counts of the run plan are
-estimates, not checked here.)"""
+it says, evaluated only models it asked for, and ran as many new evaluations of each kind as its
+entry counts (analysis passes, estimates, excepted)."""
 
 import json
 import os
@@ -110,3 +110,28 @@ def test_each_notebook_asks_for_exactly_the_runs_its_manifest_lists(notebooks_ra
     for kind in ("retrace", "timed"):
         traced = [line["method"] for line in lines if line["kind"] == kind]
         assert len(traced) == sum(e.models for e in extras if e.kind == kind), (number, kind, traced)
+
+
+def _new_evaluations(number: str) -> dict[str, int]:
+    """Rows of each kind in the chapter's evaluations that no earlier chapter asked for."""
+    seen = set()
+    for earlier in (n for n in manifest.CHAPTERS if "00" < n < number):
+        seen |= {(line["key"], line["evaluation"]) for line in _recorded(earlier) if line["kind"] == "sweep"}
+    counts = dict.fromkeys(experiments.EVALUATION_KINDS, 0)
+    for line in _recorded(number):
+        if line["kind"] == "sweep" and (line["key"], line["evaluation"]) not in seen:
+            seen.add((line["key"], line["evaluation"]))
+            for kind in counts:
+                counts[kind] += line[kind]
+    return counts
+
+
+@pytest.mark.after_notebooks
+@pytest.mark.parametrize("number", [n for n in manifest.CHAPTERS if n != "00"])
+def test_each_notebook_runs_the_new_evaluations_its_manifest_counts(notebooks_ran, number):
+    n = len(book_settings.graded_seeds("smoke"))
+    listed = dict.fromkeys(experiments.EVALUATION_KINDS, 0)
+    for evaluations in manifest.chapter(number).evaluations:
+        if evaluations.kind in listed:
+            listed[evaluations.kind] += evaluations.count(n)
+    assert _new_evaluations(number) == listed
