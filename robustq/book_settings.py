@@ -447,9 +447,9 @@ def choose(name: str, profile: str | None = None, progress: bool = False) -> Cho
 @functools.cache
 def _choose(name: str, profile: str, cache: str, progress: bool) -> Chosen | None:
     choice = _settings(name).choice
-    runs = selection_runs(name, profile)
     if choice is None:
         return None
+    runs = selection_runs(name, profile)
     reference, *candidates = (experiments.run(exp, progress=progress) for exp in runs)
     baseline = _final_val_acc(reference)
     accuracy = {value: _final_val_acc(result) for value, result in zip(choice.candidates, candidates)}

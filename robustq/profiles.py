@@ -63,7 +63,7 @@ PROFILES: dict[str, Profile] = {
     # Half the images of the earlier 1,024 at batch 32 (51%, 0.6 s), for the 20 s a notebook; 512 at
     # batch 32 (32 steps) stayed at chance. Evaluations, not training, dominate a smoke notebook:
     # a 256-image test subset and a 64-image calibration batch (bias correction was the largest cost
-    # of chapters 03 and 08 at the book's 512) keep each one near 20 s.
+    # of chapters 03 and 08 at the book's 512) make them cheaper.
     "smoke": Profile("smoke", epochs=2, train_size=512, test_size=256, batch_size=16, seeds=(0, 1),
                      validation_size=256, analysis_images=256, calibration_images=64, hessian_images=128,
                      hessian_iterations=5, mobilenet_train_size=128, synthetic_samples=2_000),
