@@ -22,7 +22,7 @@ export NPY_DISABLE_CPU_FEATURES ?= X86_V4 AVX512_ICL AVX512_SPR
 endif
 endif
 
-.PHONY: setup data book test compat bench clean
+.PHONY: setup data book check-browser test compat bench clean
 
 setup: $(STAMP) data  ## venv with pinned deps, the dataset
 
@@ -42,16 +42,32 @@ data: $(STAMP)  ## Fashion-MNIST: the Debian package (installed when root with a
 	@# and ROBUSTQ_DATA, download through torchvision first; offline, one line with the fix
 	$(PY) -m robustq.data
 
-book: setup  ## execute every notebook (profile book), write (under CI: compare) book/reference/, build the HTML book
+book: setup  ## execute every notebook (profile book), write (under CI: compare) book/reference/, build the HTML book, check its pages (also in a browser)
 	$(PY) book/execute.py --profile book
 	$(VENV)/bin/jupyter-book build book --warningiserror --nitpick --keep-going
 	$(PY) book/check_offline.py book/_build/html
+	$(PY) book/check_pages.py book/_build/html
+	@$(MAKE) --no-print-directory check-browser
 	@echo "Book: $(CURDIR)/book/_build/html/index.html"
 
+check-browser:  ## the built book in headless Chromium at 1024 px (Debian's, installed when root with apt), first screens saved
+	@if ! command -v chromium-headless-shell >/dev/null 2>&1 && ! command -v chromium >/dev/null 2>&1 \
+	    && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "Installing headless Chromium (Debian package chromium-headless-shell)"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium-headless-shell >/dev/null 2>&1 || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    chromium-headless-shell >/dev/null; } || echo "could not install it: the browser check is skipped"; \
+	fi
+	$(PY) book/check_browser.py book/_build/html
+
+# Two pytest workers of one thread each (two torch processes of two threads each slow each other
+# several-fold on two cores): the smoke notebooks and the tests that read their records on one,
+# everything else on the other (tests/conftest.py groups them).
 test: setup  ## notebook lint, workflow schema; unit, property and doctests; notebooks under the smoke profile
 	$(VENV)/bin/ruff check --extend-select E501 notebooks
 	$(VENV)/bin/check-jsonschema --builtin-schema vendor.github-workflows .github/workflows/*.yml
-	ROBUSTQ_PROFILE=smoke $(PY) -m pytest --hypothesis-profile=make-test --durations=25 --nbval-lax tests robustq notebooks
+	ROBUSTQ_PROFILE=smoke OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadscope \
+	  --hypothesis-profile=make-test --durations=25 --nbval-lax tests robustq notebooks
 
 # The GPU machine has torch 2.11 and no network: the package must run there as it is.
 COMPAT_VENV := .venv-torch2.11
@@ -70,4 +86,4 @@ bench: setup  ## speed ratios (printed, not asserted)
 	@for script in benchmarks/*.py; do echo "== $$script"; $(PY) $$script; done
 
 clean:  ## remove build outputs and the experiment cache (keeps the venv)
-	rm -rf book/_build book/notebooks book/status.md book/findings.md book/findings_summary.md .cache
+	rm -rf book/_build book/notebooks book/status.md book/findings.md book/findings_lead.md book/findings_summary.md .cache

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import papermill
 
-from robustq import kernels, reference, verdicts
+from robustq import book_settings, kernels, profiles, reference, verdicts
 from robustq.files import write_atomic
 
 BOOK = Path(__file__).resolve().parent
@@ -44,8 +44,20 @@ def execute(notebook: Path, profile: str) -> tuple[bool, float, str]:
     except Exception as error:  # papermill wraps the cell's exception; keep its first line
         os.replace(partial, out) if partial.exists() else None
         return False, time.perf_counter() - start, str(error).strip().splitlines()[-1][:300]
+    collapse_injected_parameters(partial)
     os.replace(partial, out)
     return True, _papermill_duration(out), ""
+
+
+def collapse_injected_parameters(executed: Path) -> None:
+    """Tag papermill's injected parameters cell ``hide-input``, like the chapter's own parameters
+    cell: the page opens on the chapter, and the values it ran with are one click away."""
+    nb = json.loads(executed.read_text())
+    for cell in nb["cells"]:
+        tags = cell.get("metadata", {}).get("tags", [])
+        if "injected-parameters" in tags and "hide-input" not in tags:
+            tags.append("hide-input")
+    write_atomic(executed, lambda tmp: tmp.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n"))
 
 
 def _papermill_duration(executed: Path) -> float:
@@ -126,9 +138,11 @@ def write_findings(profile: str, executed: list[str]) -> None:
         f"Every claim the chapters grade, as graded in this build (profile `{profile}`). Each claim's",
         "endpoint and rule were written in its chapter before any model was trained; the grade comes",
         "from `robustq.verdicts` over the graded seeds, paired by seed: *reproduced* when the effect",
-        "is surely positive and at least the threshold τ, *not reproduced* when it is surely below τ,",
-        "*inconclusive* otherwise (for `equivalent` claims: surely within, or surely outside, the",
-        "margin). *mean ± se* is the mean paired difference over seeds and its standard error; *MDE*",
+        "is surely positive and at least the threshold τ on average, *smaller than claimed* when it is",
+        "surely positive but surely below τ, *not reproduced* when there is no clear gain (or a loss)",
+        "and it is surely below τ, *inconclusive* otherwise (for `equivalent` claims: surely within, or",
+        "surely outside, the margin). *mean ± se* is the mean paired difference over seeds and its",
+        "standard error, in the endpoint's unit (accuracy points unless stated); *MDE*",
         "is the smallest effect this many seeds can tell from zero (t · se), planned before the run",
         "from the selection seeds and observed in this build. A claim whose MDE exceeds its threshold",
         "is underpowered in this profile: its grade is what the rule gives, and the `paper` profile",
@@ -142,32 +156,85 @@ def write_findings(profile: str, executed: list[str]) -> None:
     else:
         findings = findings[findings["chapter_file"].isin(executed)]
         lines += [
-            "| chapter | claim | statement | rule | n | mean ± se | MDE plan / obs. | grade | stable |",
-            "| --- | --- | --- | --- | ---: | ---: | ---: | --- | ---: |",
+            "| claim | grade | statement | rule | mean ± se | MDE plan / obs. | stable |",
+            "| --- | --- | --- | --- | ---: | ---: | ---: |",
         ]
         for record in findings.to_dict("records"):
             row = argparse.Namespace(**record)
-            rule = f"{row.rule}, {'τ' if row.rule == 'paired' else 'margin'} = {row.threshold:g}"
+            rule = f"{row.rule}, {'τ' if row.rule == 'paired' else 'margin'} {row.threshold:g}"
             lines.append(
-                f"| {{doc}}`{row.chapter_file[:2]} <notebooks/{row.chapter_file}>` | {row.claim} | {row.statement} | "
-                f"{rule} | {row.n} | {_mean_se(row)} | "
-                f"{verdicts.format_points(row.mde_planned)} / {verdicts.format_points(row.mde)} | "
-                f"**{row.grade}** | {_stability(record)} |"
+                f"| {{doc}}`{_breakable(row.claim)} <notebooks/{row.chapter_file}>` | **{row.grade}** | {_statement(record)} | {rule} | "
+                f"{_mean_se(row)} {book_settings.endpoint_unit(row.endpoint)} | "
+                f"{verdicts.format_points(row.mde_planned)}&nbsp;/&nbsp;{verdicts.format_points(row.mde)} | "
+                f"{_stability(record)} |"
             )
     write_atomic(BOOK / "findings.md", lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
+    write_atomic(BOOK / "findings_lead.md", lambda tmp: tmp.write_text(findings_lead(findings, profile)))
     write_atomic(BOOK / "findings_summary.md", lambda tmp: tmp.write_text(findings_summary(findings)))
 
 
-def findings_summary(findings) -> str:
-    """The front page's table (``intro.md`` includes it): per claim its grade, the numbers and a
-    link to its chapter; the Findings page has the rules and MDEs."""
+def findings_lead(findings, profile: str) -> str:
+    """The front page's first sentences: what was trained and what the grades came to, per source
+    of claim (the papers', the book's own hypotheses, checks), computed from the records."""
     if findings.empty:
         return "No chapter recorded a graded claim in this build.\n"
-    lines = ["| claim | statement | mean ± se (n) | grade |", "| --- | --- | ---: | --- |"]
+    sizes = profiles.get(profile)
+    images = f"{sizes.train_size:,}" if sizes.train_size else "all the"
+    return (f"This build (profile `{profile}`) trained the book's small CNN on {images} Fashion-MNIST training "
+            f"images for {sizes.epochs} epochs, {len(sizes.seeds)} graded seeds per method, and graded "
+            f"{_count(len(findings), 'claim')}. {grades_by_source(findings)}\n")
+
+
+def findings_summary(findings) -> str:
+    """The front page's table: per claim its grade, statement, effect in its own unit, threshold and
+    a link to its chapter (the Findings page has the rules and MDEs)."""
+    if findings.empty:
+        return ""
+    lines = ["| claim | grade | statement | effect (mean ± se) | threshold | seeds |",
+             "| --- | --- | --- | ---: | ---: | ---: |"]
     for row in findings.itertuples():
-        lines.append(f"| {{doc}}`{row.claim} <notebooks/{row.chapter_file}>` | {row.statement} | "
-                     f"{_mean_se(row)} ({row.n}) | **{row.grade}** |")
+        unit = book_settings.endpoint_unit(row.endpoint)
+        bound = "τ" if row.rule == "paired" else "margin"
+        lines.append(f"| {{doc}}`{_breakable(row.claim)} <notebooks/{row.chapter_file}>` | **{row.grade}** | "
+                     f"{_statement(row._asdict())} | {_mean_se(row)} {unit} | {bound} {row.threshold:g} | {row.n} |")
     return "\n".join(lines) + "\n"
+
+
+# the papers' claims first (their words or a summary's), then the book's own, then the checks
+SOURCE_GROUPS = (("the papers' claims", ("paper", "summary")), ("the book's own hypotheses", ("book",)),
+                 ("checks that hold by construction", ("check",)))
+SOURCE_MARKS = {"paper": "", "summary": " *(from a summary)*", "book": " *(the book's hypothesis)*",
+                "check": " *(a check)*"}
+
+
+def grades_by_source(findings) -> str:
+    """One sentence per source group that graded something: ``Of the papers' claims (25): ...``."""
+    sources = _sources(findings)
+    sentences = []
+    for name, members in SOURCE_GROUPS:
+        grades = findings.loc[sources.isin(members), "grade"]
+        if len(grades):
+            sentences.append(f"Of {name} ({len(grades)}): {verdicts.tally(grades)}.")
+    return " ".join(sentences)
+
+
+def _sources(findings):
+    return findings["source"].fillna("paper") if "source" in findings else findings["claim"].map(lambda _: "paper")
+
+
+def _statement(record: dict) -> str:
+    source = record.get("source")
+    return record["statement"] + SOURCE_MARKS[source if isinstance(source, str) else "paper"]
+
+
+def _breakable(claim: str) -> str:
+    """A claim id that may wrap after each underscore (``C8.symreg_satnl_asam``), so that the
+    narrow first column of a findings table stays narrow."""
+    return claim.replace("_", "_\u200b")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'s' if n != 1 else ''}"
 
 
 def _mean_se(row) -> str:

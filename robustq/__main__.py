@@ -1,8 +1,9 @@
 """Command line: run experiments outside notebooks.
 
     python -m robustq train --method symreg --param lam=0.1 --profile smoke
+    python -m robustq train --book symreg --profile smoke     # SymReg as the book runs it
     python -m robustq sweep --method baseline --w-bits 8 4 3 --profile smoke
-    python -m robustq methods
+    python -m robustq methods [--book]
     python -m robustq grid --profile paper --chapters 01 05 --dry-run
     python -m robustq grid --profile paper --executor slurm --slurm partition=gpu --timeout-min 120
 
@@ -17,13 +18,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import sys
 from collections.abc import Iterator
 from typing import NoReturn
 
-from robustq import experiments, grid, methods, models, params, profiles
+from robustq import book_settings, experiments, grid, methods, models, params, profiles
 from robustq.data import DATASET_NAMES
 from robustq.distributed import DistributedError
 from robustq.train import OPTIMIZERS, NonFiniteLossError
@@ -50,6 +52,9 @@ def _param(text: str) -> tuple[str, object]:
 
 def _add_experiment_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default="baseline", help=f"one of: {', '.join(methods.available())}")
+    parser.add_argument("--book", metavar="NAME", help="a book method as the chapters run it, with its fixed "
+                        "parameters and its choice made on the selection seed (trained first, cached); "
+                        f"one of: {', '.join(book_settings.METHODS)}; --param overrides its parameters")
     parser.add_argument("--param", type=_param, action="append", default=[], metavar="NAME=VALUE",
                         help="a method hyperparameter, repeatable (see 'python -m robustq methods')")
     parser.add_argument("--dataset", default="fashion-mnist", help=f"one of: {', '.join(DATASET_NAMES)}")
@@ -58,8 +63,9 @@ def _add_experiment_args(parser: argparse.ArgumentParser) -> None:
                         f"(default: ${profiles.PROFILE_ENV} or {profiles.DEFAULT_PROFILE})")
     parser.add_argument("--epochs", type=int, help="default: the profile's")
     parser.add_argument("--batch-size", type=int, help="default: the profile's")
-    parser.add_argument("--lr", type=float, default=0.1, help="peak learning rate (default 0.1)")
-    parser.add_argument("--optimizer", default="sgd", help=f"one of: {', '.join(OPTIMIZERS)} (sgd: Nesterov)")
+    parser.add_argument("--lr", type=float, help="peak learning rate (default 0.1, or the book method's)")
+    parser.add_argument("--optimizer", help=f"one of: {', '.join(OPTIMIZERS)} (sgd: Nesterov; default sgd, or "
+                        "the book method's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--train-size", type=int, help="training subset size (default: the profile's)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -95,22 +101,39 @@ def _check_numbers(args: argparse.Namespace) -> None:
         if value is not None:
             with _blame(f"argument {flag}"):
                 params.check_int(flag[2:], value, minimum=1)
-    if not (math.isfinite(args.lr) and args.lr >= 0):
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr >= 0):
         _reject("--lr", f"must be a finite number >= 0, got {args.lr} (e.g. --lr 0.1)")
-    params.check_choice("optimizer", args.optimizer, OPTIMIZERS, label="argument --optimizer")
+    if args.optimizer is not None:
+        params.check_choice("optimizer", args.optimizer, OPTIMIZERS, label="argument --optimizer")
 
 
 def _experiment(args: argparse.Namespace) -> experiments.Experiment:
+    if args.book is not None:
+        return _book_experiment(args)
     params.check_choice("method", args.method, methods.available(), label="argument --method")
     params.check_choice("dataset", args.dataset, DATASET_NAMES, label="argument --dataset")
     params.check_choice("model", args.model, models.available(), label="argument --model")
     with _blame("argument --param"):  # Experiment checks this too, but without naming the argument
         methods.make(args.method, **dict(args.param))
-    return experiments.Experiment(
-        dataset=args.dataset, model=args.model, method=args.method, method_params=dict(args.param),
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
-        seed=args.seed, train_size=args.train_size, profile=args.profile,
-    )
+    exp = experiments.Experiment(dataset=args.dataset, model=args.model, method=args.method,
+                                 method_params=dict(args.param), seed=args.seed, profile=args.profile)
+    return _with_recipe(exp, args)
+
+
+def _book_experiment(args: argparse.Namespace) -> experiments.Experiment:
+    params.check_choice("book method", args.book, book_settings.METHODS, label="argument --book")
+    if args.method != "baseline" or args.dataset != "fashion-mnist" or args.model != "cnn":
+        _reject("--book", "sets the method, dataset and model itself; drop --method, --dataset and --model")
+    entry = book_settings.METHODS[args.book]
+    with _blame("argument --param"):
+        methods.make(entry.method, **{**entry.params_for(args.profile), **dict(args.param)})
+    return _with_recipe(book_settings.experiment(args.book, args.seed, args.profile, **dict(args.param)), args)
+
+
+def _with_recipe(exp: experiments.Experiment, args: argparse.Namespace) -> experiments.Experiment:
+    """``exp`` with the recipe arguments given on the command line (the others keep its values)."""
+    recipe = {name: getattr(args, name) for name in ("epochs", "batch_size", "train_size", "lr", "optimizer")}
+    return dataclasses.replace(exp, **{name: value for name, value in recipe.items() if value is not None})
 
 
 def _grid(args: argparse.Namespace) -> grid.Grid:
@@ -138,7 +161,30 @@ def _blame(label: str) -> Iterator[None]:
 
 def _train(args: argparse.Namespace, exp: experiments.Experiment) -> None:
     result = experiments.run(exp, progress=not args.no_progress)
-    print(json.dumps({"key": result.experiment.key(), "cached": result.cached, **result.metrics}, indent=1))
+    print(json.dumps({"key": result.experiment.key(), "cached": result.cached, **readable_metrics(result.metrics)},
+                     indent=1, ensure_ascii=False))
+
+
+# each stored metric as the CLI prints it: its name with its unit, a fraction as a percentage
+_READABLE = {
+    "test_acc": ("test accuracy (%)", 100, 2), "quantized_acc": ("own-quantizer accuracy (%)", 100, 2),
+    "train_time_s": ("training time (s)", 1, 1), "images_per_s": ("images per second", 1, 0),
+    "final_loss": ("final training loss", 1, 4), "final_train_acc": ("final training accuracy (%)", 100, 2),
+}
+
+
+def readable_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """A result's metrics with names that carry their unit, accuracies in percent and no more
+    digits than they mean (``{"test_acc": 0.87659}`` prints as ``{"test accuracy (%)": 87.66}``).
+
+    >>> readable_metrics({"test_acc": 0.8765999, "train_time_s": 7.0312})
+    {'test accuracy (%)': 87.66, 'training time (s)': 7.0}
+    """
+    shown = {}
+    for name, value in metrics.items():
+        label, scale, digits = _READABLE.get(name, (name, 1, 4))
+        shown[label] = round(scale * value, digits)
+    return shown
 
 
 def _sweep(args: argparse.Namespace, exp: experiments.Experiment) -> None:
@@ -146,7 +192,14 @@ def _sweep(args: argparse.Namespace, exp: experiments.Experiment) -> None:
 
     result = experiments.run(exp, progress=not args.no_progress)
     frame = ptq.bit_sweep(result.model, experiments.dataset_for(exp), w_bits=args.w_bits, a_bits=(None,))
-    print(frame.to_string(index=False))
+    print(sweep_table(frame))
+
+
+def sweep_table(frame) -> str:
+    """A weight sweep as a reader reads it: one line per bit-width, the quantized and the float
+    accuracy in percent (the settings every row shares are the defaults the help names)."""
+    shown = frame.assign(**{"accuracy (%)": 100 * frame["acc"], "float accuracy (%)": 100 * frame["fp_acc"]})
+    return shown[["w_bits", "accuracy (%)", "float accuracy (%)"]].to_string(index=False, float_format="{:.2f}".format)
 
 
 def _run_grid(args: argparse.Namespace, settings: grid.Grid) -> None:
@@ -171,10 +224,34 @@ class JobsFailed(Exception):
         self.failures = failures
 
 
-def _methods(_args: argparse.Namespace, _exp: None) -> None:
+def _methods(args: argparse.Namespace, _exp: None) -> None:
+    if args.book:
+        print("\n".join(book_methods()))
+        return
     for name in methods.available():
         params = ", ".join(f"{row['name']}={row['value']!r}" for row in methods.describe(name))
         print(f"{name:20s} {params}")
+
+
+def book_methods() -> list[str]:
+    """One line per book method (``--book NAME``): its registry method, the parameters the book
+    fixes, and the open choice with its candidates (made on the selection seed by the rule the
+    chapter states; ``train --book NAME`` makes it)."""
+    lines = []
+    for name, entry in book_settings.METHODS.items():
+        fixed = ", ".join(f"{key}={value!r}" for key, value in entry.params.items()) or "its defaults"
+        line = f"{name:24s} {book_settings.label(name)}: {entry.method} with {fixed}"
+        if entry.choice is not None:
+            chosen = " = ".join([entry.choice.param, *entry.choice.tied])
+            line += f"; {chosen} chosen from {', '.join(f'{c:g}' for c in entry.choice.candidates)}"
+        elif entry.inherits is not None:
+            line += f"; its choice is {book_settings.label(entry.inherits)}'s"
+        if entry.penalised_share < 1:
+            line += f"; penalty over the last {entry.penalised_share:.0%} of the epochs"
+        if entry.lazy_every > 1:
+            line += f"; lazy (every {entry.lazy_every} steps) if the lazy rule adopts it"
+        lines.append(line)
+    return lines
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -188,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--w-bits", type=int, nargs="+", default=[8, 6, 4, 3, 2], help="weight bit-widths")
     sweep.set_defaults(func=_sweep)
     listing = commands.add_parser("methods", help="list the registered methods and their hyperparameters")
+    listing.add_argument("--book", action="store_true", help="list the book's methods as the chapters run them")
     listing.set_defaults(func=_methods)
     _add_grid_parser(commands)
     return parser

@@ -17,13 +17,14 @@ import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import IPython.display
 import matplotlib.pyplot as plt
 import myst_nb
 import numpy as np
 import pandas as pd
 import torch
 
-from robustq import book_settings, params, plots, profiles, verdicts
+from robustq import book_settings, comparison, params, plots, profiles, verdicts
 from robustq.data import Dataset, first_batch
 from robustq.experiments import CHAPTER_ENV, Result
 from robustq.files import write_atomic
@@ -72,6 +73,19 @@ def holds(condition: bool, yes: str = "holds", no: str = "does not hold") -> str
     return yes if bool(condition) else no
 
 
+def count_of(count: int, total: int) -> str:
+    """How many of ``total`` things, as the prose says it before a plural noun.
+
+    >>> count_of(0, 10), count_of(3, 10), count_of(10, 10)
+    ('none of the 10', '3 of the 10', 'all 10')
+    """
+    params.check_int("total", total, minimum=1, example=10)
+    params.check_int("count", count, example=3)
+    if count > total:
+        raise ValueError(f"count_of: {count} is more than the total {total}")
+    return f"none of the {total}" if count == 0 else f"all {total}" if count == total else f"{count} of the {total}"
+
+
 def number_range(values: pd.Series | Sequence[float], digits: int = 1, unit: str = "") -> str:
     """``"a to b unit"`` for the smallest and largest of ``values``, or one number if they agree."""
     lo, hi = float(min(values)), float(max(values))
@@ -98,7 +112,7 @@ def runs_table(runs: Mapping[str, Mapping[int, Result]]) -> pd.DataFrame:
     for name, by_seed in runs.items():
         acc = pd.Series({seed: 100 * r.test_acc for seed, r in by_seed.items()})
         rows.append({
-            "method": name,
+            "method": book_settings.label(name),
             "seeds": ", ".join(map(str, by_seed)),
             "float test accuracy (%)": _mean_sd(acc),
             "training time per model (s)": round(sum(r.metrics["train_time_s"] for r in by_seed.values()) / len(by_seed), 1),
@@ -114,13 +128,14 @@ def choices_table(choices: Mapping[str, book_settings.Chosen]) -> pd.DataFrame:
     rows = []
     for name, chosen in choices.items():
         rows.append({
-            "method": name,
-            "reference": chosen.reference,
+            "method": book_settings.label(name),
+            "reference": book_settings.label(chosen.reference),
             "reference val. acc. (%)": round(100 * chosen.reference_accuracy, 2),
             **{f"{' = '.join([chosen.param, *chosen.tied])} = {value:g}": round(100 * acc, 2)
                for value, acc in chosen.validation.items()},
             "chosen": chosen.value,
-            "margin (points)": round(chosen.margin, 2),
+            "how": chosen.outcome,
+            "margin (points)": verdicts.format_points(chosen.margin),
         })
     return pd.DataFrame(rows).set_index("method")
 
@@ -144,11 +159,11 @@ def power_table(claims: Sequence[verdicts.Claim], profile: str) -> pd.DataFrame:
             "endpoint": claim.endpoint,
             "rule": f"{claim.rule}, {'τ' if claim.rule == 'paired' else 'margin'} = {claim.threshold:g}",
             "seeds": n,
-            "planning sd": sd,
-            "MDE": book_settings.planning_mde(n, claim.endpoint),
+            "planning sd": verdicts.format_points(sd),
+            "MDE": verdicts.format_points(book_settings.planning_mde(n, claim.endpoint)),
             "power": claim.power_note(sd, n, profile) if math.isfinite(sd) else "no planning sd measured",
         })
-    return pd.DataFrame(rows).set_index("claim").round(2)
+    return pd.DataFrame(rows).set_index("claim")
 
 
 def grade_claims(
@@ -189,6 +204,40 @@ def _check_graded(chapter: str, claims: Sequence[verdicts.Claim]) -> None:
     problems += [f"{claim} was declared (power_table) but is not graded" for claim in missing]
     if problems:
         raise ValueError(f"chapter {chapter!r} cannot record its claims: {'; '.join(problems)}")
+
+
+def method_colors(names: Sequence[str]) -> dict[str, tuple[float, float, float]]:
+    """A figure's colour per method: chapter 08's compared methods (and its bias-corrected
+    baseline) keep one hue each across the book, the chapter's other models take the hues left
+    (:func:`robustq.plots.method_colors`). Each colour is keyed by the method's name and by its
+    label (``book_settings.label``), so a figure may show either."""
+    colors = plots.method_colors(list(names), fixed=[*comparison.compared_methods(), "baseline + bias correction"])
+    return {**colors, **{book_settings.label(name): color for name, color in colors.items()}}
+
+
+def table(frame: pd.DataFrame, decimals: int = 2, missing: str = "—") -> IPython.display.HTML:
+    """``frame`` as a chapter page shows it: every float with ``decimals`` decimals, a missing
+    value as ``missing`` (a method with no number in a column, not "NaN"), and book methods under
+    the names a reader knows (``book_settings.label``: "SymReg + SatNL + ASAM", not
+    ``symreg_satnl_asam``) in the index and the column names. The numbers stay those of ``frame``;
+    only their display changes."""
+    params.check_int("decimals", decimals, minimum=0, example=2)
+    shown = frame.rename(index=_label, columns=_label)
+    return IPython.display.HTML(shown.to_html(na_rep=missing, float_format=lambda v: fixed(v, decimals)))
+
+
+def _label(value: object) -> object:
+    return book_settings.label(value) if isinstance(value, str) else value
+
+
+def fixed(value: float, decimals: int = 2) -> str:
+    """``value`` with ``decimals`` decimals, and no sign on a value that rounds to zero.
+
+    >>> fixed(42.618599), fixed(-0.00001, 4), fixed(-1.5, 0)
+    ('42.62', '0.0000', '-2')
+    """
+    text = f"{value:.{decimals}f}"
+    return text[1:] if text.startswith("-") and float(text) == 0 else text
 
 
 def write_download(frame: pd.DataFrame, name: str) -> Path:

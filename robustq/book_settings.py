@@ -148,6 +148,20 @@ PLANNING_SD: dict[str, float] = {
     "variants43": 0.49, "variants43_vs_bias_corrected": 0.37, "w432": 4.49, "w4_w2": 6.45,
     "w6a6_w4a4": 1.57, "worst_policy43": 1.74, "worst_setting3": 3.57,
 }
+# The unit of each graded endpoint that is not in accuracy points (the chapters define them).
+ENDPOINT_UNITS: dict[str, str] = {
+    "sqnr_drop_db": "dB", "bias_drift_pct": "% of a std. dev.", "log_excess_pct": "% extra error",
+    "identity_error": "relative error",
+}
+
+
+def endpoint_unit(endpoint: str) -> str:
+    """The unit a reader reads endpoint ``endpoint`` in: :data:`ENDPOINT_UNITS`, else accuracy points.
+
+    >>> endpoint_unit("sqnr_drop_db"), endpoint_unit("variants43")
+    ('dB', 'points')
+    """
+    return ENDPOINT_UNITS.get(endpoint, "points")
 
 
 # What the papers report for the claims the chapters grade, where they report a number (book/methods.md;
@@ -275,6 +289,22 @@ class LargestWithin:
             return math.nan
         return min(abs(self._drop(acc, baseline) - self.points) for acc in accuracy.values())
 
+    def outcome(self, accuracy: dict[Any, float], baseline: float) -> str:
+        """How the rule picked, in words a chapter can print beside the choice: by the rule, or by
+        its fallback (no candidate within, or a collapsed reference).
+
+        >>> rule = largest_within(0.5)
+        >>> rule.outcome({0.1: 0.87, 1.0: 0.865}, baseline=0.87)
+        "by the rule: the largest within 0.5 point of the reference's validation accuracy"
+        >>> rule.outcome({0.1: 0.85, 1.0: 0.84}, baseline=0.87)
+        'by its fallback: the smallest, as no candidate stayed within 0.5 point of the reference'
+        """
+        if baseline < COLLAPSED_BELOW:
+            return "by its fallback: the smallest, as the reference collapsed"
+        if any(self._drop(acc, baseline) <= self.points + BOUNDARY_POINTS for acc in accuracy.values()):
+            return f"by the rule: the largest within {self.points:g} point of the reference's validation accuracy"
+        return f"by its fallback: the smallest, as no candidate stayed within {self.points:g} point of the reference"
+
     @staticmethod
     def _drop(acc: float, baseline: float) -> float:
         return 100 * (baseline - acc)
@@ -371,6 +401,25 @@ METHODS: dict[str, MethodSettings] = {
     "satnl_asam": MethodSettings("satnl_asam", {}, "04", 2.4),
 }
 
+# What a reader sees for each book method (tables, figures, claim statements); a method without a
+# label shows its registry name.
+LABELS: dict[str, str] = {
+    "baseline": "baseline", "symreg": "SymReg", "symreg_layer": "SymReg (layer)", "symreg_kernel": "SymReg (kernel)",
+    "satnl": "SatNL", "symreg_satnl_asam": "SymReg + SatNL + ASAM", "symreg_satnl_lsq": "SymReg + SatNL + LSQ",
+    "asam": "ASAM", "symreg_satnl_asam_kure": "SymReg + SatNL + ASAM + KURE", "kure": "KURE",
+    "grad_l1": "gradient-ℓ1", "wrpn": "WRPN", "sinreq_wrpn": "SinReQ (WRPN)", "dorefa": "DoReFa",
+    "sinreq_dorefa": "SinReQ (DoReFa)", "qat_ste": "STE-QAT", "qat_lsq": "LSQ-QAT",
+    "oscillation": "oscillation regularizer", "satnl_asam": "SatNL + ASAM",
+}
+
+
+def label(name: str) -> str:
+    """The name a reader sees for book method ``name`` (:data:`LABELS`), else ``name`` itself.
+
+    >>> label("symreg_satnl_asam"), label("baseline + bias correction")
+    ('SymReg + SatNL + ASAM', 'baseline + bias correction')
+    """
+    return LABELS.get(name, name)
 
 def experiment(name: str, seed: int, profile: str | None = None, *, model: str = "cnn",
                train_size: int | None = None, **overrides: Any) -> Experiment:
@@ -421,6 +470,7 @@ class Chosen:
     validation: dict[Any, float]
     margin: float
     runs: tuple[str, ...]
+    outcome: str = ""  # LargestWithin.outcome: by the rule or by its fallback
 
     def assign(self) -> dict[str, Any]:
         """The method parameters the chosen value sets."""
@@ -455,7 +505,8 @@ def _choose(name: str, profile: str, cache: str, progress: bool) -> Chosen | Non
     accuracy = {value: _final_val_acc(result) for value, result in zip(choice.candidates, candidates)}
     return Chosen(name=name, param=choice.param, tied=choice.tied, value=choice.pick(accuracy, baseline),
                   rule=choice.rule, reference=choice.reference, reference_accuracy=baseline, validation=accuracy,
-                  margin=choice.pick.margin(accuracy, baseline), runs=tuple(exp.key() for exp in runs))
+                  margin=choice.pick.margin(accuracy, baseline), runs=tuple(exp.key() for exp in runs),
+                  outcome=choice.pick.outcome(accuracy, baseline))
 
 
 def forget_choices() -> None:

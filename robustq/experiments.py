@@ -181,9 +181,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run(experiment: Experiment, *, progress: bool = True, device: torch.device | str | None = None) -> Result:
+def run(experiment: Experiment, *, progress: bool = False, device: torch.device | str | None = None) -> Result:
     """Train ``experiment``, or load it from the cache. The returned model is in eval mode, with
     plain weights (reparametrizations and QAT quantizers folded in).
+
+    Quiet unless ``progress`` (a bar on a terminal, one line per epoch elsewhere): a chapter's page
+    shows results, not training logs.
 
     Before any work the cache folder is proved usable (:func:`robustq.cache.ensure_usable`). The
     entry is locked while it is loaded or trained, so a second identical run waits and then loads

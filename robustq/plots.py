@@ -1,16 +1,34 @@
 """One house style for every figure in the book, and plot helpers that take tidy frames.
 
-Figures carry no titles: the chapter's caption says what they show. Colours come from seaborn's
-colour-blind palette; each method keeps its colour across chapters.
+Figures carry no titles: the chapter's caption says what they show. Methods take colour-blind-safe
+hues (:data:`METHOD_PALETTE`), and each method of chapter 08's comparison keeps its hue across
+chapters (:func:`robustq.book.method_colors`); an ordered quantity (bit-width, depth) uses
+:data:`ORDERED`, viridis without the yellow a line cannot be read in on white. Accuracies over seeds
+are drawn seed by seed (:func:`seed_lines`), never as a mean ± sd band, which hides a collapsed seed
+and can run past 100%.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import matplotlib as mpl
 import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 import seaborn as sns
 
 PALETTE = "colorblind"
+ORDERED = "robustq_ordered"  # a matplotlib colormap name: seaborn palettes and cmaps both take it
+
+
+def _register_ordered() -> None:
+    if ORDERED not in mpl.colormaps:
+        colors = mpl.colormaps["viridis"](np.linspace(0.0, 0.8, 256))
+        mpl.colormaps.register(mpl.colors.ListedColormap(colors, name=ORDERED))
+
+
+_register_ordered()
 
 
 def use_style() -> None:
@@ -30,16 +48,63 @@ def use_style() -> None:
     )
 
 
-def method_colors(methods: list[str]) -> dict[str, tuple[float, float, float]]:
-    """One colour per method name, in order: the colour-blind palette's ten, then its darker
-    companion's, so that a figure of more than ten methods (chapter 08) repeats no colour."""
-    colors = [*sns.color_palette(PALETTE), *sns.color_palette("dark")]
-    if len(methods) > len(colors):
-        colors = sns.color_palette("husl", len(methods))
-    return dict(zip(methods, colors))
+# Twelve hues a colour-blind reader tells apart (Paul Tol's "bright" and "muted" schemes,
+# https://personal.sron.nl/~pault/): seaborn's colour-blind palette has five warm hues (orange,
+# vermilion, brown, two pinks) that chapter 08's twelve methods made near-identical.
+METHOD_PALETTE = ("#4477AA", "#EE6677", "#228833", "#CCBB44", "#66CCEE", "#AA3377", "#332288", "#999933",
+                  "#882255", "#44AA99", "#000000", "#BBBBBB")
+
+
+def method_colors(methods: list[str], fixed: Sequence[str] = ()) -> dict[str, tuple[float, float, float]]:
+    """One colour per method name from :data:`METHOD_PALETTE`, no hue twice in a figure of up to
+    twelve methods (more get evenly spaced husl hues). A method in ``fixed`` always takes the hue of
+    its position there, so it keeps its colour from chapter to chapter; the others take the hues
+    left free, in order."""
+    if len(methods) > len(METHOD_PALETTE):
+        return dict(zip(methods, sns.color_palette("husl", len(methods))))
+    palette = sns.color_palette(METHOD_PALETTE)
+    slots = {name: position for position, name in enumerate(fixed) if position < len(palette)}
+    taken = {slots[name] for name in methods if name in slots}
+    free = iter(position for position in range(len(palette)) if position not in taken)
+    return {name: palette[slots[name] if name in slots else next(free)] for name in methods}
 
 
 def percent_axis(ax: plt.Axes, axis: str = "y") -> None:
     """Format an axis holding accuracies in [0, 1] as percentages."""
     formatter = mpl.ticker.PercentFormatter(xmax=1.0, decimals=0)
     (ax.yaxis if axis == "y" else ax.xaxis).set_major_formatter(formatter)
+
+
+def seed_lines(data: pd.DataFrame, x: str, y: str, hue: str, palette, ax: plt.Axes | None = None,
+               units: str = "seed", legend: bool = True, **_facet_kws) -> plt.Axes:
+    """``y`` against ``x`` per ``hue``: each seed (``units``) as a thin line, the median over seeds
+    as a bold one with markers. A collapsed seed stays visible as its own line, where a mean ± sd
+    band would hide it (and can reach past 100%). Extra keywords (``color``, ``label`` from
+    ``FacetGrid.map_dataframe``) are ignored: ``palette`` colours the lines."""
+    ax = ax or plt.gca()
+    sns.lineplot(data=data, x=x, y=y, hue=hue, units=units, estimator=None, palette=palette, lw=0.7,
+                 alpha=0.45, legend=False, ax=ax)
+    sns.lineplot(data=data, x=x, y=y, hue=hue, estimator="median", errorbar=None, palette=palette, marker="o",
+                 lw=1.8, legend=legend, ax=ax)
+    return ax
+
+
+def seed_grid(data: pd.DataFrame, x: str, y: str, hue: str, col: str, palette, *, height: float = 3.0,
+              aspect: float = 1.2, units: str = "seed") -> sns.FacetGrid:
+    """:func:`seed_lines` in one panel per value of ``col``, with one legend for the figure."""
+    colors = palette if isinstance(palette, dict) else level_colors(data[hue], palette)
+    grid = sns.FacetGrid(data, col=col, height=height, aspect=aspect)
+    grid.map_dataframe(seed_lines, x=x, y=y, hue=hue, palette=colors, units=units, legend=False)
+    handles = {str(level): mpl.lines.Line2D([], [], color=colors[level], marker="o", lw=1.8)
+               for level in dict.fromkeys(data[hue])}
+    grid.add_legend(legend_data=handles, title=hue)
+    return grid
+
+
+def level_colors(values: pd.Series, palette) -> dict:
+    """One colour of ``palette`` per distinct value: numbers in increasing order (an ordered
+    quantity), anything else in order of appearance."""
+    levels = list(dict.fromkeys(values))
+    if all(isinstance(v, (int, float, np.integer, np.floating)) for v in levels):
+        levels = sorted(levels)
+    return dict(zip(levels, sns.color_palette(palette, len(levels))))

@@ -6,7 +6,10 @@ the same seeds. With the per-seed differences ``d = candidate - reference``,
 2.78 for n = 5):
 
 * :func:`paired` ("A beats B by at least tau"): *reproduced* iff ``mean(d) - t se > 0`` and
-  ``mean(d) >= tau``; *not reproduced* iff ``mean(d) + t se < tau``; else *inconclusive*.
+  ``mean(d) >= tau``; *smaller than claimed* iff the interval lies above 0 and below tau
+  (``mean(d) - t se > 0`` and ``mean(d) + t se < tau``: a clear gain, surely smaller than the
+  claim's); *not reproduced* iff ``mean(d) - t se <= 0`` and ``mean(d) + t se < tau`` (no clear
+  gain, or a loss, and surely not tau); else *inconclusive*.
 * :func:`equivalent` ("A matches B within a margin"): *reproduced* iff ``|mean(d)| + t se <= margin``;
   *not reproduced* iff ``|mean(d)| - t se > margin``; else *inconclusive*.
 
@@ -33,12 +36,19 @@ from robustq.files import write_atomic
 from robustq.params import check_choice, check_int
 
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive"
-GRADES = (REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE)
+SMALLER = "smaller than claimed"  # a paired claim's clear gain, surely below its tau
+GRADES = (REPRODUCED, SMALLER, NOT_REPRODUCED, INCONCLUSIVE)
 CONFIDENCE = 0.975  # two-sided 95%
 FINDINGS_ENV = "ROBUSTQ_FINDINGS"
 UNDERPOWERED = "underpowered in the {profile} profile; graded in paper"
 
 PerSeed = Mapping[int, float] | pd.Series | Sequence[float]
+# where a claim comes from, and how the Findings name it: a [paper] claim is in the paper's own
+# words (its abstract); a [summary] one in the third-party summary we read in its place
+SOURCES = {
+    "paper": "the paper's", "summary": "a summary of the paper", "book": "the book's own hypothesis",
+    "check": "a check that holds by construction",
+}
 
 
 def t_quantile(n: int) -> float:
@@ -111,6 +121,8 @@ def paired(candidate: PerSeed, reference: PerSeed, tau: float) -> Verdict:
     'reproduced'
     >>> paired([70.0, 71.0, 70.0], [70.5, 70.0, 70.2], tau=3).grade
     'not reproduced'
+    >>> paired({0: 71.0, 1: 71.2, 2: 71.1}, {0: 70.0, 1: 70.1, 2: 70.0}, tau=3).grade
+    'smaller than claimed'
 
     ``tau`` is at least 0: with a negative ``tau`` the rule would still ask for a mean above 0, so it
     is no test of "A is at most |tau| worse than B" (a non-inferiority claim, which it refuses)."""
@@ -118,6 +130,8 @@ def paired(candidate: PerSeed, reference: PerSeed, tau: float) -> Verdict:
     mean, se, n = _mean_se(differences(candidate, reference))
     half = _half_width(se, n)
     grade = _grade(reproduced=mean - half > 0 and mean >= tau, not_reproduced=mean + half < tau)
+    if grade == NOT_REPRODUCED and mean - half > 0:
+        grade = SMALLER
     return Verdict("paired", grade, mean, se, n, float(tau))
 
 
@@ -132,6 +146,24 @@ def equivalent(candidate: PerSeed, reference: PerSeed, margin: float) -> Verdict
     half = _half_width(se, n)
     grade = _grade(reproduced=abs(mean) + half <= margin, not_reproduced=abs(mean) - half > margin)
     return Verdict("equivalent", grade, mean, se, n, float(margin))
+
+
+def tally(grades: Sequence[str] | pd.Series) -> str:
+    """How many claims got each grade, in the order of :data:`GRADES`, for a sentence.
+
+    >>> tally(["reproduced", "not reproduced", "reproduced", "smaller than claimed"])
+    '2 reproduced, 1 smaller than claimed and 1 not reproduced'
+    >>> tally(["inconclusive"]), tally([])
+    ('1 inconclusive', 'no claim graded')
+    """
+    counts = pd.Series(list(grades), dtype=object).value_counts()
+    unknown = sorted(set(counts.index) - set(GRADES))
+    if unknown:
+        raise ValueError(f"unknown grades {unknown}; the grades are {', '.join(GRADES)}")
+    parts = [f"{counts[grade]} {grade}" for grade in GRADES if grade in counts]
+    if not parts:
+        return "no claim graded"
+    return parts[0] if len(parts) == 1 else f"{', '.join(parts[:-1])} and {parts[-1]}"
 
 
 def format_points(value: float) -> str:
@@ -189,8 +221,10 @@ def _check_threshold(name: str, value: float) -> None:
 
 @dataclass(frozen=True)
 class Claim:
-    """A claim as written before the run: its id, what it says, its primary endpoint, and the rule
-    (``paired`` with ``tau`` or ``equivalent`` with a margin) that will grade it."""
+    """A claim as written before the run: its id, what it says, its primary endpoint, the rule
+    (``paired`` with ``tau`` or ``equivalent`` with a margin) that will grade it, and where it comes
+    from (:data:`SOURCES`: the paper's own words, a summary of the paper, the book's own hypothesis,
+    or a check that holds by construction); the Findings count each source apart."""
 
     chapter: str
     claim: str
@@ -198,9 +232,11 @@ class Claim:
     endpoint: str
     rule: str
     threshold: float
+    source: str = "paper"
 
     def __post_init__(self) -> None:
         check_choice("rule", self.rule, ("paired", "equivalent"))
+        check_choice("source", self.source, SOURCES)
         _check_threshold("threshold", self.threshold)
 
     def grade(self, candidate: PerSeed, reference: PerSeed) -> Verdict:

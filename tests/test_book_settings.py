@@ -170,7 +170,25 @@ def test_choose_picks_exactly_by_the_rule_on_recorded_validation_accuracies(monk
 def test_choose_takes_the_smallest_candidate_when_the_reference_collapsed(monkeypatch):
     _Recorded({("baseline", None): 0.1, ("symreg", 0.1): 0.8, ("symreg", 1.0): 0.85,
                ("symreg", 10.0): 0.86}).install(monkeypatch)
-    assert book_settings.choose("symreg", "book").value == 0.1
+    chosen = book_settings.choose("symreg", "book")
+    assert chosen.value == 0.1 and chosen.outcome == "by its fallback: the smallest, as the reference collapsed"
+
+
+def test_the_choices_table_says_when_the_rule_fell_back_and_shows_a_tiny_margin(monkeypatch):
+    from robustq import book
+
+    n = 5000
+    _Recorded({("wrpn", None): 4350 / n, ("sinreq_wrpn", 0.1): 4300 / n, ("sinreq_wrpn", 1.0): 4200 / n,
+               ("sinreq_wrpn", 10.0): 4100 / n}).install(monkeypatch)
+    row = book.choices_table({"sinreq_wrpn": book_settings.choose("sinreq_wrpn", "book")}).loc["SinReQ (WRPN)"]
+    assert row["reference"] == "WRPN" and row["chosen"] == 0.1 and row["margin (points)"] == "0.50"
+    assert row["how"] == "by its fallback: the smallest, as no candidate stayed within 0.5 point of the reference"
+    book_settings.forget_choices()
+    _Recorded({("baseline", None): 0.87, ("symreg", 0.1): 0.87, ("symreg", 1.0): 0.86501,
+               ("symreg", 10.0): 0.8}).install(monkeypatch)
+    row = book.choices_table({"symreg": book_settings.choose("symreg", "book")}).loc["SymReg"]
+    assert row["chosen"] == 1.0 and row["how"].startswith("by the rule: the largest within 0.5 point")
+    assert row["margin (points)"] == "0.001"  # not "0.0"
 
 
 @pytest.mark.parametrize("lazy_norm, adopted", [(2.2, True), (1.8, True), (2.2000001, False), (1.79, False)])

@@ -2,7 +2,9 @@
 the launch buttons open the source notebooks."""
 
 import importlib.util
+import json
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -47,17 +49,27 @@ def test_findings_page_has_one_linked_row_per_claim_of_the_executed_chapters(tmp
     monkeypatch.setenv("ROBUSTQ_FINDINGS", str(tmp_path / "findings"))
     claim = verdicts.Claim("01", "C1.1", "SymReg beats the baseline", "w432", "paired", 2.0)
     record = verdicts.claim_record(claim, claim.grade({0: 3.0, 1: 4.0, 2: 5.0}, {0: 0.0, 1: 0.0, 2: 0.0}), 2.5)
+    ours = verdicts.Claim("01", "C1.2", "The drift falls", "sqnr_drop_db", "paired", 1.0, source="book")
+    hypothesis = verdicts.claim_record(ours, ours.grade({0: 0.5, 1: 0.6, 2: 0.5}, {0: 0.0, 1: 0.0, 2: 0.0}), 1.0)
     folder = verdicts.findings_dir("book")
-    verdicts.record_claims("01_error_propagation", [record], folder)
+    verdicts.record_claims("01_error_propagation", [record, hypothesis], folder)
     verdicts.record_claims("02_stale", [record], folder)  # a chapter that failed in this build
     execute.write_findings("book", ["01_error_propagation"])
     text = (tmp_path / "findings.md").read_text()
     rows = [line for line in text.splitlines() if line.startswith("| {doc}")]
-    assert len(rows) == 1 and "{doc}`01 <notebooks/01_error_propagation>`" in rows[0]
-    assert "| C1.1 |" in rows[0] and "+4.00 ± 0.58" in rows[0] and "**reproduced**" in rows[0]
+    assert rows[0] == ("| {doc}`C1.1 <notebooks/01_error_propagation>` | **reproduced** | SymReg beats the baseline | "
+                       "paired, τ 2 | +4.00 ± 0.58 points | 2.50&nbsp;/&nbsp;2.48 | 0/0 |")  # no leave-one-out recorded
+    assert len(rows) == 2 and "| The drift falls *(the book's hypothesis)* |" in rows[1]
+    lead = (tmp_path / "findings_lead.md").read_text()
+    assert lead == ("This build (profile `book`) trained the book's small CNN on 8,000 Fashion-MNIST training "
+                    "images for 3 epochs, 5 graded seeds per method, and graded 2 claims. Of the papers' claims "
+                    "(1): 1 reproduced. Of the book's own hypotheses (1): 1 smaller than claimed.\n")
     summary = (tmp_path / "findings_summary.md").read_text().splitlines()
-    assert summary[0] == "| claim | statement | mean ± se (n) | grade |" and len(summary) == 3
-    assert summary[2].startswith("| {doc}`C1.1 <notebooks/01_error_propagation>` |") and "+4.00 ± 0.58 (3)" in summary[2]
+    assert summary[0] == "| claim | grade | statement | effect (mean ± se) | threshold | seeds |" and len(summary) == 4
+    assert summary[2] == ("| {doc}`C1.1 <notebooks/01_error_propagation>` | **reproduced** | SymReg beats the "
+                          "baseline | +4.00 ± 0.58 points | τ 2 | 3 |")
+    assert summary[3].endswith("| **smaller than claimed** | The drift falls *(the book's hypothesis)* | "
+                               "+0.53 ± 0.03 dB | τ 1 | 3 |")
 
 
 def test_launch_buttons_open_the_source_notebooks_in_colab():
@@ -124,3 +136,72 @@ def test_a_build_drops_stale_records_lists_failed_chapters_and_keeps_the_referen
     assert "| 02_failing | failed: ValueError: boom |" in (tmp_path / "status.md").read_text()
     assert "reference: left as it is, since a chapter failed" in capsys.readouterr().out
     assert not (tmp_path / "reference").exists()
+
+
+def test_the_page_check_names_raw_output_a_build_path_a_missing_image_and_a_book_wide_exercise(tmp_path):
+    check = _load("check_pages")
+    (tmp_path / "index.html").write_text("<p>The official quantizer gives NaN on a zero tensor.</p>")
+    chapter = tmp_path / "notebooks" / "08_comparison.html"
+    chapter.parent.mkdir()
+    chapter.write_text(
+        '<div class="cell_input"><pre>x = math.nan</pre></div>'
+        '<div class="cell_output"><table><tr><td>wrpn</td><td>NaN</td><td>-0.00</td></tr></table>'
+        "<pre>PosixPath('/build/here/book/notebooks/a.csv')</pre>"
+        "<pre>kure (seed 0): epoch 1/3  loss 1.2, train acc 80%</pre></div>"
+        '<img src="../_images/there.png"><img src="data:image/png;base64,AAAA">'
+        "<p>Exercise 20</p><p>Exercise 8.1</p>"
+    )
+    found = check.problems(tmp_path, Path("/build/here"))
+    kinds = [line.split(": ")[1] for line in found]
+    assert all(line.startswith("notebooks/08_comparison.html") for line in found)  # prose may say NaN
+    assert sorted(kinds) == sorted(["a NaN", "a Python repr", "a training log", "a negative zero",
+                                    "the build machine's path /build/here", "image does not load",
+                                    "Exercise 20 is not numbered within chapter 8"]), found
+    (tmp_path / "_images").mkdir()
+    (tmp_path / "_images" / "there.png").write_bytes(b"png")
+    chapter.write_text('<img src="../_images/there.png"><table><tr><td>—</td><td>0.00</td></tr></table>'
+                       "<p>Exercise 8.1</p>")
+    assert check.problems(tmp_path, Path("/build/here")) == []
+
+
+def test_figures_tables_and_exercises_are_numbered_per_chapter_in_book_order():
+    numbers = _load("_ext/chapter_numbers")
+    assert numbers.chapter_prefix("notebooks/08_comparison") == (8,)
+    assert numbers.chapter_prefix("notebooks/00_quantization_primer") == (0,)
+    assert numbers.chapter_prefix("findings") == ()
+    book_wide = {"exercise": {"ex-08-2": (21,), "ex-08-1": (20,)}, "figure": {"fig-b": (31,), "fig-a": (30,)}}
+    assert numbers.renumber(book_wide, "notebooks/08_comparison") == {
+        "exercise": {"ex-08-1": (8, 1), "ex-08-2": (8, 2)}, "figure": {"fig-a": (8, 1), "fig-b": (8, 2)}}
+    assert numbers.renumber({"table": {"t": (4,)}}, "methods") == {"table": {"t": (1,)}}
+
+
+def test_papermills_injected_parameters_are_collapsed_like_the_chapters_own(tmp_path):
+    execute = _load("execute")
+    executed = tmp_path / "01_x.ipynb"
+    executed.write_text(json.dumps({"cells": [
+        {"cell_type": "code", "metadata": {"tags": ["parameters", "hide-input"]}, "source": "profile = None"},
+        {"cell_type": "code", "metadata": {"tags": ["injected-parameters"]}, "source": 'profile = "book"'},
+        {"cell_type": "markdown", "metadata": {}, "source": "text"}]}))
+    execute.collapse_injected_parameters(executed)
+    tags = [cell["metadata"].get("tags") for cell in json.loads(executed.read_text())["cells"]]
+    assert tags == [["parameters", "hide-input"], ["injected-parameters", "hide-input"], None]
+
+
+def test_the_browser_check_reads_what_the_page_measured_and_names_a_page_whose_check_did_not_run(tmp_path, monkeypatch):
+    check = _load("check_browser")
+    asked = []
+
+    def chromium(browser, width, *args):
+        asked.append(args[-1])
+        measured = '["table 1 (\\"claim\\") runs 96 px past the text column &amp; more"]'
+        return subprocess.CompletedProcess(args, 0, stdout=f'<body><pre id="robustq-check">{measured}</pre></body>',
+                                           stderr="")
+
+    monkeypatch.setattr(check, "_chromium", chromium)
+    (tmp_path / "notebooks").mkdir()
+    findings, chapter = tmp_path / "findings.html", tmp_path / "notebooks" / "08_comparison.html"
+    assert check.page_problems("chromium", findings, 1024) == ['table 1 ("claim") runs 96 px past the text column & more']
+    check.page_problems("chromium", chapter, 1024)
+    assert asked[0].endswith("findings.html?robustq-check=tables,images") and asked[1].endswith("?robustq-check=images")
+    monkeypatch.setattr(check, "_chromium", lambda *a: subprocess.CompletedProcess(a, 1, stdout="", stderr="crashed"))
+    assert "the page check did not run" in check.page_problems("chromium", findings, 1024)[0]

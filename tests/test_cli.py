@@ -1,12 +1,14 @@
+import dataclasses
 import json
 import subprocess
 import sys
 import time
 
+import pandas as pd
 import pytest
 
 from robustq import experiments, profiles
-from robustq.__main__ import build_parser, main, validate_args
+from robustq.__main__ import build_parser, main, sweep_table, validate_args
 from robustq.train import NonFiniteLossError
 
 # (command line, the argument the error must name, a piece of the fix it must give)
@@ -30,6 +32,9 @@ BAD_ARGUMENTS = [
     (["train", "--param", "lam"], "--param", "NAME=VALUE"),
     (["train", "--dataset", "mnist"], "--dataset", "fashion-mnist"),
     (["train", "--model", "vgg"], "--model", "cnn"),
+    (["train", "--book", "symreg_v2"], "--book", "known: baseline, symreg"),
+    (["train", "--book", "kure", "--method", "symreg"], "--book", "drop --method"),
+    (["train", "--book", "kure", "--param", "foo=1"], "--param", "its hyperparameters are: lam"),
 ]
 
 
@@ -86,6 +91,26 @@ def test_validate_args_returns_the_experiment_to_run():
     assert validate_args(build_parser().parse_args(["methods"])) is None
 
 
+def test_book_trains_a_method_as_the_chapters_run_it_and_methods_book_lists_them(capsys):
+    from robustq import book_settings
+
+    args = build_parser().parse_args(["train", "--book", "wrpn", "--seed", "2", "--epochs", "1"])
+    exp = validate_args(args)
+    assert exp == dataclasses.replace(book_settings.experiment("wrpn", 2, None), epochs=1)
+    assert main(["methods", "--book"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == list(book_settings.METHODS)
+    assert any(line.startswith("symreg ") and "SymReg: symreg with scope='channel'; lam chosen from 0.1, 1, 10" in line
+               for line in lines)
+
+
+def test_a_sweep_prints_accuracies_in_percent_one_line_per_bit_width():
+    frame = pd.DataFrame({"w_bits": [4, 3], "a_bits": [32, 32], "acc": [0.8712, 0.85], "fp_acc": [0.8766, 0.8766]})
+    assert sweep_table(frame).splitlines() == [" w_bits  accuracy (%)  float accuracy (%)",
+                                               "      4         87.12               87.66",
+                                               "      3         85.00               87.66"]
+
+
 def test_a_diverged_training_is_one_line_not_a_traceback(monkeypatch, capsys):
     seen = []
 
@@ -117,4 +142,5 @@ def test_train_prints_its_metrics_as_json():
         check=True, capture_output=True, text=True,
     ).stdout
     metrics = json.loads(out)
-    assert 0 <= metrics["test_acc"] <= 1 and metrics["cached"] is False
+    assert 0 <= metrics["test accuracy (%)"] <= 100 and metrics["cached"] is False
+    assert all(len(str(value).split(".")[-1]) <= 4 for value in metrics.values() if isinstance(value, float))

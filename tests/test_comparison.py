@@ -2,7 +2,9 @@
 settings reaches every table without other changes."""
 
 import dataclasses
+import re
 
+import numpy as np
 import pandas as pd
 import pytest
 import seaborn as sns
@@ -127,9 +129,34 @@ def test_write_download_writes_a_csv_beside_the_executed_notebooks(tmp_path, mon
         book.write_download(frame, "../escape.csv")
 
 
+def test_a_chapter_table_shows_missing_values_as_a_dash_and_every_float_with_fixed_decimals():
+    from robustq import book
+
+    frame = pd.DataFrame({"W3": [86.5, np.nan], "float": [87.0, -0.00001], "seeds": [5, 5]},
+                         index=pd.Index(["baseline", "wrpn"], name="method"))
+    html = book.table(frame, decimals=2).data
+    cells = re.findall(r"<td>(.*?)</td>", html)
+    assert cells == ["86.50", "87.00", "5", "—", "0.00", "5"]
+    assert re.findall(r"<th>(.*?)</th>", html)[-2:] == ["baseline", "WRPN"]  # the names a reader knows
+    with pytest.raises(ValueError, match="decimals must be"):
+        book.table(frame, decimals=-1)
+
+
 def test_method_colors_repeat_no_colour_for_more_than_ten_methods():
     names = [f"m{i}" for i in range(25)]
     for n in (3, 12, 25):
         colors = plots.method_colors(names[:n])
         assert len(set(colors.values())) == n
-    assert plots.method_colors(names[:3]) == dict(zip(names[:3], sns.color_palette(plots.PALETTE)[:3]))
+    assert plots.method_colors(names[:3]) == dict(zip(names[:3], sns.color_palette(plots.METHOD_PALETTE)[:3]))
+
+
+def test_a_compared_method_keeps_its_colour_from_chapter_to_chapter():
+    from robustq import book
+
+    chapter_02, chapter_06 = book.method_colors(["baseline", "satnl"]), book.method_colors(["wrpn", "dorefa"])
+    shown = [*comparison.compared_methods(), "baseline + bias correction"]
+    chapter_08 = book.method_colors(shown)
+    assert chapter_02["satnl"] == chapter_08["satnl"] and chapter_06["wrpn"] == chapter_08["wrpn"]
+    assert chapter_02["baseline"] == chapter_08["baseline"] and len({chapter_08[m] for m in shown}) == len(shown)
+    assert chapter_08["SymReg + SatNL + ASAM"] == chapter_08["symreg_satnl_asam"]  # a figure may show labels
+    assert chapter_06["dorefa"] != chapter_06["wrpn"]  # a method outside 08 takes a hue left free

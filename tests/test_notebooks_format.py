@@ -47,6 +47,11 @@ def problems(path: Path) -> list[str]:
         found.append(f"{len(parameter_cells)} cells tagged 'parameters' (need exactly one)")
     elif parameter_cells[0].cell_type != "code" or not PROFILE_ASSIGNMENT.search(parameter_cells[0].source):
         found.append("the 'parameters' cell does not assign `profile`")
+    else:  # the page opens on the chapter's question, not on its parameters and imports
+        first = nb.cells.index(parameter_cells[0])
+        for cell in nb.cells[first:first + 2]:
+            if cell.cell_type == "code" and "hide-input" not in cell.get("metadata", {}).get("tags", []):
+                found.append(f"cell {nb.cells.index(cell)} (parameters or setup) is not tagged 'hide-input'")
 
     for index, cell in enumerate(nb.cells):
         if cell.cell_type != "code":
@@ -122,14 +127,22 @@ def assert_reports(found: list[str], expected: list[str]) -> None:
 
 def good_notebook():
     parameters = new_code_cell('profile = None  # "smoke", "book" or "paper"\nseed = 0')
-    parameters.metadata["tags"] = ["parameters"]
-    nb = new_notebook(cells=[new_markdown_cell("# Title"), parameters, new_code_cell("x = 1")])
+    parameters.metadata["tags"] = ["parameters", "hide-input"]
+    setup = new_code_cell("x = 1", metadata={"tags": ["hide-input"]})
+    nb = new_notebook(cells=[new_markdown_cell("# Title"), parameters, setup])
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
     return nb
 
 
 def test_checker_accepts_a_good_notebook(tmp_path):
     assert problems(write(good_notebook(), tmp_path / "07_good_chapter.ipynb")) == []
+
+
+def test_checker_wants_the_parameters_and_setup_cells_collapsed(tmp_path):
+    nb = good_notebook()
+    nb.cells[2].metadata["tags"] = []
+    assert problems(write(nb, tmp_path / "07_open_setup.ipynb")) == [
+        "cell 2 (parameters or setup) is not tagged 'hide-input'"]
 
 
 def test_checker_rejects_a_bad_notebook(tmp_path):

@@ -391,14 +391,19 @@ def test_mse_search_matches_reference_on_a_long_row(numel, symmetric):
     assert_mse_search_matches_reference(x, QuantSpec(4, symmetric=symmetric, policy="mse"))
 
 
-@pytest.mark.skipif(torch.get_num_threads() == 1, reason="one thread sums every row in one piece")
 def test_a_long_row_alone_sums_in_another_order():
     # Why the search reduces long per-tensor rows one at a time: as rows of a batch they would sum
-    # in another order, and their errors (so possibly a near-tie's winner) would differ.
-    squared = torch.rand(100, 40_000, generator=torch.Generator().manual_seed(0)) ** 4
-    alone = torch.cat([row.mean(dim=1) for row in squared.split(1)])
-    assert not torch.equal(squared.mean(dim=1), alone)
-    assert torch.equal(quant._row_means(squared, lone=True), alone)
+    # in another order, and their errors (so possibly a near-tie's winner) would differ. Two threads,
+    # as the book runs (one thread sums every row in one piece; make test's workers run with one).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        squared = torch.rand(100, 40_000, generator=torch.Generator().manual_seed(0)) ** 4
+        alone = torch.cat([row.mean(dim=1) for row in squared.split(1)])
+        assert not torch.equal(squared.mean(dim=1), alone)
+        assert torch.equal(quant._row_means(squared, lone=True), alone)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

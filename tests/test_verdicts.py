@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from scipy import stats
 
 from robustq import verdicts
-from robustq.verdicts import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, Claim, equivalent, paired
+from robustq.verdicts import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, SMALLER, Claim, equivalent, paired
 
 
 def test_t_quantiles_are_students_not_two_standard_errors():
@@ -41,7 +41,20 @@ def test_paired_at_n5_boundaries():
     assert v.mde == pytest.approx(2.776 * v.se, rel=1e-3)
     assert v.grade == REPRODUCED  # 3 - 1.96 > 0 and 3 >= 2
     assert paired(cand, ref, tau=3.5).grade == INCONCLUSIVE  # mean below tau, but not surely
-    assert paired(cand, ref, tau=5.5).grade == NOT_REPRODUCED  # 3 + 1.96 < 5.5
+    assert paired(cand, ref, tau=5.5).grade == SMALLER  # 3 + 1.96 < 5.5, and 3 - 1.96 > 0: a clear gain
+    assert paired({s: v - 2.5 for s, v in cand.items()}, ref, tau=3).grade == NOT_REPRODUCED  # 0.5 - 1.96 <= 0
+
+
+def test_a_clear_gain_surely_below_tau_is_smaller_than_claimed_not_absent():
+    # C3.1 of the cold build of 35e2809: +0.78 ± 0.18 over 5 seeds, tau 2 -> interval about [0.28, 1.28]
+    d = [0.78 + x for x in (-0.4, -0.2, 0.0, 0.2, 0.4)]
+    v = paired(d, [0.0] * 5, tau=2)
+    assert 0 < v.interval[0] and v.interval[1] < 2 and v.grade == SMALLER
+    assert paired([x - 0.78 for x in d], [0.0] * 5, tau=2).grade == NOT_REPRODUCED  # no gain
+    assert paired([x - 1.5 for x in d], [0.0] * 5, tau=2).grade == NOT_REPRODUCED  # a loss
+    edge = [1.0, 1.0, 1.0]  # se 0: the interval is [1, 1], above 0 and below tau
+    assert paired(edge, [0.0] * 3, tau=1.5).grade == SMALLER
+    assert paired([0.0] * 3, [0.0] * 3, tau=1.5).grade == NOT_REPRODUCED  # [0, 0] is not above 0
 
 
 def test_paired_needs_a_mean_at_least_tau_even_when_significant():
@@ -51,6 +64,7 @@ def test_paired_needs_a_mean_at_least_tau_even_when_significant():
 
 def test_paired_negative_effect_is_not_reproduced():
     assert paired(*_three_seeds(-4.0, 0.5), tau=0).grade == NOT_REPRODUCED
+    assert paired(*_three_seeds(-4.0, 0.5), tau=1).grade == NOT_REPRODUCED
 
 
 def test_fewer_than_two_seeds_are_always_inconclusive():
@@ -122,7 +136,9 @@ def test_bad_inputs_name_the_problem():
 
 
 DIFFS = st.lists(st.floats(-20, 20).map(lambda x: round(x, 2)), min_size=2, max_size=8)
-RANK = {NOT_REPRODUCED: 0, INCONCLUSIVE: 1, REPRODUCED: 2}
+# a larger effect moves a paired grade only up this order (an inconclusive interval reaches tau, so
+# a gain can never bring it below tau again)
+RANK = {NOT_REPRODUCED: 0, SMALLER: 1, INCONCLUSIVE: 2, REPRODUCED: 3}
 
 
 @given(DIFFS, st.floats(0, 5))
