@@ -22,6 +22,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from check_offline import is_built, report  # book/, beside this script
+
 BROWSERS = ("chromium-headless-shell", "chromium", "chromium-browser", "google-chrome")
 RESULT = re.compile(r'<pre id="robustq-check"[^>]*>(.*?)</pre>', re.S)
 TIMEOUT_S = 120
@@ -49,7 +51,7 @@ def _chromium(browser: str, width: int, *args: str) -> subprocess.CompletedProce
 
 def page_problems(browser: str, page: Path, width: int) -> list[str]:
     """What the page's own check found at ``width`` px, one line each."""
-    checks = "tables,images" if page.name in SUMMARIES and page.parent.name != "notebooks" else "images"
+    checks = "tables,images" if page.name in SUMMARIES else "images"
     done = _chromium(browser, width, "--dump-dom", f"{page.resolve().as_uri()}?robustq-check={checks}")
     found = RESULT.search(done.stdout)
     if found is None:
@@ -70,8 +72,7 @@ def main() -> int:
     parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--screenshots", type=Path, default=Path("book/_build/screenshots"))
     args = parser.parse_args()
-    if not (args.html_dir / "index.html").exists():
-        print(f"no built book in {args.html_dir}; run 'make book' first", file=sys.stderr)
+    if not is_built(args.html_dir):
         return 1
     browser = find_browser()
     if browser is None:
@@ -82,12 +83,8 @@ def main() -> int:
         problems += [f"{page.relative_to(args.html_dir)} at {args.width} px: {line}"
                      for line in page_problems(browser, page, args.width)]
         screenshot(browser, page, args.width, args.screenshots)
-    for line in problems:
-        print(line, file=sys.stderr)
-    print(f"browser check ({Path(browser).name}, {args.width} px): "
-          + ("ok, no table past the text column, every image loads" if not problems else f"FAILED ({len(problems)})")
-          + f"; first screens in {args.screenshots}")
-    return 0 if not problems else 1
+    return report(f"browser check ({Path(browser).name}, {args.width} px)", problems,
+                  f"ok, no table past the text column, every image loads; first screens in {args.screenshots}")
 
 
 if __name__ == "__main__":

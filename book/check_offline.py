@@ -18,20 +18,31 @@ def remote_assets(html_dir: Path) -> list[str]:
     return found
 
 
+def is_built(html_dir: Path) -> bool:
+    """Whether ``html_dir`` holds a built book; if not, say on stderr how to build one."""
+    if (html_dir / "index.html").exists():
+        return True
+    print(f"no built book in {html_dir}; run 'make book' first", file=sys.stderr)
+    return False
+
+
+def report(check: str, found: list[str], ok: str) -> int:
+    """Each problem ``found`` on stderr, then one summary line for ``check``; the exit status. The
+    book's checks (this one, ``check_pages.py``, ``check_browser.py``) all end with it."""
+    for line in found:
+        print(line, file=sys.stderr)
+    print(f"{check}: " + (ok if not found else f"FAILED ({len(found)} problems)"))
+    return 0 if not found else 1
+
+
 def main() -> int:
     html_dir = Path(sys.argv[1] if len(sys.argv) > 1 else "book/_build/html")
-    if not (html_dir / "index.html").exists():
-        print(f"no built book in {html_dir}; run 'make book' first", file=sys.stderr)
+    if not is_built(html_dir):
         return 1
-    found = remote_assets(html_dir)
-    for line in found:
-        print(f"remote asset: {line}", file=sys.stderr)
-    mathjax = list(html_dir.glob("_static/mathjax/tex-chtml.js"))
-    if not mathjax:
-        print("MathJax is not bundled in _static/mathjax/", file=sys.stderr)
-    ok = not found and bool(mathjax)
-    print("offline check: " + ("ok, no remote scripts, styles or images; MathJax bundled" if ok else "FAILED"))
-    return 0 if ok else 1
+    found = [f"remote asset: {line}" for line in remote_assets(html_dir)]
+    if not list(html_dir.glob("_static/mathjax/tex-chtml.js")):
+        found.append("MathJax is not bundled in _static/mathjax/")
+    return report("offline check", found, "ok, no remote scripts, styles or images; MathJax bundled")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+from check_offline import is_built, report  # book/, beside this script
+
 ROOT = Path(__file__).resolve().parents[1]
 RAW = {
     "a NaN": re.compile(r"\b(?:NaN|nan)\b"),
@@ -98,15 +100,10 @@ def problems(html_dir: Path, build_root: Path = ROOT) -> list[str]:
 
 def main() -> int:
     html_dir = Path(sys.argv[1] if len(sys.argv) > 1 else "book/_build/html")
-    if not (html_dir / "index.html").exists():
-        print(f"no built book in {html_dir}; run 'make book' first", file=sys.stderr)
+    if not is_built(html_dir):
         return 1
-    found = problems(html_dir)
-    for line in found:
-        print(line, file=sys.stderr)
-    print("page check: " + ("ok, no NaN, absolute path or repr on a page; every image loads; exercises "
-                            "numbered per chapter" if not found else f"FAILED ({len(found)} problems)"))
-    return 0 if not found else 1
+    return report("page check", problems(html_dir), "ok, no NaN, absolute path or repr on a page; every image "
+                  "loads; exercises numbered per chapter")
 
 
 if __name__ == "__main__":

@@ -209,22 +209,16 @@ SOURCE_MARKS = {"paper": "", "summary": " *(from a summary)*", "book": " *(the b
 
 def grades_by_source(findings) -> str:
     """One sentence per source group that graded something: ``Of the papers' claims (25): ...``."""
-    sources = _sources(findings)
     sentences = []
     for name, members in SOURCE_GROUPS:
-        grades = findings.loc[sources.isin(members), "grade"]
+        grades = findings.loc[findings["source"].isin(members), "grade"]
         if len(grades):
             sentences.append(f"Of {name} ({len(grades)}): {verdicts.tally(grades)}.")
     return " ".join(sentences)
 
 
-def _sources(findings):
-    return findings["source"].fillna("paper") if "source" in findings else findings["claim"].map(lambda _: "paper")
-
-
 def _statement(record: dict) -> str:
-    source = record.get("source")
-    return record["statement"] + SOURCE_MARKS[source if isinstance(source, str) else "paper"]
+    return record["statement"] + SOURCE_MARKS[record["source"]]
 
 
 def _breakable(claim: str) -> str:

@@ -140,6 +140,25 @@ def choices_table(choices: Mapping[str, book_settings.Chosen]) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("method")
 
 
+# the names a package helper glues for a chapter's prose (tests/test_notebooks_format.py reads it)
+GLUED_BY = {"choice_table": ("chosen_value", "chosen_how")}
+
+
+def choice_table(name: str, profile: str) -> pd.DataFrame:
+    """:func:`choices_table` of book method ``name``'s open choice, made (or recalled) by
+    ``book_settings.choose``, with the picked value and how the rule picked it glued for the prose
+    (``chosen_value``, ``chosen_how``: by the rule, or by its fallback)."""
+    chosen = book_settings.choose(name, profile)
+    glue(**dict(zip(GLUED_BY["choice_table"], (f"{chosen.value:g}", chosen.outcome))))
+    return choices_table({name: chosen})
+
+
+def with_labels(frame: pd.DataFrame, column: str = "method") -> pd.DataFrame:
+    """``frame`` with the book methods in ``column`` under the names a reader knows
+    (``book_settings.label``), for a figure's legend."""
+    return frame.assign(**{column: frame[column].map(book_settings.label)})
+
+
 # the claims each chapter declared before its run (power_table), by chapter number: grade_claims
 # refuses to record a chapter whose declared claims it was not given, so none goes ungraded
 _DECLARED: dict[str, dict[str, verdicts.Claim]] = {}

@@ -279,7 +279,7 @@ class LargestWithin:
     def __call__(self, accuracy: dict[Any, float], baseline: float) -> Any:
         if baseline < COLLAPSED_BELOW:
             return min(accuracy)
-        allowed = [value for value, acc in accuracy.items() if self._drop(acc, baseline) <= self.points + BOUNDARY_POINTS]
+        allowed = [value for value, acc in accuracy.items() if self._within(acc, baseline)]
         return max(allowed) if allowed else min(accuracy)
 
     def margin(self, accuracy: dict[Any, float], baseline: float) -> float:
@@ -301,9 +301,12 @@ class LargestWithin:
         """
         if baseline < COLLAPSED_BELOW:
             return "by its fallback: the smallest, as the reference collapsed"
-        if any(self._drop(acc, baseline) <= self.points + BOUNDARY_POINTS for acc in accuracy.values()):
+        if any(self._within(acc, baseline) for acc in accuracy.values()):
             return f"by the rule: the largest within {self.points:g} point of the reference's validation accuracy"
         return f"by its fallback: the smallest, as no candidate stayed within {self.points:g} point of the reference"
+
+    def _within(self, acc: float, baseline: float) -> bool:
+        return self._drop(acc, baseline) <= self.points + BOUNDARY_POINTS
 
     @staticmethod
     def _drop(acc: float, baseline: float) -> float:

@@ -129,9 +129,13 @@ def paired(candidate: PerSeed, reference: PerSeed, tau: float) -> Verdict:
     _check_threshold("tau", tau)
     mean, se, n = _mean_se(differences(candidate, reference))
     half = _half_width(se, n)
-    grade = _grade(reproduced=mean - half > 0 and mean >= tau, not_reproduced=mean + half < tau)
-    if grade == NOT_REPRODUCED and mean - half > 0:
-        grade = SMALLER
+    clear_gain, surely_below_tau = mean - half > 0, mean + half < tau
+    if clear_gain and mean >= tau:
+        grade = REPRODUCED
+    elif surely_below_tau:
+        grade = SMALLER if clear_gain else NOT_REPRODUCED
+    else:
+        grade = INCONCLUSIVE
     return Verdict("paired", grade, mean, se, n, float(tau))
 
 

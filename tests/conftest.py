@@ -59,14 +59,14 @@ def pytest_collection_modifyitems(session, config, items):
     items.sort(key=order)
 
 
+NOTEBOOK_THREADS = 2
+
+
 def pytest_runtest_setup(item):
     # make test runs its workers at one thread each; the notebook kernels, on the worker that runs
     # little else, take two (they start after this, and inherit it)
     if os.environ.get("PYTEST_XDIST_WORKER") and item.nodeid.startswith("notebooks/"):
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(NOTEBOOK_THREADS)
-
-
-NOTEBOOK_THREADS = 2
 
 
 def pytest_xdist_make_scheduler(config, log):

@@ -186,8 +186,11 @@ def test_the_choices_table_says_when_the_rule_fell_back_and_shows_a_tiny_margin(
     book_settings.forget_choices()
     _Recorded({("baseline", None): 0.87, ("symreg", 0.1): 0.87, ("symreg", 1.0): 0.86501,
                ("symreg", 10.0): 0.8}).install(monkeypatch)
-    row = book.choices_table({"symreg": book_settings.choose("symreg", "book")}).loc["SymReg"]
+    glued = {}
+    monkeypatch.setattr(book, "glue", lambda **values: glued.update(values))
+    row = book.choice_table("symreg", "book").loc["SymReg"]
     assert row["chosen"] == 1.0 and row["how"].startswith("by the rule: the largest within 0.5 point")
+    assert glued == {"chosen_value": "1", "chosen_how": row["how"]}  # what the chapter's sentence says
     assert row["margin (points)"] == "0.001"  # not "0.0"
 
 

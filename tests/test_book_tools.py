@@ -15,6 +15,8 @@ BOOK = Path(__file__).resolve().parent.parent / "book"
 
 
 def _load(name):
+    if str(BOOK) not in sys.path:  # the scripts import each other, as they do when run from book/
+        sys.path.insert(0, str(BOOK))
     spec = importlib.util.spec_from_file_location(name, BOOK / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -138,6 +138,8 @@ def test_a_chapter_table_shows_missing_values_as_a_dash_and_every_float_with_fix
     cells = re.findall(r"<td>(.*?)</td>", html)
     assert cells == ["86.50", "87.00", "5", "—", "0.00", "5"]
     assert re.findall(r"<th>(.*?)</th>", html)[-2:] == ["baseline", "WRPN"]  # the names a reader knows
+    legend = book.with_labels(pd.DataFrame({"method": ["symreg_satnl_asam", "baseline + bias correction"]}))
+    assert legend["method"].tolist() == ["SymReg + SatNL + ASAM", "baseline + bias correction"]
     with pytest.raises(ValueError, match="decimals must be"):
         book.table(frame, decimals=-1)
 

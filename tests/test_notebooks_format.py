@@ -16,6 +16,8 @@ import nbformat
 import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
+from robustq import book
+
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 NAME = re.compile(r"\d{2}_[a-z0-9]+(_[a-z0-9]+)*\.ipynb")
 PROFILE_ASSIGNMENT = re.compile(r"^profile\s*=", re.MULTILINE)
@@ -89,16 +91,19 @@ def _house_style(nb) -> list[str]:
 
 
 def _glued_names(source: str) -> set[str]:
-    """Keyword names of ``glue(...)`` calls and every string constant (figure names are passed as
-    strings, sometimes through a helper)."""
+    """Keyword names of ``glue(...)`` calls, the names a package helper glues (``book.GLUED_BY``)
+    and every string constant (figure names are passed as strings, sometimes through a helper)."""
     try:
         tree = ast.parse(source)
     except SyntaxError:  # IPython magics: the checks above still ran
         return set()
     names = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) == "glue":
+        called = getattr(node.func, "attr", getattr(node.func, "id", "")) if isinstance(node, ast.Call) else ""
+        if called == "glue":
             names |= {keyword.arg for keyword in node.keywords if keyword.arg}
+        elif called in book.GLUED_BY:
+            names |= set(book.GLUED_BY[called])
         elif isinstance(node, ast.Constant) and isinstance(node.value, str):
             names.add(node.value)
     return names
