@@ -51,7 +51,7 @@ def _chromium(browser: str, width: int, *args: str) -> subprocess.CompletedProce
 
 def page_problems(browser: str, page: Path, width: int) -> list[str]:
     """What the page's own check found at ``width`` px, one line each."""
-    checks = "tables,images" if page.name in SUMMARIES else "images"
+    checks = "tables,images" if page.name in SUMMARIES else "code,images"
     done = _chromium(browser, width, "--dump-dom", f"{page.resolve().as_uri()}?robustq-check={checks}")
     found = RESULT.search(done.stdout)
     if found is None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import papermill
 
-from robustq import book_settings, kernels, profiles, reference, verdicts
+from robustq import book, book_settings, kernels, manifest, profiles, reference, verdicts
 from robustq.files import write_atomic
 
 BOOK = Path(__file__).resolve().parent
@@ -60,6 +60,13 @@ def collapse_injected_parameters(executed: Path) -> None:
     write_atomic(executed, lambda tmp: tmp.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n"))
 
 
+def _plan_estimates(profile: str) -> dict[str, float]:
+    """Each chapter's run-plan estimate in seconds, or nothing for a profile it is not measured on."""
+    if profile != manifest.CALIBRATED_PROFILE:
+        return {}
+    return manifest.chapter_seconds(manifest.run_plan(profile)).to_dict()
+
+
 def _papermill_duration(executed: Path) -> float:
     return float(json.loads(executed.read_text())["metadata"]["papermill"]["duration"])
 
@@ -82,15 +89,23 @@ def write_status(rows: list[tuple[str, bool, float, str]], profile: str) -> None
             "```",
             "",
         ]
+    estimates = _plan_estimates(profile)
     lines += [
-        "| notebook | status | execution time (s) |",
-        "| --- | --- | ---: |",
+        "The run plan's estimate (`robustq.manifest.run_plan`, its constants measured on a cold build) "
+        "stands beside each time where the plan is calibrated for this profile; chapter times of one "
+        "commit move by up to 20% between builds on one machine, more when other work runs beside them.",
+        "",
+        "| notebook | status | execution time (s) | run plan (s) | measured / plan |",
+        "| --- | --- | ---: | ---: | ---: |",
     ]
     for name, ok, seconds, error in rows:
         status = "ok" if ok else f"failed: {error}".replace("|", "\\|")
-        lines.append(f"| {name} | {status} | {seconds:.1f} |")
+        estimate = estimates.get(name.split("_", 1)[0])
+        planned = f"{estimate:.0f} | {seconds / estimate:.2f}" if estimate else "— | —"
+        lines.append(f"| {name} | {status} | {seconds:.1f} | {planned} |")
+    total = sum(estimates.get(r[0].split("_", 1)[0], 0.0) for r in rows)
     lines += [
-        f"| **total** | | **{sum(r[2] for r in rows):.1f}** |",
+        f"| **total** | | **{sum(r[2] for r in rows):.1f}** | **{total:.0f}** | |",
         "",
         "## Environment",
         "",
@@ -148,7 +163,10 @@ def write_findings(profile: str, executed: list[str]) -> None:
         "is underpowered in this profile: its grade is what the rule gives, and the `paper` profile",
         "grades it with more data. *Stable* counts, of the grades with one seed left out in turn, those",
         "that agree with the claim's grade: a claim marked ⚠ has a verdict that one seed fewer would",
-        "change (one seed decides it, or a seed fewer leaves it undecided).",
+        "change (one seed decides it, or a seed fewer leaves it undecided). *Room*, for a claim on",
+        "quantized accuracy, is how far the reference sat below the float baseline (mean over seeds):",
+        "the most a candidate could win without a better float model. Where it is below τ, no method",
+        "could reproduce the claim by robustness alone.",
         "",
     ]
     if findings.empty:
@@ -156,15 +174,15 @@ def write_findings(profile: str, executed: list[str]) -> None:
     else:
         findings = findings[findings["chapter_file"].isin(executed)]
         lines += [
-            "| claim | grade | statement | rule | mean ± se | MDE plan / obs. | stable |",
-            "| --- | --- | --- | --- | ---: | ---: | ---: |",
+            "| claim | grade | statement | rule | mean ± se | room | MDE plan / obs. | stable |",
+            "| --- | --- | --- | --- | ---: | ---: | ---: | ---: |",
         ]
         for record in findings.to_dict("records"):
             row = argparse.Namespace(**record)
             rule = f"{row.rule}, {'τ' if row.rule == 'paired' else 'margin'} {row.threshold:g}"
             lines.append(
                 f"| {{doc}}`{_breakable(row.claim)} <notebooks/{row.chapter_file}>` | **{row.grade}** | {_statement(record)} | {rule} | "
-                f"{_mean_se(row)} {book_settings.endpoint_unit(row.endpoint)} | "
+                f"{_mean_se(row)} {book_settings.endpoint_unit(row.endpoint)} | {verdicts.format_points(verdicts.room(record))} | "
                 f"{verdicts.format_points(row.mde_planned)}&nbsp;/&nbsp;{verdicts.format_points(row.mde)} | "
                 f"{_stability(record)} |"
             )
@@ -182,7 +200,7 @@ def findings_lead(findings, profile: str) -> str:
     images = f"{sizes.train_size:,}" if sizes.train_size else "all the"
     return (f"This build (profile `{profile}`) trained the book's small CNN on {images} Fashion-MNIST training "
             f"images for {sizes.epochs} epochs, {len(sizes.seeds)} graded seeds per method, and graded "
-            f"{_count(len(findings), 'claim')}. {grades_by_source(findings)}\n")
+            f"{_count(len(findings), 'claim')}. {grades_by_source(findings)} {room_sentence(findings)}\n")
 
 
 def findings_summary(findings) -> str:
@@ -190,13 +208,15 @@ def findings_summary(findings) -> str:
     a link to its chapter (the Findings page has the rules and MDEs)."""
     if findings.empty:
         return ""
-    lines = ["| claim | grade | statement | effect (mean ± se) | threshold | seeds |",
-             "| --- | --- | --- | ---: | ---: | ---: |"]
-    for row in findings.itertuples():
+    lines = ["| claim | grade | statement | effect (mean ± se) | threshold | room | seeds |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
+    for record in findings.to_dict("records"):
+        row = argparse.Namespace(**record)
         unit = book_settings.endpoint_unit(row.endpoint)
         bound = "τ" if row.rule == "paired" else "margin"
         lines.append(f"| {{doc}}`{_breakable(row.claim)} <notebooks/{row.chapter_file}>` | **{row.grade}** | "
-                     f"{_statement(row._asdict())} | {_mean_se(row)} {unit} | {bound} {row.threshold:g} | {row.n} |")
+                     f"{_statement(record)} | {_mean_se(row)} {unit} | {bound} {row.threshold:g} | "
+                     f"{verdicts.format_points(verdicts.room(record))} | {row.n} |")
     return "\n".join(lines) + "\n"
 
 
@@ -215,6 +235,21 @@ def grades_by_source(findings) -> str:
         if len(grades):
             sentences.append(f"Of {name} ({len(grades)}): {verdicts.tally(grades)}.")
     return " ".join(sentences)
+
+
+def room_sentence(findings) -> str:
+    """How many paired claims on quantized accuracy had less room to win than their tau (the
+    reference closer to the float baseline than tau: :func:`robustq.verdicts.room`), or nothing
+    when no claim has a room."""
+    rooms = [(verdicts.room(record), record["threshold"]) for record in findings.to_dict("records")
+             if record["rule"] == "paired"]
+    rooms = [(room, tau) for room, tau in rooms if room == room]  # NaN: a claim without a ceiling
+    if not rooms:
+        return ""
+    short = sum(room < tau for room, tau in rooms)
+    return (f"On {book.count_of(short, len(rooms))} paired claims on quantized accuracy, the reference sat "
+            "less than τ below the float baseline, so no method could reach τ by robustness alone "
+            "(the *room* column).")
 
 
 def _statement(record: dict) -> str:

@@ -11,6 +11,7 @@ that the text can number and reference them. CONTRIBUTING.md has the chapter tem
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import warnings
@@ -185,33 +186,55 @@ def power_table(claims: Sequence[verdicts.Claim], profile: str) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("claim")
 
 
+PerSeed = Mapping[int, float] | pd.Series
+
+
 def grade_claims(
     chapter: str,
-    graded: Sequence[tuple[verdicts.Claim, Mapping[int, float] | pd.Series, Mapping[int, float] | pd.Series]],
+    graded: Sequence[tuple[verdicts.Claim, PerSeed, PerSeed] | tuple[verdicts.Claim, PerSeed, PerSeed, PerSeed]],
     profile: str,
 ) -> pd.DataFrame:
     """Grade each ``(claim, candidate per seed, reference per seed)`` by its rule, record the rows for
-    the Findings page (``verdicts.record_claims``), and return the verdict table.
+    the Findings page (``verdicts.record_claims``), and return the verdict table. A fourth item, for
+    a claim on quantized accuracy, is its ceiling per seed (the float baseline's accuracy,
+    :func:`robustq.book_settings.float_values`): the table and the Findings then show the *room*
+    the candidate had to win (:func:`robustq.verdicts.room`).
 
     ``chapter`` is the notebook's file name without ``.ipynb`` (the Findings page links it); every
     claim must be the chapter's (its number) and graded once, and every claim the chapter declared
     with :func:`power_table` must be graded: otherwise nothing is recorded and the error names them."""
-    _check_graded(chapter, [claim for claim, _, _ in graded])
+    _check_graded(chapter, [claim for claim, *_ in graded])
     n = len(book_settings.graded_seeds(profile))
     records = []
-    for claim, candidate, reference in graded:
+    for claim, candidate, reference, *ceiling in graded:
         verdict = claim.grade(candidate, reference)
         mde_planned = book_settings.planning_mde(n, claim.endpoint)
         records.append({**verdicts.claim_record(claim, verdict, mde_planned), "profile": profile,
-                        **verdicts.seed_record(claim, candidate, reference)})
+                        **verdicts.seed_record(claim, candidate, reference, *ceiling)})
     verdicts.record_claims(chapter, records, verdicts.findings_dir(profile))
     table = pd.DataFrame(records).set_index("claim")
     table["mean ± se"] = [f"{m:+.2f} ± {s:.2f}" for m, s in zip(table["mean"], table["se"])]
-    for column in ("threshold", "mde"):  # a 1e-5 margin is not 0.0, and one seed has no MDE
+    table["room"] = [verdicts.room(record) for record in records]
+    for column in ("threshold", "mde", "room"):  # a 1e-5 margin is not 0.0, and one seed has no MDE
         table[column] = table[column].map(verdicts.format_points)
     table["same grade leaving one seed out"] = ["{} of {}".format(*verdicts.stability(r)) for r in records]
-    return table[["statement", "rule", "threshold", "n", "mean ± se", "mde", "grade",
+    return table[["statement", "rule", "threshold", "room", "n", "mean ± se", "mde", "grade",
                   "same grade leaving one seed out"]]
+
+
+def claims_figure(chapter: str, profile: str, columns: int = 4) -> plt.Figure:
+    """The chapter's graded claims as :func:`robustq.grade_claims` recorded them, one panel each
+    (:func:`robustq.plots.claim_panels`): every seed's paired difference, the mean and its 95%
+    interval, tau or the margin, and the room there was to win."""
+    records = json.loads((verdicts.findings_dir(profile) / f"{chapter}.json").read_text())
+    panels = [{
+        "claim": record["claim"], "grade": record["grade"], "rule": record["rule"],
+        "threshold": record["threshold"], "unit": book_settings.endpoint_unit(record["endpoint"]),
+        "differences": {seed: record["candidate"][seed] - record["reference"][seed] for seed in record["candidate"]},
+        "mean": record["mean"], "room": verdicts.room(record),
+        "half_width": verdicts.t_quantile(record["n"]) * record["se"] if record["n"] >= 2 else math.nan,
+    } for record in records]
+    return plots.claim_panels(panels, columns=columns)
 
 
 def _check_graded(chapter: str, claims: Sequence[verdicts.Claim]) -> None:

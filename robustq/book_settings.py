@@ -583,6 +583,12 @@ def endpoint_values(runs: dict[int, Result], endpoint: Endpoint | None = None) -
     return pd.Series({seed: endpoint.value(result) for seed, result in runs.items()}, name=endpoint.name)
 
 
+def float_values(runs: dict[int, Result]) -> pd.Series:
+    """Per seed, the float test accuracy (points) of each run: for the baseline, the ceiling of a
+    claim on quantized accuracy (:func:`robustq.book.grade_claims`)."""
+    return pd.Series({seed: 100.0 * result.test_acc for seed, result in runs.items()}, name="float")
+
+
 def endpoint_by(runs: dict[int, Result], column: str, endpoint: Endpoint | None = None) -> pd.DataFrame:
     """Per seed (rows), the endpoint computed separately for each value of ``column`` (columns)."""
     endpoint = endpoint or primary_endpoint()

@@ -89,11 +89,27 @@ def seed_lines(data: pd.DataFrame, x: str, y: str, hue: str, palette, ax: plt.Ax
     return ax
 
 
+ZOOM_ROW = "view"
+
+
 def seed_grid(data: pd.DataFrame, x: str, y: str, hue: str, col: str, palette, *, height: float = 3.0,
-              aspect: float = 1.2, units: str = "seed") -> sns.FacetGrid:
-    """:func:`seed_lines` in one panel per value of ``col``, with one legend for the figure."""
+              aspect: float = 1.2, units: str = "seed", zoom_from: float | None = None,
+              zoom_label: str = "zoomed") -> sns.FacetGrid:
+    """:func:`seed_lines` in one panel per value of ``col``, with one legend for the figure. With
+    ``zoom_from``, a second row repeats the panels for ``x >= zoom_from`` on their own y-axis, so
+    that differences of a point at W3 and above are not flattened by the tens of points lost at W2
+    (the rows are the column :data:`ZOOM_ROW`; ``grid.axes[0]`` is the full row, ``zoom_label``
+    names the second in its titles)."""
     colors = palette if isinstance(palette, dict) else level_colors(data[hue], palette)
-    grid = sns.FacetGrid(data, col=col, height=height, aspect=aspect)
+    if zoom_from is None:
+        grid = sns.FacetGrid(data, col=col, height=height, aspect=aspect)
+    else:
+        full, zoom = "all", zoom_label
+        data = pd.concat([data.assign(**{ZOOM_ROW: full}), data[data[x] >= zoom_from].assign(**{ZOOM_ROW: zoom})],
+                         ignore_index=True)
+        grid = sns.FacetGrid(data, row=ZOOM_ROW, col=col, height=height * 0.8, aspect=aspect * 1.25,
+                             sharey="row", row_order=[full, zoom], margin_titles=False)
+        grid.set_titles(template="{col_name} ({row_name})")
     grid.map_dataframe(seed_lines, x=x, y=y, hue=hue, palette=colors, units=units, legend=False)
     handles = {str(level): mpl.lines.Line2D([], [], color=colors[level], marker="o", lw=1.8)
                for level in dict.fromkeys(data[hue])}
@@ -108,3 +124,44 @@ def level_colors(values: pd.Series, palette) -> dict:
     if all(isinstance(v, (int, float, np.integer, np.floating)) for v in levels):
         levels = sorted(levels)
     return dict(zip(levels, sns.color_palette(palette, len(levels))))
+
+
+
+def claim_panels(panels: Sequence[dict], columns: int = 4) -> plt.Figure:
+    """One panel per graded claim. Each of ``panels`` has the claim's ``claim``, ``grade``,
+    ``rule``, ``threshold``, ``unit``, per-seed ``differences`` (candidate - reference), their
+    ``mean`` and the ``half_width`` of its 95% interval, and its ``room`` (NaN without one): each
+    seed's difference is a dot (a collapsed seed shows as one far away), then the mean with its
+    interval. The dashed line is tau (a paired claim) or the shaded band the margin (an equivalent
+    one); the dotted line is the room the candidate had to win."""
+    columns = max(1, min(columns, len(panels)))
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.35 * columns + 0.4, 2.7 * rows), squeeze=False)
+    for ax, panel in zip(axes.flat, panels):
+        _claim_panel(ax, panel)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    return fig
+
+
+def _claim_panel(ax: plt.Axes, panel: dict) -> None:
+    seeds = list(panel["differences"])
+    mean_at = len(seeds) + 0.6
+    ax.scatter(range(len(seeds)), list(panel["differences"].values()), s=22, color="#4477AA", zorder=3)
+    half = panel["half_width"]
+    ax.errorbar([mean_at], [panel["mean"]], yerr=[[half], [half]] if np.isfinite(half) else None, fmt="D",
+                color="black", markersize=6, capsize=4, zorder=3)
+    ax.axhline(0.0, color="0.3", linewidth=0.9)
+    threshold = panel["threshold"]
+    if panel["rule"] == "paired":
+        ax.axhline(threshold, color="#EE6677", linestyle="--", linewidth=1.2, label=f"τ {threshold:g}")
+    else:
+        ax.axhspan(-threshold, threshold, color="#228833", alpha=0.15, label=f"margin ±{threshold:g}")
+    if np.isfinite(panel["room"]):
+        ax.axhline(panel["room"], color="#AA3377", linestyle=":", linewidth=1.4, label=f"room {panel['room']:.2f}")
+    ax.set_xticks([*range(len(seeds)), mean_at], [*(f"s{seed}" for seed in seeds), "mean"], fontsize="small")
+    ax.set_xlim(-0.6, mean_at + 0.6)
+    ax.set_title(f"{panel['claim']}: {panel['grade']}", fontsize="small")
+    ax.set_ylabel(f"difference ({panel['unit']})", fontsize="small")
+    ax.tick_params(axis="y", labelsize="small")
+    ax.legend(fontsize="x-small", loc="best")

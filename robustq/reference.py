@@ -23,7 +23,7 @@ from robustq.files import write_atomic
 MODE_ENV = "ROBUSTQ_REFERENCE"
 MODES = ("write", "compare", "off")
 CLAIM_FIELDS = ("grade", "mean", "se", "n", "threshold", "mde_planned")
-SEED_FIELDS = ("candidate", "reference", "leave_one_out")
+SEED_FIELDS = ("candidate", "reference", "leave_one_out", "ceiling")  # a ceiling only where a claim has one
 
 
 def mode(environ: Mapping[str, str] | None = None) -> str:

@@ -292,16 +292,42 @@ def stability(record: Mapping) -> tuple[int, int]:
     return sum(grade == record["grade"] for grade in grades), len(grades)
 
 
-def seed_record(claim: Claim, candidate: PerSeed, reference: PerSeed) -> dict:
-    """The per-seed part of a claim's record: each seed's candidate and reference endpoint and the
-    leave-one-seed-out grades, keyed by seed as text (JSON's keys)."""
+def seed_record(claim: Claim, candidate: PerSeed, reference: PerSeed, ceiling: PerSeed | None = None) -> dict:
+    """The per-seed part of a claim's record: each seed's candidate and reference endpoint, the
+    leave-one-seed-out grades and, for a claim on quantized accuracy, each seed's ``ceiling`` (the
+    float baseline's accuracy: what quantization could at most give back), keyed by seed as text
+    (JSON's keys)."""
     d = differences(candidate, reference)
     cand, ref = _as_series(candidate, "candidate"), _as_series(reference, "reference")
-    return {
+    record = {
         "candidate": {str(seed): float(cand.loc[seed]) for seed in d.index},
         "reference": {str(seed): float(ref.loc[seed]) for seed in d.index},
         "leave_one_out": {str(seed): grade for seed, grade in leave_one_out(claim, candidate, reference).items()},
     }
+    if ceiling is not None:
+        top = _as_series(ceiling, "ceiling")
+        missing = sorted(set(d.index) - set(top.index))
+        if missing:
+            raise ValueError(f"the ceiling has no value for seeds {missing}; give one per paired seed")
+        record["ceiling"] = {str(seed): float(top.loc[seed]) for seed in d.index}
+    return record
+
+
+def room(record: Mapping) -> float:
+    """The room a claim's candidate had to win: the mean over seeds of ``ceiling - reference`` (for
+    a claim on quantized accuracy, how far the reference sits below the float baseline), NaN for a
+    claim without a ceiling. A claim whose room is below its tau could not reach tau by closing the
+    gap to float; only a better float accuracy could.
+
+    >>> room({"reference": {"0": 85.0, "1": 86.0}, "ceiling": {"0": 87.0, "1": 87.0}})
+    1.5
+    >>> room({"reference": {"0": 85.0}})
+    nan
+    """
+    ceiling = record.get("ceiling")
+    if not isinstance(ceiling, Mapping) or not ceiling:
+        return math.nan
+    return float(sum(ceiling[seed] - record["reference"][seed] for seed in ceiling) / len(ceiling))
 
 
 def findings_dir(profile: str) -> Path:

@@ -20,6 +20,16 @@ if (robustqCheck !== null) {
         problems.push(`table ${index + 1} ("${head}") runs ${Math.round(overflow)} px past the text column`);
       }
     });
+    if (robustqCheck.split(",").includes("code")) {
+      // a shown code cell that scrolls sideways hides its line ends (hidden cells are collapsed)
+      document.querySelectorAll("div.cell:not(.tag_hide-input) div.cell_input pre").forEach((pre, index) => {
+        const overflow = pre.scrollWidth - pre.clientWidth;
+        if (overflow > 1) {
+          const line = pre.textContent.split("\n").reduce((a, b) => (b.length > a.length ? b : a), "");
+          problems.push(`code cell ${index + 1} scrolls ${overflow} px sideways (its longest line: ${line.length} characters)`);
+        }
+      });
+    }
     document.querySelectorAll("img").forEach((image) => {
       if (!image.complete || image.naturalWidth === 0) problems.push(`image does not load: ${image.getAttribute("src")}`);
     });
