@@ -1,7 +1,7 @@
 """Open the built book in headless Chromium as a reader would, at 1024 px: fail if a table of the
-front page or the Findings runs past the text column (its grades off-screen) or an image of any page
-does not load; save a screenshot of each page's first screen. (A chapter's wide data table may
-scroll.)
+front page or the Findings runs past the text column (its grades off-screen), a chapter's shown code
+cell scrolls sideways (its line ends hidden) or an image of any page does not load; save a
+screenshot of each page's first screen. (A chapter's wide data table may scroll.)
 
     python book/check_browser.py book/_build/html [--width 1024] [--screenshots DIR]
 
@@ -84,7 +84,8 @@ def main() -> int:
                      for line in page_problems(browser, page, args.width)]
         screenshot(browser, page, args.width, args.screenshots)
     return report(f"browser check ({Path(browser).name}, {args.width} px)", problems,
-                  f"ok, no table past the text column, every image loads; first screens in {args.screenshots}")
+                  f"ok, no table past the text column, no shown code cell scrolls sideways, every image loads; "
+                  f"first screens in {args.screenshots}")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import papermill
 
-from robustq import book, book_settings, kernels, manifest, profiles, reference, verdicts
+from robustq import book_settings, kernels, manifest, profiles, reference, verdicts
 from robustq.files import write_atomic
 
 BOOK = Path(__file__).resolve().parent
@@ -247,9 +247,11 @@ def room_sentence(findings) -> str:
     if not rooms:
         return ""
     short = sum(room < tau for room, tau in rooms)
-    return (f"On {book.count_of(short, len(rooms))} paired claims on quantized accuracy, the reference sat "
-            "less than τ below the float baseline, so no method could reach τ by robustness alone "
-            "(the *room* column).")
+    if short == 0:
+        return f"Each of the {_count(len(rooms), 'paired claim')} on quantized accuracy had at least τ of room to win."
+    return (f"On {short} of {_count(len(rooms), 'paired claim')} on quantized accuracy, the reference sat less "
+            "than τ below the float baseline (the *room* column): no method could reach τ there by "
+            "robustness alone.")
 
 
 def _statement(record: dict) -> str:

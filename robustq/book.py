@@ -223,7 +223,7 @@ def grade_claims(
 
 
 def claims_figure(chapter: str, profile: str, columns: int = 4) -> plt.Figure:
-    """The chapter's graded claims as :func:`robustq.grade_claims` recorded them, one panel each
+    """The chapter's graded claims as :func:`grade_claims` recorded them, one panel each
     (:func:`robustq.plots.claim_panels`): every seed's paired difference, the mean and its 95%
     interval, tau or the margin, and the room there was to win."""
     records = json.loads((verdicts.findings_dir(profile) / f"{chapter}.json").read_text())

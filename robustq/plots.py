@@ -109,7 +109,7 @@ def seed_grid(data: pd.DataFrame, x: str, y: str, hue: str, col: str, palette, *
                          ignore_index=True)
         grid = sns.FacetGrid(data, row=ZOOM_ROW, col=col, height=height * 0.8, aspect=aspect * 1.25,
                              sharey="row", row_order=[full, zoom], margin_titles=False)
-        grid.set_titles(template="{col_name} ({row_name})")
+        grid.set_titles(template="{col_name} · {row_name}")
     grid.map_dataframe(seed_lines, x=x, y=y, hue=hue, palette=colors, units=units, legend=False)
     handles = {str(level): mpl.lines.Line2D([], [], color=colors[level], marker="o", lw=1.8)
                for level in dict.fromkeys(data[hue])}
@@ -161,7 +161,7 @@ def _claim_panel(ax: plt.Axes, panel: dict) -> None:
         ax.axhline(panel["room"], color="#AA3377", linestyle=":", linewidth=1.4, label=f"room {panel['room']:.2f}")
     ax.set_xticks([*range(len(seeds)), mean_at], [*(f"s{seed}" for seed in seeds), "mean"], fontsize="small")
     ax.set_xlim(-0.6, mean_at + 0.6)
-    ax.set_title(f"{panel['claim']}: {panel['grade']}", fontsize="small")
+    ax.set_title(f"{panel['claim']}\n{panel['grade']}", fontsize="small")
     ax.set_ylabel(f"difference ({panel['unit']})", fontsize="small")
     ax.tick_params(axis="y", labelsize="small")
     ax.legend(fontsize="x-small", loc="best")

@@ -104,7 +104,7 @@ def with_sizes(profile: str | None = None, **sizes: int | None) -> Profile:
     """The profile with some sizes overridden (a notebook parameter left at ``None`` keeps the
     profile's value).
 
-    >>> with_sizes("smoke", hessian_images=None, analysis_images=64).analysis_images
-    64
+    >>> with_sizes("smoke", hessian_images=None, analysis_images=32).analysis_images
+    32
     """
     return dataclasses.replace(get(profile), **{name: value for name, value in sizes.items() if value is not None})

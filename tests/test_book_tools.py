@@ -36,10 +36,13 @@ def test_offline_check_flags_cdn_scripts_and_passes_local_ones(tmp_path):
 def test_status_page_lists_each_notebook_time_and_the_environment(tmp_path, monkeypatch):
     execute = _load("execute")
     monkeypatch.setattr(execute, "BOOK", tmp_path)
+    monkeypatch.setattr(execute.manifest, "chapter_seconds", lambda plan: __import__("pandas").Series({"00": 10.0}))
     execute.write_status([("00_primer", True, 12.34, ""), ("01_x", False, 3.0, "ValueError: boom | x")], "book")
     text = (tmp_path / "status.md").read_text()
-    assert "| 00_primer | ok | 12.3 |" in text and "failed: ValueError: boom \\| x" in text
-    assert "**15.3**" in text and "| torch |" in text and "| CPU count |" in text
+    assert "| 00_primer | ok | 12.3 | 10 | 1.23 |" in text and "failed: ValueError: boom \\| x | 3.0 | — | — |" in text
+    assert "**15.3**" in text and "**10**" in text and "| torch |" in text and "| CPU count |" in text
+    execute.write_status([("00_primer", True, 12.34, "")], "smoke")  # the plan is measured on the book profile
+    assert "| 00_primer | ok | 12.3 | — | — |" in (tmp_path / "status.md").read_text()
     assert re.search(r"\| commit \| `[0-9a-f]{40}`( \+ local changes)? \|", text)
 
 
@@ -50,7 +53,10 @@ def test_findings_page_has_one_linked_row_per_claim_of_the_executed_chapters(tmp
     monkeypatch.setattr(execute, "BOOK", tmp_path)
     monkeypatch.setenv("ROBUSTQ_FINDINGS", str(tmp_path / "findings"))
     claim = verdicts.Claim("01", "C1.1", "SymReg beats the baseline", "w432", "paired", 2.0)
-    record = verdicts.claim_record(claim, claim.grade({0: 3.0, 1: 4.0, 2: 5.0}, {0: 0.0, 1: 0.0, 2: 0.0}), 2.5)
+    candidate, reference = {0: 3.0, 1: 4.0, 2: 5.0}, {0: 0.0, 1: 0.0, 2: 0.0}
+    record = {**verdicts.claim_record(claim, claim.grade(candidate, reference), 2.5),
+              "reference": {"0": 0.0, "1": 0.0, "2": 0.0},
+              "ceiling": {"0": 1.0, "1": 1.5, "2": 2.0}}  # the room: 1.5 points, below tau
     ours = verdicts.Claim("01", "C1.2", "The drift falls", "sqnr_drop_db", "paired", 1.0, source="book")
     hypothesis = verdicts.claim_record(ours, ours.grade({0: 0.5, 1: 0.6, 2: 0.5}, {0: 0.0, 1: 0.0, 2: 0.0}), 1.0)
     folder = verdicts.findings_dir("book")
@@ -60,18 +66,21 @@ def test_findings_page_has_one_linked_row_per_claim_of_the_executed_chapters(tmp
     text = (tmp_path / "findings.md").read_text()
     rows = [line for line in text.splitlines() if line.startswith("| {doc}")]
     assert rows[0] == ("| {doc}`C1.1 <notebooks/01_error_propagation>` | **reproduced** | SymReg beats the baseline | "
-                       "paired, τ 2 | +4.00 ± 0.58 points | 2.50&nbsp;/&nbsp;2.48 | 0/0 |")  # no leave-one-out recorded
+                       "paired, τ 2 | +4.00 ± 0.58 points | 1.50 | 2.50&nbsp;/&nbsp;2.48 | 0/0 |")  # no leave-one-out
     assert len(rows) == 2 and "| The drift falls *(the book's hypothesis)* |" in rows[1]
     lead = (tmp_path / "findings_lead.md").read_text()
     assert lead == ("This build (profile `book`) trained the book's small CNN on 8,000 Fashion-MNIST training "
                     "images for 3 epochs, 5 graded seeds per method, and graded 2 claims. Of the papers' claims "
-                    "(1): 1 reproduced. Of the book's own hypotheses (1): 1 smaller than claimed.\n")
+                    "(1): 1 reproduced. Of the book's own hypotheses (1): 1 smaller than claimed. On 1 of 1 "
+                    "paired claim on quantized accuracy, the reference sat less than τ below the float baseline "
+                    "(the *room* column): no method could reach τ there by robustness alone.\n")
     summary = (tmp_path / "findings_summary.md").read_text().splitlines()
-    assert summary[0] == "| claim | grade | statement | effect (mean ± se) | threshold | seeds |" and len(summary) == 4
+    assert summary[0] == "| claim | grade | statement | effect (mean ± se) | threshold | room | seeds |"
+    assert len(summary) == 4
     assert summary[2] == ("| {doc}`C1.1 <notebooks/01_error_propagation>` | **reproduced** | SymReg beats the "
-                          "baseline | +4.00 ± 0.58 points | τ 2 | 3 |")
+                          "baseline | +4.00 ± 0.58 points | τ 2 | 1.50 | 3 |")
     assert summary[3].endswith("| **smaller than claimed** | The drift falls *(the book's hypothesis)* | "
-                               "+0.53 ± 0.03 dB | τ 1 | 3 |")
+                               "+0.53 ± 0.03 dB | τ 1 | — | 3 |")
 
 
 def test_launch_buttons_open_the_source_notebooks_in_colab():
@@ -204,6 +213,6 @@ def test_the_browser_check_reads_what_the_page_measured_and_names_a_page_whose_c
     findings, chapter = tmp_path / "findings.html", tmp_path / "notebooks" / "08_comparison.html"
     assert check.page_problems("chromium", findings, 1024) == ['table 1 ("claim") runs 96 px past the text column & more']
     check.page_problems("chromium", chapter, 1024)
-    assert asked[0].endswith("findings.html?robustq-check=tables,images") and asked[1].endswith("?robustq-check=images")
+    assert asked[0].endswith("findings.html?robustq-check=tables,images") and asked[1].endswith("?robustq-check=code,images")
     monkeypatch.setattr(check, "_chromium", lambda *a: subprocess.CompletedProcess(a, 1, stdout="", stderr="crashed"))
     assert "the page check did not run" in check.page_problems("chromium", findings, 1024)[0]

@@ -5,6 +5,7 @@ import json
 import re
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import pytest
 
 from robustq import book, book_settings, comparison, verdicts
@@ -59,3 +60,25 @@ def test_a_declared_claim_left_ungraded_stops_the_chapter_before_recording(tmp_p
     assert not (tmp_path / "smoke" / "97_toy.json").exists()
     table = book.grade_claims("97_toy", [(first, *per_seed), (second, *per_seed)], "smoke")
     assert list(table.index) == ["C97.1", "C97.2"] and (tmp_path / "smoke" / "97_toy.json").exists()
+
+
+def test_a_claim_with_a_ceiling_records_it_and_shows_its_room_and_its_figure(tmp_path, monkeypatch):
+    monkeypatch.setenv("ROBUSTQ_FINDINGS", str(tmp_path))
+    monkeypatch.setattr(book, "_DECLARED", {})
+    with_room, without = _claim("97", "C97.1"), _claim("97", "C97.2")
+    candidate, reference = {0: 86.0, 1: 87.0}, {0: 85.0, 1: 85.5}
+    ceiling = {0: 87.0, 1: 88.0}  # the float baseline: room (2.0 + 2.5) / 2
+    table = book.grade_claims("97_toy", [(with_room, candidate, reference, ceiling), (without, candidate, reference)],
+                              "smoke")
+    assert table.loc["C97.1", "room"] == "2.25" and table.loc["C97.2", "room"] == "—"
+    records = json.loads((tmp_path / "smoke" / "97_toy.json").read_text())
+    assert records[0]["ceiling"] == {"0": 87.0, "1": 88.0} and "ceiling" not in records[1]
+    with pytest.raises(ValueError, match=r"no value for seeds \[1\]"):
+        book.grade_claims("97_toy", [(with_room, candidate, reference, {0: 87.0}), (without, candidate, reference)],
+                          "smoke")
+    figure = book.claims_figure("97_toy", "smoke", columns=4)
+    shown = [ax for ax in figure.axes if ax.get_visible()]
+    assert [ax.get_title() for ax in shown] == ["C97.1\ninconclusive", "C97.2\ninconclusive"]
+    assert [text.get_text() for text in shown[0].get_legend().get_texts()] == ["τ 1", "room 2.25"]
+    assert [text.get_text() for text in shown[1].get_legend().get_texts()] == ["τ 1"]
+    plt.close(figure)

@@ -4,6 +4,7 @@ settings reaches every table without other changes."""
 import dataclasses
 import re
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
@@ -162,3 +163,24 @@ def test_a_compared_method_keeps_its_colour_from_chapter_to_chapter():
     assert chapter_02["baseline"] == chapter_08["baseline"] and len({chapter_08[m] for m in shown}) == len(shown)
     assert chapter_08["SymReg + SatNL + ASAM"] == chapter_08["symreg_satnl_asam"]  # a figure may show labels
     assert chapter_06["dorefa"] != chapter_06["wrpn"]  # a method outside 08 takes a hue left free
+
+
+def test_gain_split_adds_up_and_leaves_out_methods_without_a_float_accuracy():
+    endpoint = pd.DataFrame({"baseline": [85.0, 86.0, 84.0], "satnl": [86.5, 86.5, 85.5], "qat": [80.0, 81.0, 82.0]})
+    floats = pd.DataFrame({"baseline": [87.0, 87.5, 86.5], "satnl": [88.0, 88.0, 87.5]})
+    split = comparison.gain_split(endpoint, floats)
+    assert list(split.index) == ["satnl"]
+    row = split.loc["satnl"]
+    assert row["endpoint gain"] == pytest.approx(7 / 6) and row["float gain"] == pytest.approx(5 / 6)
+    assert row["float gain"] + row["robustness gain"] == pytest.approx(row["endpoint gain"])
+
+
+def test_a_zoomed_seed_grid_repeats_the_high_bit_widths_on_their_own_axis():
+    frame = pd.DataFrame({"w_bits": [2, 3, 4] * 2, "acc": [10.0, 85.0, 86.0, 12.0, 85.5, 86.5], "seed": 0,
+                          "method": ["a"] * 3 + ["b"] * 3, "family": "post-training"})
+    grid = plots.seed_grid(frame, "w_bits", "acc", hue="method", col="family", palette=plots.PALETTE,
+                           zoom_from=3, zoom_label="W3 and up")
+    full, zoom = grid.axes[:, 0]
+    assert full.get_title() == "post-training · all" and zoom.get_title() == "post-training · W3 and up"
+    assert full.get_ylim()[0] < 20 < 80 < zoom.get_ylim()[0]  # the zoomed row leaves W2 out
+    plt.close(grid.figure)

@@ -9,7 +9,9 @@ prose in Markdown with glued numbers (every ``{glue:...}`` key is glued by a cod
 from __future__ import annotations
 
 import ast
+import io
 import re
+import tokenize
 from pathlib import Path
 
 import nbformat
@@ -23,7 +25,10 @@ NAME = re.compile(r"\d{2}_[a-z0-9]+(_[a-z0-9]+)*\.ipynb")
 PROFILE_ASSIGNMENT = re.compile(r"^profile\s*=", re.MULTILINE)
 # Training belongs in robustq.train; a notebook that steps an optimizer is training in a cell.
 TRAINING = re.compile(r"\.backward\(|optimizer\.step\(")
-MAX_CELL_LINES = 25
+MAX_CELL_LINES = 25  # logical lines (_logical_lines)
+# a shown code cell's lines fit the text column at 1024 px (measured: 85 characters of the book's
+# monospace font; book/check_browser.py checks the built pages); collapsed cells may be wider
+SHOWN_WIDTH = 84
 REMOVED_TAGS = {"remove-input", "remove-cell"}
 GLUE_REFERENCE = re.compile(r"\{glue:(?:text|md|any)\}`([\w-]+)(?::[^`]*)?`|```\{glue:figure\}\s+([\w-]+)")
 INSTALL = re.compile(r"(^|[\s;])[!%]\s*pip\b|\bpip3?\s+install\b|\bconda\s+install\b|\bmamba\s+install\b", re.MULTILINE)
@@ -67,11 +72,27 @@ def problems(path: Path) -> list[str]:
             found.append(f"{where} looks like a training loop ({match.group(0)!r}); train through robustq")
         if match := INSTALL.search(cell.source):
             found.append(f"{where} installs packages ({match.group(0).strip()!r}); dependencies go in pyproject.toml")
-        if (lines := len(cell.source.splitlines())) > MAX_CELL_LINES:
+        if (lines := _logical_lines(cell.source)) > MAX_CELL_LINES:
             found.append(f"{where} has {lines} lines (at most {MAX_CELL_LINES}: move code into robustq)")
+        collapsed = {"hide-input", *REMOVED_TAGS} & set(cell.get("metadata", {}).get("tags", []))
+        too_wide = [n for n, line in enumerate(cell.source.splitlines(), 1) if len(line) > SHOWN_WIDTH]
+        if too_wide and not collapsed:
+            found.append(f"{where} line {too_wide[0]} is wider than {SHOWN_WIDTH} characters, the page's "
+                         "code column at 1024 px (wrap it, e.g. ruff format --line-length 84)")
         if "say(" in cell.source:
             found.append(f"{where} writes prose from Python (say); glue the numbers and write Markdown")
     return found + _house_style(nb)
+
+
+def _logical_lines(source: str) -> int:
+    """Statements and comment lines: a call wrapped over several lines to fit the page counts once."""
+    try:
+        tokens = list(tokenize.generate_tokens(io.StringIO(source + "\n").readline))
+    except (tokenize.TokenError, IndentationError, SyntaxError):  # IPython magics: count what is there
+        return len(source.splitlines())
+    ends = {token.start[0] for token in tokens if token.type == tokenize.NEWLINE}
+    comments = {token.start[0] for token in tokens if token.type == tokenize.COMMENT}
+    return len(ends | comments)
 
 
 def _house_style(nb) -> list[str]:
@@ -189,6 +210,15 @@ def test_checker_rejects_single_faults(tmp_path, source, expected):
     else:
         nb.cells.append(new_code_cell(source))
     assert any(expected in line for line in problems(write(nb, tmp_path / "01_fault.ipynb")))
+
+
+def test_checker_wants_shown_code_within_the_page(tmp_path):
+    nb = good_notebook()
+    wide = "x = " + " + ".join(["1"] * 30)
+    hidden = new_code_cell(wide, metadata={"tags": ["hide-input"]})
+    nb.cells += [new_code_cell(f"y = 1\n{wide}"), hidden]
+    assert_reports(problems(write(nb, tmp_path / "01_wide.ipynb")), [
+        "cell 3 line 2 is wider than 84 characters"])
 
 
 def test_checker_enforces_the_house_style(tmp_path):

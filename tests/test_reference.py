@@ -55,3 +55,13 @@ def test_the_mode_is_compare_under_ci_and_a_bad_value_names_the_choices():
     assert reference.mode({"CI": "false"}) == "write"
     with pytest.raises(ValueError, match="is not one of write, compare, off"):
         reference.mode({"ROBUSTQ_REFERENCE": "update"})
+
+
+def test_a_claims_ceiling_gets_a_line_per_seed_after_its_grades():
+    claim = verdicts.Claim("01", "C1.1", "SymReg beats the baseline", "w432", "paired", 1.0)
+    candidate, base = {0: 3.0, 1: 4.0}, {0: 0.0, 1: 0.5}
+    record = {**verdicts.claim_record(claim, claim.grade(candidate, base), 2.5),
+              **verdicts.seed_record(claim, candidate, base, {0: 5.0, 1: 5.5})}
+    lines = reference.claim_lines([record]).splitlines()
+    assert lines[-2:] == ["C1.1\tceiling\t0\t5.0", "C1.1\tceiling\t1\t5.5"]
+    assert lines[-3].startswith("C1.1\tleave_one_out\t1\t")
