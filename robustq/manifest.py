@@ -186,9 +186,9 @@ CHAPTERS: dict[str, Chapter] = {
         *_evaluations("baseline", "graded", "W8-W2 folded", plain=GRID),
     )),
     "08": Chapter(("baseline", "kure"), ("symreg_satnl_asam_kure",), extras=(
-        # 12.7-13.9 s for the 11 methods (about 0.11 units each: setup and 35 steps), timed right
-        # after the runs; the cold builds of 4b34db9 and ac9ee1d took 72 and 67 s, timing them after
-        # the chapter's evaluations, which slow a process's later steps (chapter 08's comment)
+        # 12.7-13.9 s for the 11 methods (about 0.11 units each: setup and 35 steps), in a cell of
+        # their own; the 72 and 67 s of that cell in the cold builds of 4b34db9 and ac9ee1d were
+        # mostly the primary-endpoint evaluations it also ran
         Extra("overhead: 35 timed steps of every compared method, not stored",
               sum(entry.compared for entry in METHODS.values()), cost=0.11, kind="timed"),
     ), evaluations=(
@@ -270,11 +270,12 @@ CALIBRATED_PROFILE = "book"  # the profile whose chapter times the constants bel
 # trains in about 11 s inside a notebook with its setup, first evaluation and cache writes (cold
 # build of de8b77a: 8 s before the kernel pin); one row of an evaluation costs what
 # benchmarks/evaluations.py prints (a W3 sweep of one row, less its float pass). Against the cold
-# build of ac9ee1d, with nothing else running (the same work), the plan is within 10% for chapters
-# 01 and 03-07, 12% over for 02 (126 s against 113) and 38% over for 08 (399 s against 290: its
-# timed steps and its new evaluations of the grid cost less than modelled); in all, 39.9 minutes
-# estimated against 37.5 measured. Chapter times of one commit moved by up to 45% between builds
-# on this machine when other work ran beside them (02: 113, 129 and 190 s).
+# build of c6d50aa, with nothing else running, the plan is within 10% for chapters 02-06, under
+# by 14% for 01 (282 s measured against 248) and 10% for 07 (188 against 171), over by 12% for 08
+# (316 against 283) and by 5 s for the 10-s chapter 00; in all, 38.5 minutes estimated against
+# 39.2 measured. That build's training cells ran about a fifth slower than the previous cold
+# build's on the same machine (01's runs: 140 s against 113), and chapter times of one commit moved
+# by up to 45% when other work ran beside them (02: 113, 129 and 190 s).
 SECONDS_PER_UNIT = 11.0
 SECONDS_PER_EVALUATION = {"plain": 0.5, "activations": 0.9, "mse": 0.5, "bias_corrected": 1.1, "passes": 0.4}
 SECONDS_PER_CHAPTER = 5.0

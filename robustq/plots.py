@@ -126,7 +126,6 @@ def level_colors(values: pd.Series, palette) -> dict:
     return dict(zip(levels, sns.color_palette(palette, len(levels))))
 
 
-
 def claim_panels(panels: Sequence[dict], columns: int = 4) -> plt.Figure:
     """One panel per graded claim. Each of ``panels`` has the claim's ``claim``, ``grade``,
     ``rule``, ``threshold``, ``unit``, per-seed ``differences`` (candidate - reference), their

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -36,7 +37,7 @@ def test_offline_check_flags_cdn_scripts_and_passes_local_ones(tmp_path):
 def test_status_page_lists_each_notebook_time_and_the_environment(tmp_path, monkeypatch):
     execute = _load("execute")
     monkeypatch.setattr(execute, "BOOK", tmp_path)
-    monkeypatch.setattr(execute.manifest, "chapter_seconds", lambda plan: __import__("pandas").Series({"00": 10.0}))
+    monkeypatch.setattr(execute.manifest, "chapter_seconds", lambda plan: pd.Series({"00": 10.0}))
     execute.write_status([("00_primer", True, 12.34, ""), ("01_x", False, 3.0, "ValueError: boom | x")], "book")
     text = (tmp_path / "status.md").read_text()
     assert "| 00_primer | ok | 12.3 | 10 | 1.23 |" in text and "failed: ValueError: boom \\| x | 3.0 | — | — |" in text
