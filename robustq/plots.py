@@ -126,41 +126,62 @@ def level_colors(values: pd.Series, palette) -> dict:
     return dict(zip(levels, sns.color_palette(palette, len(levels))))
 
 
+CLAIM_MARKS = ("one seed", "mean, 95% interval", "τ", "equivalence margin", "room")  # the legend's order
+
+
 def claim_panels(panels: Sequence[dict], columns: int = 4) -> plt.Figure:
     """One panel per graded claim. Each of ``panels`` has the claim's ``claim``, ``grade``,
     ``rule``, ``threshold``, ``unit``, per-seed ``differences`` (candidate - reference), their
     ``mean`` and the ``half_width`` of its 95% interval, and its ``room`` (NaN without one): each
     seed's difference is a dot (a collapsed seed shows as one far away), then the mean with its
     interval. The dashed line is tau (a paired claim) or the shaded band the margin (an equivalent
-    one); the dotted line is the room the candidate had to win."""
+    one); the dotted line is the room the candidate had to win. Each panel's title gives its tau or
+    margin and room; one legend, in a free cell or below the panels, names the marks, so that none
+    covers a seed."""
     columns = max(1, min(columns, len(panels)))
     rows = -(-len(panels) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(2.35 * columns + 0.4, 2.7 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.35 * columns + 0.4, 3.0 * rows), squeeze=False)
     for ax, panel in zip(axes.flat, panels):
         _claim_panel(ax, panel)
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
+    fig.tight_layout()
+    marks = {label: handle for ax in axes.flat[:len(panels)]
+             for handle, label in zip(*ax.get_legend_handles_labels())}
+    marks = {label: marks[label] for label in CLAIM_MARKS if label in marks}
+    if len(panels) < axes.size:  # in the free cell after the last panel
+        free = axes.flat[len(panels)]
+        free.set_visible(True)
+        free.axis("off")
+        free.legend(marks.values(), marks.keys(), loc="center", fontsize="small", frameon=False)
+    else:
+        fig.legend(marks.values(), marks.keys(), loc="upper center", bbox_to_anchor=(0.5, 0.0),
+                   ncol=len(marks), fontsize="small", frameon=False)
     return fig
 
 
 def _claim_panel(ax: plt.Axes, panel: dict) -> None:
     seeds = list(panel["differences"])
     mean_at = len(seeds) + 0.6
-    ax.scatter(range(len(seeds)), list(panel["differences"].values()), s=22, color="#4477AA", zorder=3)
+    ax.scatter(range(len(seeds)), list(panel["differences"].values()), s=22, color="#4477AA", zorder=3,
+               label="one seed")
     half = panel["half_width"]
     ax.errorbar([mean_at], [panel["mean"]], yerr=[[half], [half]] if np.isfinite(half) else None, fmt="D",
-                color="black", markersize=6, capsize=4, zorder=3)
+                color="black", markersize=6, capsize=4, zorder=3, label="mean, 95% interval")
     ax.axhline(0.0, color="0.3", linewidth=0.9)
     threshold = panel["threshold"]
     if panel["rule"] == "paired":
-        ax.axhline(threshold, color="#EE6677", linestyle="--", linewidth=1.2, label=f"τ {threshold:g}")
+        ax.axhline(threshold, color="#EE6677", linestyle="--", linewidth=1.2, label="τ")
+        bounds = f"τ {threshold:g}"
     else:
-        ax.axhspan(-threshold, threshold, color="#228833", alpha=0.15, label=f"margin ±{threshold:g}")
+        ax.axhspan(-threshold, threshold, color="#228833", alpha=0.15, label="equivalence margin")
+        bounds = f"margin ±{threshold:g}"
     if np.isfinite(panel["room"]):
-        ax.axhline(panel["room"], color="#AA3377", linestyle=":", linewidth=1.4, label=f"room {panel['room']:.2f}")
+        ax.axhline(panel["room"], color="#AA3377", linestyle=":", linewidth=1.4, label="room")
+        bounds += f", room {panel['room']:.2f}"
     ax.set_xticks([*range(len(seeds)), mean_at], [*(f"s{seed}" for seed in seeds), "mean"], fontsize="small")
     ax.set_xlim(-0.6, mean_at + 0.6)
-    ax.set_title(f"{panel['claim']}\n{panel['grade']}", fontsize="small")
+    ax.set_title(f"{panel['claim']}\n{panel['grade']}\n{bounds}", fontsize="small")
     ax.set_ylabel(f"difference ({panel['unit']})", fontsize="small")
     ax.tick_params(axis="y", labelsize="small")
-    ax.legend(fontsize="x-small", loc="best")
+    ax.yaxis.get_offset_text().set_horizontalalignment("right")  # a "1e-5" clear of the title

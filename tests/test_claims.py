@@ -78,7 +78,8 @@ def test_a_claim_with_a_ceiling_records_it_and_shows_its_room_and_its_figure(tmp
                           "smoke")
     figure = book.claims_figure("97_toy", "smoke", columns=4)
     shown = [ax for ax in figure.axes if ax.get_visible()]
-    assert [ax.get_title() for ax in shown] == ["C97.1\ninconclusive", "C97.2\ninconclusive"]
-    assert [text.get_text() for text in shown[0].get_legend().get_texts()] == ["τ 1", "room 2.25"]
-    assert [text.get_text() for text in shown[1].get_legend().get_texts()] == ["τ 1"]
+    assert [ax.get_title() for ax in shown] == ["C97.1\ninconclusive\nτ 1, room 2.25", "C97.2\ninconclusive\nτ 1"]
+    assert all(ax.get_legend() is None for ax in shown)  # one legend for the figure, below the panels
+    (legend,) = figure.legends
+    assert [text.get_text() for text in legend.get_texts()] == ["one seed", "mean, 95% interval", "τ", "room"]
     plt.close(figure)
