@@ -93,21 +93,22 @@ def write_status(rows: list[tuple[str, bool, float, str]], profile: str) -> None
     estimates = _plan_estimates(profile)
     lines += [
         ("The run plan's estimate (`robustq.manifest.run_plan`, its constants measured on a cold build) "
-         "stands beside each time where the plan is calibrated for this profile; chapter times of one "
-         "commit moved by a fifth between builds on one machine (chapter 01's training cell: 113 and "
-         "140 s), more when other work ran beside them."),
+         "stands beside each time where the plan is calibrated for this profile; the chapter times of "
+         "one commit vary between builds and between machines of the same kind (the README gives "
+         "measured builds), more when other work runs beside them."),
         "",
         "| notebook | status | execution time (s) | run plan (s) | measured / plan |",
         "| --- | --- | ---: | ---: | ---: |",
     ]
+    planned_total = 0.0
     for name, ok, seconds, error in rows:
         status = "ok" if ok else f"failed: {error}".replace("|", "\\|")
         estimate = estimates.get(name.split("_", 1)[0])
         planned = f"{estimate:.0f} | {seconds / estimate:.2f}" if estimate else "— | —"
+        planned_total += estimate or 0.0
         lines.append(f"| {name} | {status} | {seconds:.1f} | {planned} |")
-    total = sum(estimates.get(r[0].split("_", 1)[0], 0.0) for r in rows)
     lines += [
-        f"| **total** | | **{sum(r[2] for r in rows):.1f}** | **{total:.0f}** | |",
+        f"| **total** | | **{sum(r[2] for r in rows):.1f}** | **{planned_total:.0f}** | |",
         "",
         "## Environment",
         "",

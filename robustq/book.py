@@ -11,7 +11,6 @@ that the text can number and reference them. CONTRIBUTING.md has the chapter tem
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import warnings
@@ -111,7 +110,7 @@ def runs_table(runs: Mapping[str, Mapping[int, Result]]) -> pd.DataFrame:
     many models came from the cache."""
     rows = []
     for name, by_seed in runs.items():
-        acc = pd.Series({seed: 100 * r.test_acc for seed, r in by_seed.items()})
+        acc = book_settings.float_values(by_seed)
         rows.append({
             "method": book_settings.label(name),
             "seeds": ", ".join(map(str, by_seed)),
@@ -226,13 +225,13 @@ def claims_figure(chapter: str, profile: str, columns: int = 4) -> plt.Figure:
     """The chapter's graded claims as :func:`grade_claims` recorded them, one panel each
     (:func:`robustq.plots.claim_panels`): every seed's paired difference, the mean and its 95%
     interval, tau or the margin, and the room there was to win."""
-    records = json.loads((verdicts.findings_dir(profile) / f"{chapter}.json").read_text())
+    records = verdicts.read_claims(chapter, verdicts.findings_dir(profile))
     panels = [{
         "claim": record["claim"], "grade": record["grade"], "rule": record["rule"],
         "threshold": record["threshold"], "unit": book_settings.endpoint_unit(record["endpoint"]),
-        "differences": {seed: record["candidate"][seed] - record["reference"][seed] for seed in record["candidate"]},
+        "differences": verdicts.differences(record["candidate"], record["reference"]).to_dict(),
         "mean": record["mean"], "room": verdicts.room(record),
-        "half_width": verdicts.t_quantile(record["n"]) * record["se"] if record["n"] >= 2 else math.nan,
+        "half_width": verdicts.half_width(record["se"], record["n"]),
     } for record in records]
     return plots.claim_panels(panels, columns=columns)
 

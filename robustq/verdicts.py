@@ -85,7 +85,7 @@ class Verdict:
     @property
     def mde(self) -> float:
         """Minimum detectable effect of this comparison: ``t se``."""
-        return _half_width(self.se, self.n)
+        return half_width(self.se, self.n)
 
     @property
     def interval(self) -> tuple[float, float]:
@@ -128,7 +128,7 @@ def paired(candidate: PerSeed, reference: PerSeed, tau: float) -> Verdict:
     is no test of "A is at most |tau| worse than B" (a non-inferiority claim, which it refuses)."""
     _check_threshold("tau", tau)
     mean, se, n = _mean_se(differences(candidate, reference))
-    half = _half_width(se, n)
+    half = half_width(se, n)
     clear_gain, surely_below_tau = mean - half > 0, mean + half < tau
     if clear_gain and mean >= tau:
         grade = REPRODUCED
@@ -147,7 +147,7 @@ def equivalent(candidate: PerSeed, reference: PerSeed, margin: float) -> Verdict
     """
     _check_threshold("margin", margin)
     mean, se, n = _mean_se(differences(candidate, reference))
-    half = _half_width(se, n)
+    half = half_width(se, n)
     grade = _grade(reproduced=abs(mean) + half <= margin, not_reproduced=abs(mean) - half > margin)
     return Verdict("equivalent", grade, mean, se, n, float(margin))
 
@@ -182,7 +182,7 @@ def format_points(value: float) -> str:
     return f"{value:.2f}" if value == 0 or abs(value) >= 0.01 else f"{value:.2g}"
 
 
-def _half_width(se: float, n: int) -> float:
+def half_width(se: float, n: int) -> float:
     """``t se``, the half-width of the 95% interval; infinite for fewer than 2 seeds, so that
     neither rule can fire on one seed."""
     return t_quantile(n) * se if n >= 2 else math.inf
@@ -327,7 +327,7 @@ def room(record: Mapping) -> float:
     ceiling = record.get("ceiling")
     if not isinstance(ceiling, Mapping) or not ceiling:
         return math.nan
-    return float(sum(ceiling[seed] - record["reference"][seed] for seed in ceiling) / len(ceiling))
+    return float(differences(ceiling, record["reference"]).mean())
 
 
 def findings_dir(profile: str) -> Path:
@@ -344,9 +344,22 @@ def findings_dir(profile: str) -> Path:
 def record_claims(chapter: str, records: Sequence[dict], folder: Path) -> Path:
     """Write a chapter's claim records as ``<chapter>.json`` in ``folder`` (atomically), replacing
     earlier ones."""
-    path = folder / f"{chapter}.json"
+    path = _claims_path(chapter, folder)
     write_atomic(path, lambda tmp: tmp.write_text(json.dumps(list(records), indent=1)))
     return path
+
+
+def read_claims(chapter: str, folder: Path) -> list[dict]:
+    """The claim records :func:`record_claims` wrote for ``chapter`` in ``folder``."""
+    path = _claims_path(chapter, folder)
+    if not path.exists():
+        raise FileNotFoundError(f"no claim records for {chapter} in {folder}: grade its claims first "
+                                "(robustq.book.grade_claims)")
+    return json.loads(path.read_text())
+
+
+def _claims_path(chapter: str, folder: Path) -> Path:
+    return folder / f"{chapter}.json"
 
 
 def load_findings(folder: Path) -> pd.DataFrame:

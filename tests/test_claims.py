@@ -76,6 +76,8 @@ def test_a_claim_with_a_ceiling_records_it_and_shows_its_room_and_its_figure(tmp
     with pytest.raises(ValueError, match=r"no value for seeds \[1\]"):
         book.grade_claims("97_toy", [(with_room, candidate, reference, {0: 87.0}), (without, candidate, reference)],
                           "smoke")
+    with pytest.raises(FileNotFoundError, match="no claim records for 96_none"):
+        book.claims_figure("96_none", "smoke")
     figure = book.claims_figure("97_toy", "smoke", columns=4)
     shown = [ax for ax in figure.axes if ax.get_visible()]
     assert [ax.get_title() for ax in shown] == ["C97.1\ninconclusive\nτ 1, room 2.25", "C97.2\ninconclusive\nτ 1"]
