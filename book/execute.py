@@ -157,19 +157,20 @@ def write_findings(profile: str, executed: list[str]) -> None:
         "endpoint and rule were written in its chapter before any model was trained; the grade comes",
         "from `robustq.verdicts` over the graded seeds, paired by seed: *reproduced* when the effect",
         "is surely positive and at least the threshold τ on average, *smaller than claimed* when it is",
-        "surely positive but surely below τ, *not reproduced* when there is no clear gain (or a loss)",
-        "and it is surely below τ, *inconclusive* otherwise (for `equivalent` claims: surely within, or",
+        "surely positive but surely below τ, *not reproduced* when its 95% interval lies at or below 0",
+        "(no gain, or a loss), *inconclusive* otherwise (for `equivalent` claims: surely within, or",
         "surely outside, the margin). *mean ± se* is the mean paired difference over seeds and its",
         "standard error, in the endpoint's unit (accuracy points unless stated); *MDE*",
-        "is the smallest effect this many seeds can tell from zero (t · se), planned before the run",
-        "from the selection seeds and observed in this build. A claim whose MDE exceeds its threshold",
-        "is underpowered in this profile: its grade is what the rule gives, and the `paper` profile",
-        "grades it with more data. *Stable* counts, of the grades with one seed left out in turn, those",
+        "is the true effect this many seeds tell from zero with 80% power ((t₀.₉₇₅ + t₀.₈₀) · sd / √n),",
+        "planned before the run from the selection seeds and observed in this build. A claim whose MDE",
+        "exceeds half its threshold is underpowered in this profile: its grade is what the rule gives,",
+        "and the `paper` profile grades it with more data. *Stable* counts, of the grades with one seed left out in turn, those",
         "that agree with the claim's grade: a claim marked ⚠ has a verdict that one seed fewer would",
         "change (one seed decides it, or a seed fewer leaves it undecided). *Room*, for a claim on",
         "quantized accuracy, is how far the reference sat below the float baseline (mean over seeds):",
         "the most a candidate could win without a better float model. Where it is below τ, no method",
-        "could reproduce the claim by robustness alone.",
+        "could reproduce the claim by robustness alone, and the claim is *not gradable at this scale*:",
+        "its mean ± se is shown, its rule is not applied (protocol v2).",
         "",
     ]
     if findings.empty:
@@ -189,9 +190,38 @@ def write_findings(profile: str, executed: list[str]) -> None:
                 f"{verdicts.format_points(row.mde_planned)}&nbsp;/&nbsp;{verdicts.format_points(row.mde)} | "
                 f"{_stability(record)} |"
             )
+    lines += protocol_history(findings)
     write_atomic(BOOK / "findings.md", lambda tmp: tmp.write_text("\n".join(lines) + "\n"))
     write_atomic(BOOK / "findings_lead.md", lambda tmp: tmp.write_text(findings_lead(findings, profile)))
     write_atomic(BOOK / "findings_summary.md", lambda tmp: tmp.write_text(findings_summary(findings)))
+
+
+PROTOCOL = BOOK / "protocol"
+
+
+def protocol_history(findings) -> list[str]:
+    """The Findings page's *Protocol history*: each claim's grade under protocol v1 (the committed
+    ``book/protocol/v1_grades.tsv``) beside this build's, then the changes and their reasons
+    (``book/protocol/v2_changes.md``, written before the v2 graded runs)."""
+    v1 = {row["claim"]: row for row in _read_tsv(PROTOCOL / "v1_grades.tsv")}
+    now = {} if findings.empty else {record["claim"]: record for record in findings.to_dict("records")}
+    lines = ["", "## Protocol history", "",
+             "| claim | protocol v1: grade | v1: mean ± se | this build: grade | this build: mean ± se |",
+             "| --- | --- | ---: | --- | ---: |"]
+    for claim in dict.fromkeys([*v1, *now]):
+        old, new = v1.get(claim), now.get(claim)
+        old_cells = (f"{old['grade']} | {float(old['mean']):+.2f} ± {float(old['se']):.2f}" if old else "— | —")
+        new_cells = (f"**{new['grade']}** | {new['mean']:+.2f} ± {new['se']:.2f}" if new else "— | —")
+        lines.append(f"| {_breakable(claim)} | {old_cells} | {new_cells} |")
+    moved = sum(claim in v1 and v1[claim]["grade"] != record["grade"] for claim, record in now.items())
+    lines += ["", f"{_count(moved, 'claim')} of the {len(now)} graded in this build changed grade.", "",
+              (PROTOCOL / "v2_changes.md").read_text().strip(), ""]
+    return lines
+
+
+def _read_tsv(path: Path) -> list[dict[str, str]]:
+    rows = [line.split("\t") for line in path.read_text().splitlines() if line and not line.startswith("#")]
+    return [dict(zip(rows[0], row)) for row in rows[1:]]
 
 
 def findings_lead(findings, profile: str) -> str:
@@ -254,7 +284,7 @@ def room_sentence(findings) -> str:
         return f"Each of the {_count(len(rooms), 'paired claim')} on quantized accuracy had at least τ of room to win."
     return (f"On {short} of {_count(len(rooms), 'paired claim')} on quantized accuracy, the reference sat less "
             "than τ below the float baseline (the *room* column): no method could reach τ there by "
-            "robustness alone.")
+            "robustness alone, so those claims are *not gradable at this scale*.")
 
 
 def _statement(record: dict) -> str:

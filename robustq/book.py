@@ -122,34 +122,38 @@ def runs_table(runs: Mapping[str, Mapping[int, Result]]) -> pd.DataFrame:
 
 
 def choices_table(choices: Mapping[str, book_settings.Chosen]) -> pd.DataFrame:
-    """The open choices made on the selection seed: the reference model's and the candidates'
-    validation accuracy, the value the rule chose, and its margin (points a validation accuracy
-    would have to move to change the pick)."""
+    """The open choices made on the selection seeds, one row per candidate and one for the
+    reference model: the mean over the selection seeds of the choice's endpoint on the validation
+    split (quantized) and of the float validation accuracy, in points, and which candidate the rule
+    chose, with its margin over the runner-up and the validation noise that ties candidates."""
     rows = []
     for name, chosen in choices.items():
-        rows.append({
-            "method": book_settings.label(name),
-            "reference": book_settings.label(chosen.reference),
-            "reference val. acc. (%)": round(100 * chosen.reference_accuracy, 2),
-            **{f"{' = '.join([chosen.param, *chosen.tied])} = {value:g}": round(100 * acc, 2)
-               for value, acc in chosen.validation.items()},
-            "chosen": chosen.value,
-            "how": chosen.outcome,
-            "margin (points)": verdicts.format_points(chosen.margin),
-        })
-    return pd.DataFrame(rows).set_index("method")
+        parameter = " = ".join([chosen.param, *chosen.tied])
+        candidates = [(f"{parameter} = {value:g}", chosen.validation[value], chosen.float_validation[value],
+                       "chosen" if value == chosen.value else "")
+                      for value in chosen.validation]
+        reference = (f"{book_settings.label(chosen.reference)} (reference)", chosen.reference_endpoint,
+                     chosen.reference_float, "")
+        for model, quantized, floating, picked in [reference, *candidates]:
+            rows.append({
+                "method": book_settings.label(name), "model": model,
+                f"validation {chosen.endpoint} (points)": round(quantized, 2),
+                "float validation (points)": round(floating, 2), "rule": picked,
+            })
+    return pd.DataFrame(rows).set_index(["method", "model"])
 
 
 # the names a package helper glues for a chapter's prose (tests/test_notebooks_format.py reads it)
-GLUED_BY = {"choice_table": ("chosen_value", "chosen_how")}
+GLUED_BY = {"choice_table": ("chosen_value", "chosen_how", "chosen_float_cost")}
 
 
 def choice_table(name: str, profile: str) -> pd.DataFrame:
     """:func:`choices_table` of book method ``name``'s open choice, made (or recalled) by
-    ``book_settings.choose``, with the picked value and how the rule picked it glued for the prose
-    (``chosen_value``, ``chosen_how``: by the rule, or by its fallback)."""
+    ``book_settings.choose``, with the picked value, how the rule picked it (endpoint, seeds,
+    margin over the runner-up, whether at an end of the grid) and its float cost (the chosen
+    model's float validation accuracy less the reference's, points) glued for the prose."""
     chosen = book_settings.choose(name, profile)
-    glue(**dict(zip(GLUED_BY["choice_table"], (f"{chosen.value:g}", chosen.outcome))))
+    glue(**dict(zip(GLUED_BY["choice_table"], (f"{chosen.value:g}", chosen.outcome, f"{chosen.float_cost:+.2f}"))))
     return choices_table({name: chosen})
 
 
@@ -197,7 +201,8 @@ def grade_claims(
     the Findings page (``verdicts.record_claims``), and return the verdict table. A fourth item, for
     a claim on quantized accuracy, is its ceiling per seed (the float baseline's accuracy,
     :func:`robustq.book_settings.float_values`): the table and the Findings then show the *room*
-    the candidate had to win (:func:`robustq.verdicts.room`).
+    the candidate had to win (:func:`robustq.verdicts.room`); a paired claim with less room than its
+    tau is graded *not gradable at this scale*.
 
     ``chapter`` is the notebook's file name without ``.ipynb`` (the Findings page links it); every
     claim must be the chapter's (its number) and graded once, and every claim the chapter declared
@@ -206,7 +211,7 @@ def grade_claims(
     n = len(book_settings.graded_seeds(profile))
     records = []
     for claim, candidate, reference, *ceiling in graded:
-        verdict = claim.grade(candidate, reference)
+        verdict = claim.grade(candidate, reference, *ceiling)
         mde_planned = book_settings.planning_mde(n, claim.endpoint)
         records.append({**verdicts.claim_record(claim, verdict, mde_planned), "profile": profile,
                         **verdicts.seed_record(claim, candidate, reference, *ceiling)})

@@ -3,8 +3,9 @@
 Every chapter and the comparison chapter read this module, so that they train the same models and
 find them in the shared cache:
 
-* the seeds: graded seeds per profile, and one **selection seed** that is never graded, on which
-  every open choice (λ, scope, form) is made on a validation split by a rule written here;
+* the seeds: graded seeds per profile, and the **selection seeds**, never graded, on whose
+  validation splits every open λ is chosen by the one rule written here (protocol v2: the best
+  validation value of the claim's own endpoint, :func:`best_on_endpoint`);
 * the **primary endpoint**, chosen once by its power on the selection seeds (:data:`ENDPOINT`),
   and the seed-to-seed spread it was chosen with, from which chapters print each claim's minimum
   detectable effect before the run;
@@ -22,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
@@ -31,12 +32,15 @@ from robustq import experiments, profiles
 from robustq.analysis import gradients
 from robustq.data import Dataset, first_batch
 from robustq.experiments import Experiment, Result
+from robustq.params import check_choice
 from robustq.quant import EDGE_BIT_WIDTH, QAT_BIT_WIDTH
 from robustq.verdicts import minimum_detectable_effect
 
 # --- seeds and validation ------------------------------------------------------------------------
 
-SELECTION_SEED = 100  # choices are made on this seed, on a validation split; it is never graded
+# Choices are made on these seeds' validation splits (protocol v2: at least two); never graded.
+SELECTION_SEEDS = (100, 101)
+SELECTION_SEED = SELECTION_SEEDS[0]  # the descriptive selection-seed runs (forms, variants) and the lazy rule
 
 # --- the primary endpoint -------------------------------------------------------------------------
 
@@ -54,15 +58,16 @@ class Endpoint:
     # take the worst accuracy per bit-width over the settings that vary (named here) first
     worst_over: str | None = None
 
-    def frame(self, result: Result) -> pd.DataFrame:
-        """Every evaluation the endpoint averages, one row each (cached by :func:`evaluate`). A
-        sweep over weight bit-widths alone is read from the model's :func:`weight_grid`, so the
-        endpoints of one model share one cached evaluation."""
+    def frame(self, result: Result, split: str = "test") -> pd.DataFrame:
+        """Every evaluation the endpoint averages, one row each (cached by :func:`evaluate`), on the
+        test subset or (``split="val"``, a selection run's) the validation split. A sweep over
+        weight bit-widths alone is read from the model's :func:`weight_grid`, so the endpoints of
+        one model share one cached evaluation."""
         sweeps = (self.sweep,) if isinstance(self.sweep, dict) else self.sweep
-        return pd.concat([_evaluate_sweep(result, sweep) for sweep in sweeps], ignore_index=True)
+        return pd.concat([_evaluate_sweep(result, sweep, split) for sweep in sweeps], ignore_index=True)
 
-    def value(self, result: Result) -> float:
-        frame = self.frame(result)
+    def value(self, result: Result, split: str = "test") -> float:
+        frame = self.frame(result, split)
         if self.worst_over is not None:
             frame = frame.groupby("w_bits", as_index=False)["acc"].min()
         return 100.0 * float(frame["acc"].mean())
@@ -172,7 +177,7 @@ PAPER_REPORTS: dict[str, str] = {
     "C6.1a": "+2.1 points, 27.5% of the gap to float (3-5 bits, average) [paper]",
     "C6.1b": "+2.8 points, 32.4% of the gap to float (3-5 bits, average) [paper]",
     "C7.2": "matches QAT at ≥ 3-bit weights (ResNet-18, Tiny ViT) [paper]",
-    "C7.4": "wins cross-bit for ternary and 3-bit targets [paper]",
+    "C7.4": "wins cross-bit for ternary and 3-bit targets [summary]",
 }
 
 
@@ -222,13 +227,14 @@ def accuracy_table(runs: dict[str, dict[int, Result]], **sweep: Any) -> pd.DataF
     return frame[["method", "seed", *columns, "acc", "fp_acc", "quantizer"]]
 
 
-def _evaluate_sweep(result: Result, sweep: dict[str, Any]) -> pd.DataFrame:
+def _evaluate_sweep(result: Result, sweep: dict[str, Any], split: str = "test") -> pd.DataFrame:
     # a QAT-type model has one quantizer, its own: the variant settings do not apply to it
     varied = set(sweep) - ({"symmetric", "per_channel", "policy"} if result.quantizers else set())
-    if varied == {"w_bits"} and set(sweep["w_bits"]) <= set(GRID_BITS):
+    # (a selection run's validation split is scored at the endpoint's bit-widths alone)
+    if split == "test" and varied == {"w_bits"} and set(sweep["w_bits"]) <= set(GRID_BITS):
         grid = weight_grid(result)
         return grid[grid["w_bits"].isin(sweep["w_bits"])].reset_index(drop=True)
-    return evaluate(result, **sweep)
+    return evaluate(result, split=split, **sweep)
 
 
 # --- methods and their book settings --------------------------------------------------------------
@@ -236,86 +242,71 @@ def _evaluate_sweep(result: Result, sweep: dict[str, Any]) -> pd.DataFrame:
 
 @dataclass(frozen=True)
 class Choice:
-    """An open hyperparameter chosen on the selection seed by a rule written before the run:
-    ``rule`` states it in words, ``pick`` applies it to ``{candidate value: validation accuracy}``
-    and the reference's validation accuracy (both in [0, 1]) and returns the chosen value."""
+    """An open hyperparameter chosen on the selection seeds by the book's one rule (protocol v2,
+    issue #25), written before the run: :func:`best_on_endpoint` of the validation value of
+    ``endpoint`` (a key of :data:`ENDPOINTS`: the graded endpoint of the claim the method is judged
+    on, on quantized accuracy), mean over :data:`SELECTION_SEEDS`. ``reference`` is the model the
+    method is compared with (its quantized and float validation values are shown beside the
+    candidates: the room there is to win, and what the choice costs in float accuracy)."""
 
     param: str
     candidates: tuple[Any, ...]
-    rule: str
-    pick: LargestWithin = field(repr=False, compare=False)
+    endpoint: str
     tied: tuple[str, ...] = ()  # other parameters that take the same value (e.g. lam_a with lam_w)
-    reference: str = "baseline"  # the book method whose validation accuracy the rule compares with
+    reference: str = "baseline"  # the book method the chosen model is compared with
+
+    def __post_init__(self) -> None:
+        check_choice("endpoint", self.endpoint, ENDPOINTS)
+
+    @property
+    def rule(self) -> str:
+        return (f"the candidate with the best mean validation {self.endpoint} over the selection seeds; "
+                "candidates within the validation noise of the best go to the smallest")
 
     def assign(self, value: Any) -> dict[str, Any]:
         """The method parameters one candidate value sets."""
         return {name: value for name in (self.param, *self.tied)}
 
 
-COLLAPSED_BELOW = 0.2  # a reference under twice chance on ten classes has not learned: nothing to stay near
-
-
 BOUNDARY_POINTS = 1e-9  # float rounding of a difference of accuracies, in points; not an image
 
 
-@dataclass(frozen=True)
-class LargestWithin:
-    """Rule: the largest candidate whose validation accuracy stays within ``points`` of the
-    reference's; the smallest candidate if none does, or if the reference collapsed (validation
-    accuracy below :data:`COLLAPSED_BELOW`), when "within" would compare with chance.
+def validation_noise(best: float, images: int) -> float:
+    """The binomial standard error, in points, of an accuracy of ``best`` points measured on
+    ``images`` images (the validation split of every selection seed together): two candidates
+    closer than this are tied by the validation data.
 
-    A candidate exactly ``points`` below is within: accuracies are image counts over the split, and
-    ``100 * (0.87 - 0.865)`` is ``0.5000000000000004`` in floating point, so the comparison allows
-    :data:`BOUNDARY_POINTS`, far below one image of any split (1e-4 points for a million images).
-
-    >>> largest_within(0.5)({0.1: 0.87, 1.0: 0.865, 10.0: 0.8648}, baseline=0.87)
-    1.0
-    >>> round(largest_within(0.5).margin({0.1: 0.87, 1.0: 0.865, 10.0: 0.8648}, baseline=0.87), 2)
-    0.0
+    >>> round(validation_noise(87.0, 10_000), 2)
+    0.34
     """
-
-    points: float
-
-    def __call__(self, accuracy: dict[Any, float], baseline: float) -> Any:
-        if baseline < COLLAPSED_BELOW:
-            return min(accuracy)
-        allowed = [value for value, acc in accuracy.items() if self._within(acc, baseline)]
-        return max(allowed) if allowed else min(accuracy)
-
-    def margin(self, accuracy: dict[Any, float], baseline: float) -> float:
-        """How far, in points, the candidate nearest the rule's threshold is from it: no validation
-        accuracy moved by less changes the choice (NaN when the reference collapsed)."""
-        if baseline < COLLAPSED_BELOW:
-            return math.nan
-        return min(abs(self._drop(acc, baseline) - self.points) for acc in accuracy.values())
-
-    def outcome(self, accuracy: dict[Any, float], baseline: float) -> str:
-        """How the rule picked, in words a chapter can print beside the choice: by the rule, or by
-        its fallback (no candidate within, or a collapsed reference).
-
-        >>> rule = largest_within(0.5)
-        >>> rule.outcome({0.1: 0.87, 1.0: 0.865}, baseline=0.87)
-        "by the rule: the largest within 0.5 point of the reference's validation accuracy"
-        >>> rule.outcome({0.1: 0.85, 1.0: 0.84}, baseline=0.87)
-        'by its fallback: the smallest, as no candidate stayed within 0.5 point of the reference'
-        """
-        if baseline < COLLAPSED_BELOW:
-            return "by its fallback: the smallest, as the reference collapsed"
-        if any(self._within(acc, baseline) for acc in accuracy.values()):
-            return f"by the rule: the largest within {self.points:g} point of the reference's validation accuracy"
-        return f"by its fallback: the smallest, as no candidate stayed within {self.points:g} point of the reference"
-
-    def _within(self, acc: float, baseline: float) -> bool:
-        return self._drop(acc, baseline) <= self.points + BOUNDARY_POINTS
-
-    @staticmethod
-    def _drop(acc: float, baseline: float) -> float:
-        return 100 * (baseline - acc)
+    p = min(max(best / 100, 0.0), 1.0)
+    return 100 * math.sqrt(p * (1 - p) / images)
 
 
-def largest_within(points: float) -> LargestWithin:
-    """:class:`LargestWithin` ``points`` of the reference (the book's rule for every λ)."""
-    return LargestWithin(points)
+def best_on_endpoint(values: dict[Any, float], noise: float) -> Any:
+    """The book's rule for every open choice (issue #25, "choices by purpose"): the candidate with
+    the best validation value of its claim's endpoint (``values``: candidate -> points, mean over
+    the selection seeds); a candidate within ``noise`` points of the best is tied with it, and ties
+    go to the smallest candidate (the weakest strength that does as well).
+
+    >>> best_on_endpoint({0.1: 80.0, 1.0: 85.0, 10.0: 85.2}, noise=0.34)
+    1.0
+    >>> best_on_endpoint({0.1: 80.0, 1.0: 84.0, 10.0: 85.2}, noise=0.34)
+    10.0
+    """
+    best = max(values.values())
+    return min(value for value, points in values.items() if best - points <= noise + BOUNDARY_POINTS)
+
+
+def margin_over_runner_up(values: dict[Any, float], chosen: Any) -> float:
+    """The chosen candidate's validation value less the best of the others, in points (negative
+    when a tie went to a smaller candidate below the best).
+
+    >>> margin_over_runner_up({0.1: 80.0, 1.0: 85.0, 10.0: 85.2}, 1.0)
+    -0.2
+    """
+    others = [points for value, points in values.items() if value != chosen]
+    return round(values[chosen] - max(others), 12) if others else math.nan
 
 
 @dataclass(frozen=True)
@@ -344,21 +335,22 @@ class MethodSettings:
         return {**self.params, "warmup_epochs": epochs - penalised}
 
 
-WITHIN_HALF_A_POINT = "the largest λ whose validation accuracy stays within 0.5 point of the baseline's"
-SYMREG_LAM = Choice("lam", (0.1, 1.0, 10.0), WITHIN_HALF_A_POINT, largest_within(0.5))
+# Every λ by its claim's own endpoint on quantized accuracy (protocol v2, issue #25): SymReg by C3.1's
+# primary endpoint, gradient-ℓ1 by C5.2's W6A6/W4A4, SinReQ and the oscillation regularizer by their
+# 3-bit target (C6.1a, C7.2). Protocol v1 chose the largest λ within 0.5 point of the reference's
+# float validation accuracy, blind to the benefit each method claims.
+SYMREG_LAM = Choice("lam", (0.1, 1.0, 10.0), ENDPOINT)
 QAT_PARAMS = {"bit_width": QAT_BIT_WIDTH, "edge_bit_width": EDGE_BIT_WIDTH}
 WRPN_PARAMS = {**QAT_PARAMS, "init_to_grid": True}
 # Gradient-ℓ1 (book/methods.md §2): the [paper] bound's step weighting; one λ for the weight and the
-# activation terms, chosen by the book's rule over two decades.
-GRAD_L1_LAM = Choice("lam_w", (0.01, 0.1, 1.0), WITHIN_HALF_A_POINT, largest_within(0.5), tied=("lam_a",))
-# SinReQ: the released fixed-bit scripts' constant strength (book/methods.md §3), chosen against the
+# activation terms, over two decades.
+GRAD_L1_LAM = Choice("lam_w", (0.01, 0.1, 1.0), "w6a6_w4a4", tied=("lam_a",))
+# SinReQ: the released fixed-bit scripts' constant strength (book/methods.md §3), compared with the
 # QAT model it regularises; DoReFa's SinReQ reuses WRPN's λ.
-SINREQ_LAM = Choice("lam", (0.1, 1.0, 10.0), "the largest λ whose validation accuracy stays within 0.5 point of "
-                    "WRPN's (the same QAT without SinReQ); the smallest if WRPN collapsed", largest_within(0.5),
-                    reference="wrpn")
+SINREQ_LAM = Choice("lam", (0.1, 1.0, 10.0), "target", reference="wrpn")
 # Oscillation regularizer: the released λ = 14 was tuned for Adam on a ternary MLP (book/methods.md §4);
-# for SGD at 3 bits, three values a decade apart around it, by the book's rule.
-OSCILLATION_LAM = Choice("lam", (1.0, 10.0, 100.0), WITHIN_HALF_A_POINT, largest_within(0.5))
+# for SGD at 3 bits, three values a decade apart around it.
+OSCILLATION_LAM = Choice("lam", (1.0, 10.0, 100.0), "target")
 LAZY_TOLERANCE = 0.10
 RATIO_ROUNDING = 1e-12  # float rounding of a ratio: 2.2 / 2.0 - 1 is 0.10000000000000009, within 10%
 LAZY_RULE = ("lazy regularization (the penalty every k-th step, k times as strong) is used in the graded runs "
@@ -399,8 +391,10 @@ METHODS: dict[str, MethodSettings] = {
     "sinreq_dorefa": MethodSettings("sinreq_dorefa", QAT_PARAMS, "06", 1.1, inherits="sinreq_wrpn"),
     "qat_ste": MethodSettings("qat_ste", QAT_PARAMS, "05", 1.02, compared=True),
     "qat_lsq": MethodSettings("qat_lsq", QAT_PARAMS, "04", 1.1, compared=True),
-    "oscillation": MethodSettings("oscillation", {"bit_width": QAT_BIT_WIDTH}, "07", 1.0, OSCILLATION_LAM,
-                                  compared=True),
+    # As its authors ran it (issue #25): the penalty on the layers deployed at the target bit-width,
+    # not on BatchNorm or the 8-bit stem and classifier (the released code penalises every weight).
+    "oscillation": MethodSettings("oscillation", {"bit_width": QAT_BIT_WIDTH, "scope": "deployed"}, "07", 1.0,
+                                  OSCILLATION_LAM, compared=True),
     "satnl_asam": MethodSettings("satnl_asam", {}, "04", 2.4),
 }
 
@@ -446,52 +440,80 @@ def run_graded(name: str, profile: str | None = None, progress: bool = False) ->
     return {seed: run(name, seed, profile, progress=progress) for seed in graded_seeds(profile)}
 
 
-def selection_experiment(name: str, profile: str | None = None, **params: Any) -> Experiment:
-    """A run of ``name``'s fixed parameters (``params`` override them) on the selection seed, with
-    a validation split (never graded)."""
+def selection_experiment(name: str, profile: str | None = None, seed: int = SELECTION_SEED,
+                         **params: Any) -> Experiment:
+    """A run of ``name``'s fixed parameters (``params`` override them) on a selection seed, with a
+    validation split (never graded)."""
     entry = _settings(name)
     return Experiment(
-        method=entry.method, method_params={**entry.params_for(profile), **params}, seed=SELECTION_SEED,
+        method=entry.method, method_params={**entry.params_for(profile), **params}, seed=seed,
         val_size=profiles.get(profile).validation_size, profile=profile,
     )
 
 
 @dataclass(frozen=True)
 class Chosen:
-    """What an open choice picked on the selection seed, and from what: the reference's and each
-    candidate's validation accuracy (in [0, 1]), the cache keys of those runs, and the rule's
-    ``margin`` in points (:meth:`LargestWithin.margin`: how far the nearest candidate is from
-    changing the pick)."""
+    """What an open choice picked on the selection seeds, and from what: per candidate, the mean
+    over :data:`SELECTION_SEEDS` of the choice's endpoint on the validation split (``validation``)
+    and of the float validation accuracy (``float_validation``), both in points; the same for the
+    reference model; the validation noise that ties candidates; the chosen candidate's margin over
+    the runner-up; whether it sits at an end of the grid; and the cache keys of the runs."""
 
     name: str
     param: str
     tied: tuple[str, ...]
     value: Any
     rule: str
+    endpoint: str
     reference: str
-    reference_accuracy: float
+    reference_endpoint: float
+    reference_float: float
     validation: dict[Any, float]
+    float_validation: dict[Any, float]
+    noise: float
     margin: float
+    seeds: tuple[int, ...]
     runs: tuple[str, ...]
-    outcome: str = ""  # LargestWithin.outcome: by the rule or by its fallback
 
     def assign(self) -> dict[str, Any]:
         """The method parameters the chosen value sets."""
         return {name: self.value for name in (self.param, *self.tied)}
 
+    @property
+    def at_end(self) -> bool:
+        """The chosen value is the grid's smallest or largest: a better one may lie beyond it."""
+        return self.value in (min(self.validation), max(self.validation))
+
+    @property
+    def float_cost(self) -> float:
+        """The chosen model's float validation accuracy less the reference's, in points."""
+        return self.float_validation[self.value] - self.reference_float
+
+    @property
+    def outcome(self) -> str:
+        """How the rule picked, in words a chapter can print beside the choice."""
+        ends = ", at an end of the grid" if self.at_end else ""
+        scored = f"mean validation {self.endpoint} over {len(self.seeds)} selection seeds"
+        if self.value == max(self.validation, key=self.validation.get):
+            return f"the best {scored}, {self.margin:+.2f} points over the runner-up{ends}"
+        return (f"the smallest candidate within the validation noise ({self.noise:.2f} points) of the best "
+                f"{scored}, {self.margin:+.2f} points from it{ends}")
+
 
 def selection_runs(name: str, profile: str | None = None) -> list[Experiment]:
-    """The selection runs of method ``name``'s own choice: its reference's, then one per candidate
-    (empty if it makes none); :func:`choose` and the grid both train exactly these."""
+    """The selection runs of method ``name``'s own choice, on every selection seed: its reference's,
+    then one per candidate (empty if it makes none); :func:`choose` and the grid both train exactly
+    these."""
     choice = _settings(name).choice
     if choice is None:
         return []
-    return [selection_experiment(choice.reference, profile),
-            *(selection_experiment(name, profile, **choice.assign(value)) for value in choice.candidates)]
+    return [run for seed in SELECTION_SEEDS for run in (
+        selection_experiment(choice.reference, profile, seed),
+        *(selection_experiment(name, profile, seed, **choice.assign(value)) for value in choice.candidates))]
 
 
 def choose(name: str, profile: str | None = None, progress: bool = False) -> Chosen | None:
-    """Make method ``name``'s open choice by its rule on the selection seed, training (or loading)
+    """Make method ``name``'s open choice by its rule on the selection seeds, training (or loading)
     :func:`selection_runs`; ``None`` for a method without a choice. Memoised per method, resolved
     profile and cache (:func:`forget_choices`), so that chapters recover it once."""
     return _choose(name, profiles.resolve_profile(profile), str(experiments.cache_dir()), progress)
@@ -503,13 +525,31 @@ def _choose(name: str, profile: str, cache: str, progress: bool) -> Chosen | Non
     if choice is None:
         return None
     runs = selection_runs(name, profile)
-    reference, *candidates = (experiments.run(exp, progress=progress) for exp in runs)
-    baseline = _final_val_acc(reference)
-    accuracy = {value: _final_val_acc(result) for value, result in zip(choice.candidates, candidates)}
-    return Chosen(name=name, param=choice.param, tied=choice.tied, value=choice.pick(accuracy, baseline),
-                  rule=choice.rule, reference=choice.reference, reference_accuracy=baseline, validation=accuracy,
-                  margin=choice.pick.margin(accuracy, baseline), runs=tuple(exp.key() for exp in runs),
-                  outcome=choice.pick.outcome(accuracy, baseline))
+    results = [experiments.run(exp, progress=progress) for exp in runs]
+    per_seed = len(choice.candidates) + 1
+    by_seed = [results[i:i + per_seed] for i in range(0, len(results), per_seed)]
+    endpoint = ENDPOINTS[choice.endpoint]
+
+    def mean_over_seeds(position: int, score) -> float:
+        return sum(score(seed_runs[position]) for seed_runs in by_seed) / len(by_seed)
+
+    def quantized(result: Result) -> float:
+        return endpoint.value(result, split="val")
+
+    def floating(result: Result) -> float:
+        return 100 * _final_val_acc(result)
+
+    validation = {value: mean_over_seeds(i + 1, quantized) for i, value in enumerate(choice.candidates)}
+    images = len(SELECTION_SEEDS) * profiles.get(profile).validation_size
+    noise = validation_noise(max(validation.values()), images)
+    value = best_on_endpoint(validation, noise)
+    return Chosen(name=name, param=choice.param, tied=choice.tied, value=value, rule=choice.rule,
+                  endpoint=choice.endpoint, reference=choice.reference,
+                  reference_endpoint=mean_over_seeds(0, quantized), reference_float=mean_over_seeds(0, floating),
+                  validation=validation,
+                  float_validation={v: mean_over_seeds(i + 1, floating) for i, v in enumerate(choice.candidates)},
+                  noise=noise, margin=margin_over_runner_up(validation, value), seeds=SELECTION_SEEDS,
+                  runs=tuple(exp.key() for exp in runs))
 
 
 def forget_choices() -> None:

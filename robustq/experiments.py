@@ -253,17 +253,21 @@ def dataset_for(exp: Experiment):
     return data
 
 
-def sweep(result: Result, **settings: Any) -> pd.DataFrame:
+def sweep(result: Result, split: str = "test", **settings: Any) -> pd.DataFrame:
     """``ptq.bit_sweep(result, <its test split>, **settings)``, cached beside the model: a chapter
     that asks for an evaluation another chapter already ran reads it instead of re-evaluating.
+    ``split="val"`` scores a selection run on its validation split instead (the choices' rule).
     The calibration batch (activations, bias correction) has the profile's size unless
     ``calib_size`` is given.
 
     Keyed by the settings, the package version and a fingerprint of the evaluation code; an
     unreadable entry is reported on stderr and recomputed."""
+    check_choice("split", split, ("test", "val"))
     settings = {"calib_size": profiles.get(result.experiment.profile).calibration_images, **settings}
     material = {"settings": settings, "version": robustq.__version__,  # json writes tuples as lists
                 "code": cache.code_fingerprint(cache.EVALUATION_MODULES)}
+    if split != "test":
+        material["split"] = split
     digest = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:16]
     path = cache_dir() / result.experiment.key() / "ptq" / f"{digest}.json"
     frame = None
@@ -273,10 +277,19 @@ def sweep(result: Result, **settings: Any) -> pd.DataFrame:
         except (ValueError, TypeError) as error:
             cache.warn(f"recomputing unreadable evaluation {path} ({error})")
     if frame is None:
-        frame = ptq.bit_sweep(result, dataset_for(result.experiment), **settings)
+        frame = ptq.bit_sweep(result, _scored_on(dataset_for(result.experiment), split), **settings)
         write_atomic(path, lambda tmp: tmp.write_text(evaluation_to_json(frame)))
     _record("sweep", result.experiment, evaluation=digest, **evaluation_kinds(frame))
     return frame
+
+
+def _scored_on(data, split: str):
+    """``data`` with the split to score in its ``test`` place (what ``ptq.bit_sweep`` scores)."""
+    if split == "test":
+        return data
+    if data.val is None:
+        raise ValueError("split='val' needs a selection run's validation split (an Experiment with val_size > 0)")
+    return dataclasses.replace(data, test=data.val)
 
 
 EVALUATION_KINDS = ("plain", "activations", "mse", "bias_corrected")

@@ -21,6 +21,7 @@ method) follow.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import pandas as pd
@@ -199,6 +200,41 @@ CHAPTERS: dict[str, Chapter] = {
 }
 
 
+def evaluations_of(number: str) -> tuple[Evaluations, ...]:
+    """Every new evaluation chapter ``number`` runs: its entry's, and the validation endpoint of
+    every selection run of the choices it is the first to make (:func:`choice_evaluations`)."""
+    return (*chapter(number).evaluations, *choice_evaluations(number))
+
+
+def choice_evaluations(number: str) -> tuple[Evaluations, ...]:
+    """The evaluations of the choices chapter ``number`` makes first: each choice's endpoint on the
+    validation split of its reference's and every candidate's selection run, on every selection
+    seed (:func:`robustq.book_settings.choose`)."""
+    earlier = {source for other in CHAPTERS if other < number for source in choice_sources(other)}
+    rows = []
+    for source in (name for name in choice_sources(number) if name not in earlier):
+        choice = METHODS[source].choice
+        models = (len(choice.candidates) + 1) * len(book_settings.SELECTION_SEEDS)
+        cells = _endpoint_cells(book_settings.ENDPOINTS[choice.endpoint], _is_qat(source))
+        rows += _evaluations(source, "selection", f"the choice's validation {choice.endpoint}",
+                             **{kind: count * models for kind, count in cells.items()})
+    return tuple(rows)
+
+
+def _endpoint_cells(endpoint: book_settings.Endpoint, qat: bool) -> dict[str, int]:
+    """Rows of each kind one model's evaluation of ``endpoint`` has (a QAT-type model: its own
+    quantizer, so the quantizer variants collapse to one)."""
+    cells: dict[str, int] = {}
+    for sweep in (endpoint.sweep,) if isinstance(endpoint.sweep, dict) else endpoint.sweep:
+        kept = {key: values for key, values in sweep.items()
+                if not (qat and key in ("symmetric", "per_channel", "policy"))}
+        if "mse" in kept.get("policy", ()):
+            raise ValueError(f"endpoint {endpoint.name!r}: the run plan does not count MSE rows of a choice")
+        kind = "activations" if "a_bits" in kept else "plain"
+        cells[kind] = cells.get(kind, 0) + math.prod(len(values) for values in kept.values())
+    return cells
+
+
 def chapter(number: str) -> Chapter:
     """The manifest entry of chapter ``number`` (``"00"``-``"08"``)."""
     if number not in CHAPTERS:
@@ -297,7 +333,7 @@ def run_plan(profile: str = "book") -> pd.DataFrame:
                 rows.append(_row(number, name, seeds, note, models=len(new), units=len(new) * METHODS[name].cost))
         for extra in entry.extras:
             rows.append(_row(number, "(extra)", "", extra.note, models=extra.models, units=extra.models * extra.cost))
-        for evaluations in entry.evaluations:
+        for evaluations in evaluations_of(number):
             rows.append(_row(number, evaluations.name, evaluations.seeds, evaluations.note,
                              evaluations=evaluations.count(n), kind=evaluations.kind))
         if not any(row["chapter"] == number for row in rows):
@@ -313,10 +349,13 @@ def _row(chapter: str, name: str, seeds: str, note: str, *, models: int = 0, uni
 
 def _chapter_models(number: str, n: int):
     """(method, seeds, model identities, note) of a chapter, symbolically (no choice is made)."""
+    seeds = book_settings.SELECTION_SEEDS
     for source in choice_sources(number):
         choice = METHODS[source].choice
-        yield choice.reference, "selection", [("selection", choice.reference)], "a choice's validation reference"
-        yield source, "selection", [("selection", source, value) for value in choice.candidates], "λ candidates"
+        yield (choice.reference, "selection", [("selection", choice.reference, seed) for seed in seeds],
+               "a choice's validation reference")
+        yield (source, "selection", [("selection", source, value, seed) for value in choice.candidates for seed in seeds],
+               "λ candidates")
     for name in lazy_methods(number):
         # the full penalty at the chosen λ is that candidate's selection run: only the lazy one is new
         yield name, "selection", [("lazy", name, METHODS[name].lazy_every)], "the lazy rule's lazy run"

@@ -219,12 +219,18 @@ class SinReQ(Part):
         return qat.pre_rounded(self.grid, self.bit_width, w)
 
 
+OSCILLATION_SCOPES = ("all", "deployed")
+
+
 @dataclass(frozen=True)
 class Oscillation(Part):
     """Oscillation-inducing regularization (Wenshøj, Pepin & Selvan, arXiv 2502.00490; book/methods.md §4)
     [code]: ``lam * sum_layers mean (q(w)^2 - w^2)`` with the symmetric per-tensor max-abs quantizer
-    at ``bit_width``. Layers: every module with a ``.weight`` (BatchNorm included), as in the released
-    code, minus the qualified names in ``exclude``. The scale ``max|w| / (2^(b-1) - 1)`` is detached
+    at ``bit_width``. Layers (``scope``): ``"all"``, every module with a ``.weight`` (BatchNorm
+    included), as in the released code; ``"deployed"``, the conv and linear layers quantized at
+    ``bit_width`` (not BatchNorm, not the stem and classifier kept at 8 bits), as the paper's
+    experiments deploy them (book/methods.md §4, issue #25); either minus the qualified names in
+    ``exclude``. The scale ``max|w| / (2^(b-1) - 1)`` is detached
     by default (``detach_scale=True``, our choice: gradient exactly ``2 (q(w) - w) / N``); the
     released code does not detach it (``detach_scale=False``; book/methods.md §8). ``lam = 14`` is
     the released MLP example's."""
@@ -233,12 +239,19 @@ class Oscillation(Part):
     bit_width: int = 4
     detach_scale: bool = True
     exclude: tuple[str, ...] = ()
+    scope: str = "all"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("scope", self.scope, OSCILLATION_SCOPES)
 
     def penalty(self, model, context):
-        weights = [
-            m.weight for name, m in model.named_modules()
-            if isinstance(getattr(m, "weight", None), torch.Tensor) and name not in self.exclude
-        ]
+        if self.scope == "deployed":
+            edges = set(stem_and_classifier(model))
+            layers = [(name, m) for name, m in weighted_layers(model) if name not in edges]
+        else:
+            layers = [(name, m) for name, m in model.named_modules() if isinstance(getattr(m, "weight", None), torch.Tensor)]
+        weights = [m.weight for name, m in layers if name not in self.exclude]
         terms = [regularizers.oscillation(w, self.bit_width, self.detach_scale) for w in weights]
         return self.lam * torch.stack(terms).sum()
 

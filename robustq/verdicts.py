@@ -3,20 +3,25 @@
 A claim compares a *candidate* with a *reference* on one primary endpoint, in accuracy points, over
 the same seeds. With the per-seed differences ``d = candidate - reference``,
 ``se = std(d, ddof=1) / sqrt(n)`` and ``t = t_{0.975, n-1}`` (Student's t quantile; 4.30 for n = 3,
-2.78 for n = 5):
+2.78 for n = 5), the 95% interval is ``mean(d) -+ t se``:
 
-* :func:`paired` ("A beats B by at least tau"): *reproduced* iff ``mean(d) - t se > 0`` and
-  ``mean(d) >= tau``; *smaller than claimed* iff the interval lies above 0 and below tau
-  (``mean(d) - t se > 0`` and ``mean(d) + t se < tau``: a clear gain, surely smaller than the
-  claim's); *not reproduced* iff ``mean(d) - t se <= 0`` and ``mean(d) + t se < tau`` (no clear
-  gain, or a loss, and surely not tau); else *inconclusive*.
+* :func:`paired` ("A beats B by at least tau"): *reproduced* iff the interval lies above 0 and
+  ``mean(d) >= tau``; *smaller than claimed* iff it lies above 0 and below tau (a clear gain,
+  surely smaller than the claim's); *not reproduced* iff it lies at or below 0
+  (``mean(d) + t se <= 0``: no gain, or a loss); else *inconclusive*. Where the claim is on
+  quantized accuracy and the *room* to win (:func:`room_of`: the float baseline's accuracy less the
+  reference's, mean over seeds) is below tau, it is *not gradable at this scale*: no method could
+  reach tau by robustness alone, so the rule is not applied.
 * :func:`equivalent` ("A matches B within a margin"): *reproduced* iff ``|mean(d)| + t se <= margin``;
   *not reproduced* iff ``|mean(d)| - t se > margin``; else *inconclusive*.
 
-Fewer than two paired seeds always grade *inconclusive*. ``t se`` is also the claim's minimum
-detectable effect (MDE): :func:`minimum_detectable_effect` computes it before the run from a
-standard deviation measured on selection seeds, so a chapter can say which claims its profile can
-grade. :class:`Verdict` rows go to the book's Findings page through :func:`record_claims`.
+Fewer than two paired seeds always grade *inconclusive*. A claim's minimum detectable effect (MDE)
+is the true effect its seeds detect (interval above 0) with 80% power,
+``(t_{0.975, n-1} + t_{0.80, n-1}) sd / sqrt(n)``: :func:`minimum_detectable_effect` computes it
+before the run from a standard deviation measured on selection seeds, so a chapter can say which
+claims its profile can grade (an MDE above tau/2 is underpowered). :class:`Verdict` rows go to the
+book's Findings page through :func:`record_claims`. (Protocol v1, until issue #25, graded a claim
+*not reproduced* when its interval reached 0 and stayed below tau, and took ``t se`` as its MDE.)
 """
 
 from __future__ import annotations
@@ -37,8 +42,10 @@ from robustq.params import check_choice, check_int
 
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive"
 SMALLER = "smaller than claimed"  # a paired claim's clear gain, surely below its tau
-GRADES = (REPRODUCED, SMALLER, NOT_REPRODUCED, INCONCLUSIVE)
+NOT_GRADABLE = "not gradable at this scale"  # a paired claim with less room to win than its tau
+GRADES = (REPRODUCED, SMALLER, NOT_REPRODUCED, INCONCLUSIVE, NOT_GRADABLE)
 CONFIDENCE = 0.975  # two-sided 95%
+POWER = 0.80  # the power at which a minimum detectable effect is detected
 FINDINGS_ENV = "ROBUSTQ_FINDINGS"
 UNDERPOWERED = "underpowered in the {profile} profile; graded in paper"
 
@@ -62,12 +69,21 @@ def t_quantile(n: int) -> float:
 
 
 def minimum_detectable_effect(sd: float, n: int) -> float:
-    """``t_{0.975, n-1} sd / sqrt(n)``: the smallest mean paired difference that a claim graded on
-    ``n`` seeds can tell from zero, given the standard deviation ``sd`` of paired differences
-    (measured on selection seeds, before the run). ``inf`` for fewer than 2 seeds."""
+    """``(t_{0.975, n-1} + t_{0.80, n-1}) sd / sqrt(n)``: the true mean paired difference that a
+    claim graded on ``n`` seeds tells from zero with 80% power, given the standard deviation ``sd``
+    of paired differences (measured on selection seeds, before the run). ``inf`` for fewer than 2
+    seeds.
+
+    >>> round(minimum_detectable_effect(1.0, 5), 2)  # (2.78 + 0.94) / sqrt(5)
+    1.66
+    """
     if not math.isfinite(sd) or sd < 0:
         raise ValueError(f"sd must be a finite number >= 0, got {sd!r}")
-    return math.inf if n < 2 else t_quantile(n) * sd / math.sqrt(n)
+    return math.inf if n < 2 else _power_factor(n) * sd / math.sqrt(n)
+
+
+def _power_factor(n: int) -> float:
+    return t_quantile(n) + float(stats.t.ppf(POWER, n - 1))
 
 
 @dataclass(frozen=True)
@@ -84,13 +100,15 @@ class Verdict:
 
     @property
     def mde(self) -> float:
-        """Minimum detectable effect of this comparison: ``t se``."""
-        return half_width(self.se, self.n)
+        """Minimum detectable effect of this comparison at 80% power, from its observed spread:
+        ``(t_0.975 + t_0.80) se``."""
+        return _power_factor(self.n) * self.se if self.n >= 2 else math.inf
 
     @property
     def interval(self) -> tuple[float, float]:
         """95% confidence interval of the mean difference, ``mean -+ t se``."""
-        return self.mean - self.mde, self.mean + self.mde
+        half = half_width(self.se, self.n)
+        return self.mean - half, self.mean + half
 
     def summary(self) -> str:
         """``+2.3 ± 1.1 points (n = 5)``: mean ± se, for prose and tables."""
@@ -114,26 +132,35 @@ def differences(candidate: PerSeed, reference: PerSeed) -> pd.Series:
     return (cand.loc[common] - ref.loc[common]).astype(float)
 
 
-def paired(candidate: PerSeed, reference: PerSeed, tau: float) -> Verdict:
-    """Grade "candidate beats reference by at least ``tau`` points" (book/methods.md §7).
+def paired(candidate: PerSeed, reference: PerSeed, tau: float, room: float = math.nan) -> Verdict:
+    """Grade "candidate beats reference by at least ``tau`` points" (book/methods.md §7); with a
+    ``room`` below ``tau`` (:func:`room_of`), *not gradable at this scale* (NaN: no room known).
 
     >>> paired({0: 80.0, 1: 82.0, 2: 81.0}, {0: 70.0, 1: 71.0, 2: 70.5}, tau=2).grade
     'reproduced'
     >>> paired([70.0, 71.0, 70.0], [70.5, 70.0, 70.2], tau=3).grade
+    'inconclusive'
+    >>> paired([69.0, 69.2, 69.1], [70.5, 70.0, 70.2], tau=3).grade
     'not reproduced'
     >>> paired({0: 71.0, 1: 71.2, 2: 71.1}, {0: 70.0, 1: 70.1, 2: 70.0}, tau=3).grade
     'smaller than claimed'
+    >>> paired({0: 71.0, 1: 71.2, 2: 71.1}, {0: 70.0, 1: 70.1, 2: 70.0}, tau=3, room=2.5).grade
+    'not gradable at this scale'
 
     ``tau`` is at least 0: with a negative ``tau`` the rule would still ask for a mean above 0, so it
     is no test of "A is at most |tau| worse than B" (a non-inferiority claim, which it refuses)."""
     _check_threshold("tau", tau)
     mean, se, n = _mean_se(differences(candidate, reference))
     half = half_width(se, n)
-    clear_gain, surely_below_tau = mean - half > 0, mean + half < tau
-    if clear_gain and mean >= tau:
+    clear_gain = mean - half > 0
+    if room < tau:
+        grade = NOT_GRADABLE
+    elif clear_gain and mean >= tau:
         grade = REPRODUCED
-    elif surely_below_tau:
-        grade = SMALLER if clear_gain else NOT_REPRODUCED
+    elif clear_gain and mean + half < tau:
+        grade = SMALLER
+    elif mean + half <= 0:
+        grade = NOT_REPRODUCED
     else:
         grade = INCONCLUSIVE
     return Verdict("paired", grade, mean, se, n, float(tau))
@@ -243,21 +270,24 @@ class Claim:
         check_choice("source", self.source, SOURCES)
         _check_threshold("threshold", self.threshold)
 
-    def grade(self, candidate: PerSeed, reference: PerSeed) -> Verdict:
-        """Apply the claim's rule to per-seed endpoint values."""
-        rule = paired if self.rule == "paired" else equivalent
-        return rule(candidate, reference, self.threshold)
+    def grade(self, candidate: PerSeed, reference: PerSeed, ceiling: PerSeed | None = None) -> Verdict:
+        """Apply the claim's rule to per-seed endpoint values; a paired claim with a ``ceiling`` per
+        seed (the float baseline's accuracy) and less room than its tau is not gradable."""
+        if self.rule == "equivalent":
+            return equivalent(candidate, reference, self.threshold)
+        room = math.nan if ceiling is None else room_of(ceiling, reference)
+        return paired(candidate, reference, self.threshold, room)
 
     def power_note(self, sd: float, n: int, profile: str) -> str:
         """Before the run: the MDE at ``n`` seeds (from ``sd`` measured on selection seeds) against
-        the claim's threshold."""
+        half the claim's threshold (so that a gain half the claimed one is detected too)."""
         mde = minimum_detectable_effect(sd, n)
-        limit = abs(self.threshold)
+        limit = abs(self.threshold) / 2
         if limit == 0:
             return f"MDE {mde:.2g}: smaller true effects will read as inconclusive"
         if mde <= limit:
-            return f"MDE {mde:.2g} ≤ {limit:g}: gradable in the {profile} profile"
-        return f"MDE {mde:.2g} > {limit:g}: " + UNDERPOWERED.format(profile=profile)
+            return f"MDE {mde:.2g} ≤ τ/2 = {limit:g}: gradable in the {profile} profile"
+        return f"MDE {mde:.2g} > τ/2 = {limit:g}: " + UNDERPOWERED.format(profile=profile)
 
 
 def claim_record(claim: Claim, verdict: Verdict, mde_planned: float) -> dict:
@@ -273,7 +303,8 @@ def claim_record(claim: Claim, verdict: Verdict, mde_planned: float) -> dict:
     }
 
 
-def leave_one_out(claim: Claim, candidate: PerSeed, reference: PerSeed) -> dict[int, str]:
+def leave_one_out(claim: Claim, candidate: PerSeed, reference: PerSeed,
+                  ceiling: PerSeed | None = None) -> dict[int, str]:
     """The claim's grade with each paired seed left out in turn: a verdict that one seed decides,
     or that a seed fewer would leave undecided, shows here as a grade that differs.
 
@@ -282,7 +313,10 @@ def leave_one_out(claim: Claim, candidate: PerSeed, reference: PerSeed) -> dict[
     {0: 'reproduced', 1: 'reproduced', 2: 'reproduced', 3: 'reproduced'}
     """
     d = differences(candidate, reference)
-    return {seed: claim.grade(d.drop(seed), pd.Series(0.0, index=d.index.drop(seed))).grade for seed in d.index}
+    cand, ref = _as_series(candidate, "candidate"), _as_series(reference, "reference")
+    top = None if ceiling is None else _as_series(ceiling, "ceiling")
+    return {seed: claim.grade(cand.loc[d.index.drop(seed)], ref.loc[d.index.drop(seed)],
+                              None if top is None else top.loc[d.index.drop(seed)]).grade for seed in d.index}
 
 
 def stability(record: Mapping) -> tuple[int, int]:
@@ -302,7 +336,6 @@ def seed_record(claim: Claim, candidate: PerSeed, reference: PerSeed, ceiling: P
     record = {
         "candidate": {str(seed): float(cand.loc[seed]) for seed in d.index},
         "reference": {str(seed): float(ref.loc[seed]) for seed in d.index},
-        "leave_one_out": {str(seed): grade for seed, grade in leave_one_out(claim, candidate, reference).items()},
     }
     if ceiling is not None:
         top = _as_series(ceiling, "ceiling")
@@ -310,6 +343,8 @@ def seed_record(claim: Claim, candidate: PerSeed, reference: PerSeed, ceiling: P
         if missing:
             raise ValueError(f"the ceiling has no value for seeds {missing}; give one per paired seed")
         record["ceiling"] = {str(seed): float(top.loc[seed]) for seed in d.index}
+    loo = leave_one_out(claim, candidate, reference, ceiling)
+    record["leave_one_out"] = {str(seed): grade for seed, grade in loo.items()}
     return record
 
 
@@ -327,7 +362,20 @@ def room(record: Mapping) -> float:
     ceiling = record.get("ceiling")
     if not isinstance(ceiling, Mapping) or not ceiling:
         return math.nan
-    return float(differences(ceiling, record["reference"]).mean())
+    return room_of(ceiling, record["reference"])
+
+
+def room_of(ceiling: PerSeed, reference: PerSeed) -> float:
+    """The mean over seeds of ``ceiling - reference``, paired by seed (:func:`room`).
+
+    >>> room_of({0: 87.0, 1: 87.0}, {0: 85.0, 1: 86.0})
+    1.5
+    """
+    top, ref = _as_series(ceiling, "ceiling"), _as_series(reference, "reference")
+    missing = sorted(set(ref.index) - set(top.index))
+    if missing:
+        raise ValueError(f"the ceiling has no value for seeds {missing}; give one per paired seed")
+    return float((top.loc[ref.index] - ref).mean())
 
 
 def findings_dir(profile: str) -> Path:

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from robustq import book_settings, methods, profiles
-from robustq.book_settings import METHODS, SELECTION_SEED, largest_within
+from robustq.book_settings import METHODS, SELECTION_SEED, SELECTION_SEEDS, best_on_endpoint
 
 
 def test_every_book_method_builds_with_its_settings():
@@ -27,8 +27,9 @@ def test_qat_methods_share_the_books_one_qat_setting():
 
 
 @pytest.mark.parametrize("profile", list(profiles.PROFILES))
-def test_the_selection_seed_is_never_graded(profile):
-    assert SELECTION_SEED not in book_settings.graded_seeds(profile)
+def test_the_selection_seeds_are_never_graded(profile):
+    assert not set(SELECTION_SEEDS) & set(book_settings.graded_seeds(profile))
+    assert len(SELECTION_SEEDS) >= 2 and SELECTION_SEED in SELECTION_SEEDS
     assert len(book_settings.graded_seeds(profile)) >= 2
 
 
@@ -36,12 +37,14 @@ def test_book_grades_at_least_five_seeds():
     assert len(book_settings.graded_seeds("book")) >= 5
 
 
-def test_largest_within_rule():
-    pick = largest_within(0.5)
-    assert pick({0.1: 0.900, 1.0: 0.897, 10.0: 0.880}, baseline=0.900) == 1.0  # 0.3 points: allowed
-    assert pick({0.1: 0.890, 1.0: 0.880}, baseline=0.900) == 0.1  # none within: the smallest
-    assert pick({0.1: 0.950, 10.0: 0.960}, baseline=0.900) == 10.0  # better than baseline is within
-    assert pick({0.1: 0.10, 10.0: 0.10}, baseline=0.10) == 0.1  # a collapsed reference: the smallest
+def test_the_rule_takes_the_best_endpoint_and_gives_ties_to_the_smallest():
+    assert best_on_endpoint({0.1: 80.0, 1.0: 85.0, 10.0: 84.0}, noise=0.3) == 1.0  # the best
+    assert best_on_endpoint({0.1: 84.8, 1.0: 85.0, 10.0: 84.0}, noise=0.3) == 0.1  # within the noise: a tie
+    assert best_on_endpoint({0.1: 84.6, 1.0: 85.0, 10.0: 85.2}, noise=0.3) == 1.0  # 0.4 below the best is not
+    assert best_on_endpoint({10.0: 85.0, 0.1: 85.0}, noise=0.0) == 0.1  # an exact tie: the smallest
+    assert book_settings.margin_over_runner_up({0.1: 80.0, 1.0: 85.0, 10.0: 84.0}, 1.0) == pytest.approx(1.0)
+    # 10,000 validation images at 87%: the binomial standard error of an accuracy, in points
+    assert book_settings.validation_noise(87.0, 10_000) == pytest.approx(100 * (0.87 * 0.13 / 10_000) ** 0.5)
 
 
 def test_choose_trains_candidates_on_the_selection_seed_with_a_validation_split():
@@ -49,8 +52,10 @@ def test_choose_trains_candidates_on_the_selection_seed_with_a_validation_split(
     assert chosen.param == "lam" and chosen.value in METHODS["symreg"].choice.candidates
     assert set(chosen.validation) == set(METHODS["symreg"].choice.candidates) and chosen.reference == "baseline"
     assert chosen.runs == tuple(exp.key() for exp in book_settings.selection_runs("symreg", "smoke"))
-    exp = book_settings.selection_experiment("symreg", "smoke", lam=chosen.value).resolved()
-    assert exp.seed == SELECTION_SEED and exp.val_size > 0
+    assert chosen.seeds == SELECTION_SEEDS and chosen.endpoint == METHODS["symreg"].choice.endpoint
+    runs = book_settings.selection_runs("symreg", "smoke")
+    assert {exp.seed for exp in runs} == set(SELECTION_SEEDS) and all(exp.val_size > 0 for exp in runs)
+    assert all(0 <= points <= 100 for points in (*chosen.validation.values(), chosen.reference_endpoint))
     assert book_settings.settings_for("symreg", "smoke") == {"scope": "channel", "lam": chosen.value}
     assert book_settings.experiment("symreg", 3, "smoke").method_params == {"scope": "channel", "lam": chosen.value}
     assert book_settings.choose("symreg", "smoke") is chosen  # memoised: recovered once per profile
@@ -68,8 +73,10 @@ def test_primary_endpoint_is_one_of_the_candidates_and_has_a_planning_spread():
 
 
 def test_a_tied_choice_sets_every_tied_parameter_and_an_heir_reuses_its_sources_choice():
-    choice = book_settings.Choice("lam_w", (0.1, 1.0), "rule", largest_within(0.5), tied=("lam_a",))
+    choice = book_settings.Choice("lam_w", (0.1, 1.0), "w6a6_w4a4", tied=("lam_a",))
     assert choice.assign(0.1) == {"lam_w": 0.1, "lam_a": 0.1}
+    with pytest.raises(ValueError, match="endpoint must be one of"):
+        book_settings.Choice("lam", (0.1, 1.0), "float accuracy")
     chosen = book_settings.choose("symreg", "smoke")
     inherited = book_settings.settings_for("symreg_satnl_asam", "smoke")
     assert inherited == {"scope": "channel", "lam": chosen.value}
@@ -86,7 +93,7 @@ def test_an_endpoint_of_several_sweeps_pools_their_rows(monkeypatch):
     monkeypatch.setattr(book_settings, "evaluate", fake_evaluate)
     endpoint = book_settings.ENDPOINTS["w6a6_w4a4"]
     assert endpoint.value(_Run({})) == pytest.approx(40.0)
-    assert calls == [{"w_bits": (6,), "a_bits": (6,)}, {"w_bits": (4,), "a_bits": (4,)}]
+    assert calls == [{"split": "test", "w_bits": (6,), "a_bits": (6,)}, {"split": "test", "w_bits": (4,), "a_bits": (4,)}]
     corrected = endpoint.with_settings("bc", bias_correction=(True,))
     assert corrected.name == "w6a6_w4a4_bc" and all(s["bias_correction"] == (True,) for s in corrected.sweep)
 
@@ -125,78 +132,76 @@ def test_weight_only_endpoints_read_one_shared_grid(monkeypatch, quantizers):
     assert (calls == [{"w_bits": book_settings.GRID_BITS}]) == bool(quantizers)
 
 
-def test_a_candidate_exactly_at_the_margin_is_within_it():
-    # 25 of 5,000 validation images below the reference: 0.5 points, 0.5000000000000004 in floats
-    assert 100 * (4350 / 5000 - 4325 / 5000) > 0.5
-    pick = book_settings.largest_within(0.5)
-    assert pick({0.1: 4350 / 5000, 1.0: 4325 / 5000}, 4350 / 5000) == 1.0
-    assert pick({0.1: 4350 / 5000, 1.0: 4324 / 5000}, 4350 / 5000) == 0.1  # one image further is not
-
-
 class _Recorded:
-    """``experiments.run`` replaced by recorded selection runs: a validation accuracy (and, for the
-    lazy rule, a gradient norm) per method and parameters, with no training."""
+    """``experiments.run`` replaced by recorded selection runs: per method and λ, the choice's
+    endpoint on the validation split (points; one value, or one per selection seed), a float
+    validation accuracy and, for the lazy rule, a gradient norm, with no training."""
 
-    def __init__(self, accuracy, norms=None):
-        self.accuracy, self.norms, self.runs = accuracy, norms or {}, []
+    def __init__(self, quantized, floating=None, norms=None):
+        self.quantized, self.floating, self.norms, self.runs = quantized, floating or {}, norms or {}, []
 
     def run(self, exp, progress=False):
         self.runs.append(exp)
         params = exp.method_params
         key = (exp.method, params.get("lam", params.get("lam_w")))
-        history = pd.DataFrame({"val_acc": [0.5, self.accuracy[key]]})  # the rule reads the last epoch
-        return SimpleNamespace(experiment=exp, history=history, model=params.get("lazy_every", 1))
+        points = self.quantized[key]
+        history = pd.DataFrame({"val_acc": [0.5, self.floating.get(key, 0.87)]})  # the last epoch's
+        return SimpleNamespace(experiment=exp, history=history, model=params.get("lazy_every", 1),
+                               quantized=points[exp.seed] if isinstance(points, dict) else points)
 
     def install(self, monkeypatch):
         monkeypatch.setattr(book_settings.experiments, "run", self.run)
         monkeypatch.setattr(book_settings.experiments, "dataset_for", lambda exp: None)
         monkeypatch.setattr(book_settings, "validation_batch", lambda data: (None, None))
         monkeypatch.setattr(book_settings.gradients, "grad_l1_norm", lambda model, x, y: self.norms[model])
+        monkeypatch.setattr(book_settings.Endpoint, "value", lambda endpoint, result, split="test": result.quantized)
 
 
-def test_choose_picks_exactly_by_the_rule_on_recorded_validation_accuracies(monkeypatch):
-    n = 5000  # the book's validation split: accuracies are image counts over it
-    recorded = _Recorded({("baseline", None): 4350 / n, ("symreg", 0.1): 4360 / n, ("symreg", 1.0): 4325 / n,
-                          ("symreg", 10.0): 4324 / n})
+def test_choose_picks_by_the_mean_over_the_selection_seeds_of_the_validation_endpoint(monkeypatch):
+    # seed 100 alone would take 10, seed 101 alone 0.1; their mean takes 1
+    recorded = _Recorded({("baseline", None): 60.0, ("symreg", 0.1): {100: 70.0, 101: 80.0},
+                          ("symreg", 1.0): {100: 78.0, 101: 78.0}, ("symreg", 10.0): {100: 82.0, 101: 70.0}},
+                         floating={("baseline", None): 0.87, ("symreg", 1.0): 0.865})
     recorded.install(monkeypatch)
     chosen = book_settings.choose("symreg", "book")
-    assert chosen.value == 1.0  # 25 images (0.5 points) below the reference is within 0.5 points
-    assert chosen.validation == {0.1: 4360 / n, 1.0: 4325 / n, 10.0: 4324 / n} and chosen.reference_accuracy == 4350 / n
-    assert chosen.margin == pytest.approx(0.0, abs=1e-9)  # 1.0 sits on the rule's boundary
-    assert {exp.seed for exp in recorded.runs} == {book_settings.SELECTION_SEED}
+    assert chosen.validation == {0.1: 75.0, 1.0: 78.0, 10.0: 76.0} and chosen.value == 1.0
+    assert chosen.margin == pytest.approx(2.0) and not chosen.at_end
+    assert chosen.reference_endpoint == 60.0 and chosen.float_cost == pytest.approx(-0.5)
+    assert [exp.seed for exp in recorded.runs] == [100] * 4 + [101] * 4
     assert all(exp.val_size > 0 for exp in recorded.runs)
+    assert chosen.outcome == "the best mean validation variants43 over 2 selection seeds, +2.00 points over the runner-up"
 
 
-def test_choose_takes_the_smallest_candidate_when_the_reference_collapsed(monkeypatch):
-    _Recorded({("baseline", None): 0.1, ("symreg", 0.1): 0.8, ("symreg", 1.0): 0.85,
-               ("symreg", 10.0): 0.86}).install(monkeypatch)
-    chosen = book_settings.choose("symreg", "book")
-    assert chosen.value == 0.1 and chosen.outcome == "by its fallback: the smallest, as the reference collapsed"
+def test_a_tie_within_the_validation_noise_goes_to_the_smaller_strength(monkeypatch):
+    # 10,000 validation images at 85%: noise 0.36 points; 0.2 below the best is a tie
+    _Recorded({("baseline", None): 80.0, ("oscillation", 1.0): 84.8, ("oscillation", 10.0): 85.0,
+               ("oscillation", 100.0): 40.0}).install(monkeypatch)
+    chosen = book_settings.choose("oscillation", "book")
+    assert chosen.noise == pytest.approx(book_settings.validation_noise(85.0, 10_000))
+    assert chosen.value == 1.0 and chosen.margin == pytest.approx(-0.2) and chosen.at_end
+    assert chosen.outcome == ("the smallest candidate within the validation noise (0.36 points) of the best mean "
+                              "validation target over 2 selection seeds, -0.20 points from it, at an end of the grid")
 
 
-def test_the_choices_table_says_when_the_rule_fell_back_and_shows_a_tiny_margin(monkeypatch):
+def test_the_choices_table_shows_the_reference_and_every_candidate_and_glues_the_choice(monkeypatch):
     from robustq import book
 
-    n = 5000
-    _Recorded({("wrpn", None): 4350 / n, ("sinreq_wrpn", 0.1): 4300 / n, ("sinreq_wrpn", 1.0): 4200 / n,
-               ("sinreq_wrpn", 10.0): 4100 / n}).install(monkeypatch)
-    row = book.choices_table({"sinreq_wrpn": book_settings.choose("sinreq_wrpn", "book")}).loc["SinReQ (WRPN)"]
-    assert row["reference"] == "WRPN" and row["chosen"] == 0.1 and row["margin (points)"] == "0.50"
-    assert row["how"] == "by its fallback: the smallest, as no candidate stayed within 0.5 point of the reference"
-    book_settings.forget_choices()
-    _Recorded({("baseline", None): 0.87, ("symreg", 0.1): 0.87, ("symreg", 1.0): 0.86501,
-               ("symreg", 10.0): 0.8}).install(monkeypatch)
+    _Recorded({("wrpn", None): 84.0, ("sinreq_wrpn", 0.1): 84.5, ("sinreq_wrpn", 1.0): 85.5,
+               ("sinreq_wrpn", 10.0): 83.0}, floating={("wrpn", None): 0.86, ("sinreq_wrpn", 1.0): 0.8612}
+              ).install(monkeypatch)
     glued = {}
     monkeypatch.setattr(book, "glue", lambda **values: glued.update(values))
-    row = book.choice_table("symreg", "book").loc["SymReg"]
-    assert row["chosen"] == 1.0 and row["how"].startswith("by the rule: the largest within 0.5 point")
-    assert glued == {"chosen_value": "1", "chosen_how": row["how"]}  # what the chapter's sentence says
-    assert row["margin (points)"] == "0.001"  # not "0.0"
+    table = book.choice_table("sinreq_wrpn", "book").loc["SinReQ (WRPN)"]
+    assert list(table.index) == ["WRPN (reference)", "lam = 0.1", "lam = 1", "lam = 10"]
+    assert table.loc["lam = 1", "rule"] == "chosen" and table["rule"].eq("chosen").sum() == 1
+    assert table.loc["WRPN (reference)", "validation target (points)"] == 84.0
+    assert glued == {"chosen_value": "1", "chosen_how": book_settings.choose("sinreq_wrpn", "book").outcome,
+                     "chosen_float_cost": "+0.12"}
 
 
 @pytest.mark.parametrize("lazy_norm, adopted", [(2.2, True), (1.8, True), (2.2000001, False), (1.79, False)])
 def test_the_lazy_rule_adopts_within_ten_percent_exactly(monkeypatch, lazy_norm, adopted):
-    accuracy = {("baseline", None): 0.87, ("grad_l1", 0.01): 0.869, ("grad_l1", 0.1): 0.868, ("grad_l1", 1.0): 0.8}
-    _Recorded(accuracy, norms={1: 2.0, 4: lazy_norm}).install(monkeypatch)
+    quantized = {("baseline", None): 80.0, ("grad_l1", 0.01): 81.0, ("grad_l1", 0.1): 84.0, ("grad_l1", 1.0): 70.0}
+    _Recorded(quantized, norms={1: 2.0, 4: lazy_norm}).install(monkeypatch)
     lazy = book_settings.choose_lazy("grad_l1", "book")
     assert lazy["adopted"] is adopted and lazy["norm_full"] == 2.0 and lazy["norm_lazy"] == lazy_norm

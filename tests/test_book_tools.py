@@ -54,8 +54,8 @@ def test_findings_page_has_one_linked_row_per_claim_of_the_executed_chapters(tmp
     monkeypatch.setattr(execute, "BOOK", tmp_path)
     monkeypatch.setenv("ROBUSTQ_FINDINGS", str(tmp_path / "findings"))
     claim = verdicts.Claim("01", "C1.1", "SymReg beats the baseline", "w432", "paired", 2.0)
-    candidate, reference = {0: 3.0, 1: 4.0, 2: 5.0}, {0: 0.0, 1: 0.0, 2: 0.0}
-    record = {**verdicts.claim_record(claim, claim.grade(candidate, reference), 2.5),
+    candidate, reference, ceiling = {0: 3.0, 1: 4.0, 2: 5.0}, {0: 0.0, 1: 0.0, 2: 0.0}, {0: 1.0, 1: 1.5, 2: 2.0}
+    record = {**verdicts.claim_record(claim, claim.grade(candidate, reference, ceiling), 2.5),
               "reference": {"0": 0.0, "1": 0.0, "2": 0.0},
               "ceiling": {"0": 1.0, "1": 1.5, "2": 2.0}}  # the room: 1.5 points, below tau
     ours = verdicts.Claim("01", "C1.2", "The drift falls", "sqnr_drop_db", "paired", 1.0, source="book")
@@ -66,20 +66,22 @@ def test_findings_page_has_one_linked_row_per_claim_of_the_executed_chapters(tmp
     execute.write_findings("book", ["01_error_propagation"])
     text = (tmp_path / "findings.md").read_text()
     rows = [line for line in text.splitlines() if line.startswith("| {doc}")]
-    assert rows[0] == ("| {doc}`C1.1 <notebooks/01_error_propagation>` | **reproduced** | SymReg beats the baseline | "
-                       "paired, τ 2 | +4.00 ± 0.58 points | 1.50 | 2.50&nbsp;/&nbsp;2.48 | 0/0 |")  # no leave-one-out
+    assert rows[0] == ("| {doc}`C1.1 <notebooks/01_error_propagation>` | **not gradable at this scale** | "
+                       "SymReg beats the baseline | "
+                       "paired, τ 2 | +4.00 ± 0.58 points | 1.50 | 2.50&nbsp;/&nbsp;3.10 | 0/0 |")  # no leave-one-out
     assert len(rows) == 2 and "| The drift falls *(the book's hypothesis)* |" in rows[1]
     lead = (tmp_path / "findings_lead.md").read_text()
     assert lead == ("This build (profile `book`) trained the book's small CNN on 8,000 Fashion-MNIST training "
                     "images for 3 epochs, 5 graded seeds per method, and graded 2 claims. Of the papers' claims "
-                    "(1): 1 reproduced. Of the book's own hypotheses (1): 1 smaller than claimed. On 1 of 1 "
-                    "paired claim on quantized accuracy, the reference sat less than τ below the float baseline "
-                    "(the *room* column): no method could reach τ there by robustness alone.\n")
+                    "(1): 1 not gradable at this scale. Of the book's own hypotheses (1): 1 smaller than claimed. On 1 "
+                    "of 1 paired claim on quantized accuracy, the reference sat less than τ below the float "
+                    "baseline (the *room* column): no method could reach τ there by robustness alone, so those "
+                    "claims are *not gradable at this scale*.\n")
     summary = (tmp_path / "findings_summary.md").read_text().splitlines()
     assert summary[0] == "| claim | grade | statement | effect (mean ± se) | threshold | room | seeds |"
     assert len(summary) == 4
-    assert summary[2] == ("| {doc}`C1.1 <notebooks/01_error_propagation>` | **reproduced** | SymReg beats the "
-                          "baseline | +4.00 ± 0.58 points | τ 2 | 1.50 | 3 |")
+    assert summary[2] == ("| {doc}`C1.1 <notebooks/01_error_propagation>` | **not gradable at this scale** | "
+                          "SymReg beats the baseline | +4.00 ± 0.58 points | τ 2 | 1.50 | 3 |")
     assert summary[3].endswith("| **smaller than claimed** | The drift falls *(the book's hypothesis)* | "
                                "+0.53 ± 0.03 dB | τ 1 | — | 3 |")
 

@@ -48,6 +48,7 @@ def recorded_runs(monkeypatch):
         return _fake_result()
 
     monkeypatch.setattr(experiments, "run", record)
+    monkeypatch.setattr(book_settings.Endpoint, "value", lambda endpoint, result, split="test": 50.0)
     monkeypatch.setattr(book_settings, "choose_lazy", lambda name, profile=None, progress=False: {"adopted": True})
     return seen
 
@@ -57,12 +58,13 @@ def recorded_runs(monkeypatch):
 
 def test_chapter_05_starts_with_the_grad_l1_candidates_and_the_baseline_reference(nothing_trains):
     first = grid.choice_runs(["05"], "smoke")
-    assert first == [book_settings.selection_experiment("baseline", "smoke")] + [
-        book_settings.selection_experiment("grad_l1", "smoke", lam_w=lam, lam_a=lam) for lam in GRAD_L1_LAM.candidates
-    ]
-    assert all(exp.seed == book_settings.SELECTION_SEED and exp.val_size > 0 for exp in first)
+    assert first == [exp for seed in book_settings.SELECTION_SEEDS for exp in (
+        book_settings.selection_experiment("baseline", "smoke", seed),
+        *(book_settings.selection_experiment("grad_l1", "smoke", seed, lam_w=lam, lam_a=lam)
+          for lam in GRAD_L1_LAM.candidates))]
+    assert all(exp.seed in book_settings.SELECTION_SEEDS and exp.val_size > 0 for exp in first)
     lines = grid.dry_run(grid.Grid(chapters=("05",), profile="smoke"))
-    assert lines[0] == "phase 1/3 (choices): 4 of 4 experiments to run"
+    assert lines[0] == "phase 1/3 (choices): 8 of 8 experiments to run"
     assert lines[1] == "  baseline {} seed 100 (selection, validation split)"
     assert lines[-2:] == ["phase 2/3 (lazy rule): listed once phase 1 is in the cache",
                           "phase 3/3 (graded): listed once phase 1 is in the cache"]
@@ -87,7 +89,7 @@ def test_the_phases_list_what_book_settings_trains(recorded_runs):
     recorded_runs.clear()
     for name in grid.chapter_methods(["05"])[0]:
         book_settings.run_graded(name, "smoke")
-    graded_by_book = {exp for exp in recorded_runs if exp.seed != book_settings.SELECTION_SEED}
+    graded_by_book = {exp for exp in recorded_runs if exp.seed not in book_settings.SELECTION_SEEDS}
     assert set(grid.graded_runs(["05"], "smoke")) == graded_by_book
     assert any(exp.method_params.get("lazy_every") == 4 for exp in graded_by_book)  # the rule adopted it
 
@@ -179,7 +181,7 @@ def test_a_bad_grid_argument_is_one_line_naming_it(argv, flag, fix, nothing_trai
 def test_the_dry_run_lists_phase_1_and_runs_nothing(nothing_trains, capsys):
     assert main(["grid", "--profile", "smoke", "--chapters", "05", "--dry-run"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == "phase 1/3 (choices): 4 of 4 experiments to run" and len(out) == 7
+    assert out[0] == "phase 1/3 (choices): 8 of 8 experiments to run" and len(out) == 11
     assert not any(nothing_trains.glob("*/result.json"))
 
 

@@ -43,9 +43,10 @@ def test_the_run_plan_counts_each_model_once_under_the_first_chapter_that_needs_
     assert graded.groupby("name")["models"].sum().eq(5).all()  # five graded seeds, counted once
     assert plan.query("name == 'baseline' and seeds == 'graded'")["chapter"].tolist() == ["01"]
     selection = plan[plan["seeds"] == "selection"]
-    # every choice's candidates, the two references (baseline, WRPN) once, gradient-l1's lazy run
+    # every choice's candidates and the two references (baseline, WRPN) on each selection seed, and
+    # gradient-l1's lazy run
     candidates = sum(len(entry.choice.candidates) for entry in METHODS.values() if entry.choice)
-    assert selection["models"].sum() == candidates + 2 + 1
+    assert selection["models"].sum() == (candidates + 2) * len(book_settings.SELECTION_SEEDS) + 1
 
 
 def test_the_run_plan_covers_every_chapter():
@@ -136,7 +137,7 @@ def _new_evaluations(number: str) -> dict[str, int]:
 def test_each_notebook_runs_the_new_evaluations_its_manifest_counts(notebooks_ran, number):
     n = len(book_settings.graded_seeds("smoke"))
     listed = dict.fromkeys(experiments.EVALUATION_KINDS, 0)
-    for evaluations in manifest.chapter(number).evaluations:
+    for evaluations in manifest.evaluations_of(number):
         if evaluations.kind in listed:
             listed[evaluations.kind] += evaluations.count(n)
     assert _new_evaluations(number) == listed

@@ -85,6 +85,18 @@ def test_oscillation_regularizes_batchnorm_unless_excluded():
     assert dict(excluded.named_modules())[bn_name].weight.grad is None
 
 
+def test_oscillation_on_the_deployed_layers_skips_batchnorm_and_the_8_bit_edges():
+    model = _penalty_grads("oscillation", models.make_model("cnn", 1, 10), scope="deployed")
+    stem, classifier = methods.stem_and_classifier(model)
+    layers = dict(methods.weighted_layers(model))
+    assert _grad_is_zero(layers[stem]) and _grad_is_zero(layers[classifier])
+    assert not any(_grad_is_zero(m) for name, m in layers.items() if name not in (stem, classifier))
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(m.weight.grad is None for m in norms)
+    with pytest.raises(ValueError, match="scope must be one of"):
+        methods.make("oscillation", scope="bn")
+
+
 @pytest.mark.parametrize("name", sorted(REQUIRED))
 def test_every_method_trains_with_a_falling_loss_and_ends_with_plain_weights(name, synthetic):
     torch.manual_seed(0)

@@ -10,7 +10,16 @@ from hypothesis import strategies as st
 from scipy import stats
 
 from robustq import verdicts
-from robustq.verdicts import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, SMALLER, Claim, equivalent, paired
+from robustq.verdicts import (
+    INCONCLUSIVE,
+    NOT_GRADABLE,
+    NOT_REPRODUCED,
+    REPRODUCED,
+    SMALLER,
+    Claim,
+    equivalent,
+    paired,
+)
 
 
 def test_t_quantiles_are_students_not_two_standard_errors():
@@ -38,11 +47,12 @@ def test_paired_at_n5_boundaries():
     ref = {s: 0.0 for s in range(5)}
     v = paired(cand, ref, tau=2)
     assert v.n == 5 and v.mean == 3.0 and v.se == pytest.approx(math.sqrt(2.5) / math.sqrt(5))
-    assert v.mde == pytest.approx(2.776 * v.se, rel=1e-3)
+    assert v.mde == pytest.approx((2.776 + 0.941) * v.se, rel=1e-3)  # 80% power: t_0.975 + t_0.80
     assert v.grade == REPRODUCED  # 3 - 1.96 > 0 and 3 >= 2
     assert paired(cand, ref, tau=3.5).grade == INCONCLUSIVE  # mean below tau, but not surely
     assert paired(cand, ref, tau=5.5).grade == SMALLER  # 3 + 1.96 < 5.5, and 3 - 1.96 > 0: a clear gain
-    assert paired({s: v - 2.5 for s, v in cand.items()}, ref, tau=3).grade == NOT_REPRODUCED  # 0.5 - 1.96 <= 0
+    assert paired({s: v - 2.5 for s, v in cand.items()}, ref, tau=3).grade == INCONCLUSIVE  # [-1.46, 2.46]
+    assert paired({s: v - 5.0 for s, v in cand.items()}, ref, tau=3).grade == NOT_REPRODUCED  # -2 + 1.96 <= 0
 
 
 def test_a_clear_gain_surely_below_tau_is_smaller_than_claimed_not_absent():
@@ -50,11 +60,30 @@ def test_a_clear_gain_surely_below_tau_is_smaller_than_claimed_not_absent():
     d = [0.78 + x for x in (-0.4, -0.2, 0.0, 0.2, 0.4)]
     v = paired(d, [0.0] * 5, tau=2)
     assert 0 < v.interval[0] and v.interval[1] < 2 and v.grade == SMALLER
-    assert paired([x - 0.78 for x in d], [0.0] * 5, tau=2).grade == NOT_REPRODUCED  # no gain
-    assert paired([x - 1.5 for x in d], [0.0] * 5, tau=2).grade == NOT_REPRODUCED  # a loss
+    # no clear gain, but a gain not ruled out either: inconclusive (protocol v1 said "not reproduced")
+    assert paired([x - 0.78 for x in d], [0.0] * 5, tau=2).grade == INCONCLUSIVE
+    assert paired([x - 1.5 for x in d], [0.0] * 5, tau=2).grade == NOT_REPRODUCED  # surely a loss
     edge = [1.0, 1.0, 1.0]  # se 0: the interval is [1, 1], above 0 and below tau
     assert paired(edge, [0.0] * 3, tau=1.5).grade == SMALLER
     assert paired([0.0] * 3, [0.0] * 3, tau=1.5).grade == NOT_REPRODUCED  # [0, 0] is not above 0
+
+
+def test_a_claim_with_less_room_than_tau_is_not_gradable_whatever_its_effect():
+    # C3.1 of the cold build of ca56817: the baseline 0.65 points below float on the primary
+    # endpoint, tau 2: no method could win 2 points by robustness alone
+    claim = Claim("03", "C3.1", "SymReg beats the baseline", "variants43", "paired", 2.0)
+    candidate, reference = {0: 87.0, 1: 87.5, 2: 86.8}, {0: 86.0, 1: 86.4, 2: 86.1}
+    low_ceiling = {seed: value + 0.65 for seed, value in reference.items()}
+    assert claim.grade(candidate, reference).grade == SMALLER
+    assert claim.grade(candidate, reference, low_ceiling).grade == NOT_GRADABLE
+    high_ceiling = {seed: value + 2.0 for seed, value in reference.items()}  # room exactly tau: graded
+    assert claim.grade(candidate, reference, high_ceiling).grade == SMALLER
+    assert set(verdicts.leave_one_out(claim, candidate, reference, low_ceiling).values()) == {NOT_GRADABLE}
+    record = verdicts.seed_record(claim, candidate, reference, low_ceiling)
+    assert verdicts.room(record) == pytest.approx(0.65)
+    equivalence = Claim("07", "C7.2", "A matches B", "target", "equivalent", 2.0)
+    assert equivalence.grade(candidate, reference, low_ceiling).grade != NOT_GRADABLE  # a margin, not a gain
+    assert paired(candidate, reference, tau=2.0, room=math.nan).grade == SMALLER  # no room known: graded
 
 
 def test_paired_needs_a_mean_at_least_tau_even_when_significant():
@@ -104,7 +133,7 @@ def test_a_negative_tau_is_refused_since_it_would_not_test_non_inferiority():
 
 def test_zero_spread_grades_on_the_mean_alone():
     assert paired([3.0, 3.0, 3.0], [1.0, 1.0, 1.0], tau=2).grade == REPRODUCED  # mean == tau, se 0
-    assert paired([1.0, 1.0, 1.0], [1.0, 1.0, 1.0], tau=0).grade == INCONCLUSIVE  # interval [0, 0] is not above 0
+    assert paired([1.0, 1.0, 1.0], [1.0, 1.0, 1.0], tau=0).grade == NOT_REPRODUCED  # interval [0, 0]: no gain
     assert paired([1.0, 1.0, 1.0], [1.0, 1.0, 1.0], tau=1).grade == NOT_REPRODUCED
     assert equivalent([1.0, 1.0], [1.0, 1.0], margin=0).grade == REPRODUCED
 
@@ -119,7 +148,7 @@ def test_a_mean_exactly_at_tau_is_reproduced():
 def test_an_interval_exactly_at_the_margin_is_equivalent():
     d, zeros = [0.25, 0.5, 0.75], [0.0] * 3
     v = equivalent(d, zeros, margin=10.0)
-    margin = abs(v.mean) + v.mde  # the rule's own edge
+    margin = abs(v.mean) + verdicts.half_width(v.se, v.n)  # the rule's own edge
     assert equivalent(d, zeros, margin=margin).grade == REPRODUCED
     assert equivalent(d, zeros, margin=math.nextafter(margin, 0.0)).grade == INCONCLUSIVE
 
@@ -136,9 +165,10 @@ def test_bad_inputs_name_the_problem():
 
 
 DIFFS = st.lists(st.floats(-20, 20).map(lambda x: round(x, 2)), min_size=2, max_size=8)
-# a larger effect moves a paired grade only up this order (an inconclusive interval reaches tau, so
-# a gain can never bring it below tau again)
-RANK = {NOT_REPRODUCED: 0, SMALLER: 1, INCONCLUSIVE: 2, REPRODUCED: 3}
+# a larger effect moves a paired grade only up this order: from "not reproduced" (the interval at or
+# below 0) through "inconclusive" (it reaches 0) or "smaller than claimed" (above 0, below tau), which
+# may follow each other either way (an interval that leaves 0 may then reach tau), to "reproduced"
+RANK = {NOT_REPRODUCED: 0, SMALLER: 1, INCONCLUSIVE: 1, REPRODUCED: 2}
 
 
 @given(DIFFS, st.floats(0, 5))
@@ -163,14 +193,14 @@ def test_a_better_candidate_never_grades_worse(diffs, tau, gain):
 
 
 def test_mde_before_the_run():
-    assert verdicts.minimum_detectable_effect(2.0, 5) == pytest.approx(2.776 * 2 / math.sqrt(5), rel=1e-3)
+    assert verdicts.minimum_detectable_effect(2.0, 5) == pytest.approx((2.776 + 0.941) * 2 / math.sqrt(5), rel=1e-3)
     assert verdicts.minimum_detectable_effect(2.0, 1) == math.inf
 
 
 def test_claim_grades_and_reports_power():
     claim = Claim("01", "C1.1", "SymReg beats the baseline", "primary", "paired", 2.0)
     assert claim.grade(*_three_seeds(3.0, 1.0)).grade == REPRODUCED
-    assert "gradable" in claim.power_note(sd=1.0, n=5, profile="book")
+    assert "≤ τ/2 = 1: gradable in the book profile" in claim.power_note(sd=0.5, n=5, profile="book")
     assert "underpowered in the book profile" in claim.power_note(sd=10.0, n=3, profile="book")
     with pytest.raises(ValueError, match="rule must be"):
         Claim("01", "C", "s", "e", "better", 1.0)
