@@ -124,8 +124,8 @@ def runs_table(runs: Mapping[str, Mapping[int, Result]]) -> pd.DataFrame:
 def choices_table(choices: Mapping[str, book_settings.Chosen]) -> pd.DataFrame:
     """The open choices made on the selection seeds, one row per candidate and one for the
     reference model: the mean over the selection seeds of the choice's endpoint on the validation
-    split (quantized) and of the float validation accuracy, in points, and which candidate the rule
-    chose, with its margin over the runner-up and the validation noise that ties candidates."""
+    split (quantized) and of the validation accuracy as trained (float, or with a QAT model's own
+    quantizer), in points, and which candidate the rule chose."""
     rows = []
     for name, chosen in choices.items():
         parameter = " = ".join([chosen.param, *chosen.tied])
@@ -138,7 +138,7 @@ def choices_table(choices: Mapping[str, book_settings.Chosen]) -> pd.DataFrame:
             rows.append({
                 "method": book_settings.label(name), "model": model,
                 f"validation {chosen.endpoint} (points)": round(quantized, 2),
-                "float validation (points)": round(floating, 2), "rule": picked,
+                "validation as trained (points)": round(floating, 2), "rule": picked,
             })
     return pd.DataFrame(rows).set_index(["method", "model"])
 
@@ -150,8 +150,8 @@ GLUED_BY = {"choice_table": ("chosen_value", "chosen_how", "chosen_float_cost")}
 def choice_table(name: str, profile: str) -> pd.DataFrame:
     """:func:`choices_table` of book method ``name``'s open choice, made (or recalled) by
     ``book_settings.choose``, with the picked value, how the rule picked it (endpoint, seeds,
-    margin over the runner-up, whether at an end of the grid) and its float cost (the chosen
-    model's float validation accuracy less the reference's, points) glued for the prose."""
+    margin over the runner-up, whether at an end of the grid) and its cost as trained
+    (:attr:`~robustq.book_settings.Chosen.float_cost`, points) glued for the prose."""
     chosen = book_settings.choose(name, profile)
     glue(**dict(zip(GLUED_BY["choice_table"], (f"{chosen.value:g}", chosen.outcome, f"{chosen.float_cost:+.2f}"))))
     return choices_table({name: chosen})

@@ -246,8 +246,8 @@ class Choice:
     issue #25), written before the run: :func:`best_on_endpoint` of the validation value of
     ``endpoint`` (a key of :data:`ENDPOINTS`: the graded endpoint of the claim the method is judged
     on, on quantized accuracy), mean over :data:`SELECTION_SEEDS`. ``reference`` is the model the
-    method is compared with (its quantized and float validation values are shown beside the
-    candidates: the room there is to win, and what the choice costs in float accuracy)."""
+    method is compared with (its quantized and as-trained validation values are shown beside the
+    candidates: the room there is to win, and what the choice costs in accuracy as trained)."""
 
     param: str
     candidates: tuple[Any, ...]
@@ -455,7 +455,8 @@ def selection_experiment(name: str, profile: str | None = None, seed: int = SELE
 class Chosen:
     """What an open choice picked on the selection seeds, and from what: per candidate, the mean
     over :data:`SELECTION_SEEDS` of the choice's endpoint on the validation split (``validation``)
-    and of the float validation accuracy (``float_validation``), both in points; the same for the
+    and of the validation accuracy as trained (``float_validation``: the last epoch's, float for a
+    float-trained model, with its quantizer for a QAT model), both in points; the same for the
     reference model; the validation noise that ties candidates; the chosen candidate's margin over
     the runner-up; whether it sits at an end of the grid; and the cache keys of the runs."""
 
@@ -486,7 +487,7 @@ class Chosen:
 
     @property
     def float_cost(self) -> float:
-        """The chosen model's float validation accuracy less the reference's, in points."""
+        """The chosen model's validation accuracy as trained less the reference's, in points."""
         return self.float_validation[self.value] - self.reference_float
 
     @property
