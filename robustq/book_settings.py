@@ -120,6 +120,9 @@ ENDPOINTS = {
     "target": Endpoint(
         "target", "accuracy at W3, the book's QAT target (a QAT model with its own quantizer)", {"w_bits": (3,)}
     ),
+    "w2": Endpoint(
+        "w2", "accuracy at W2, the core paper's low-bit PTQ setting (symmetric per-tensor min-max)", {"w_bits": (2,)}
+    ),
     "above_target": Endpoint(
         "above_target", "mean accuracy over W8, W6, W5, W4 (symmetric per-tensor min-max or own quantizer)",
         {"w_bits": (8, 6, 5, 4)},
@@ -146,6 +149,9 @@ ENDPOINTS = {
 # results: the graded numbers are computed in each build. The endpoints of chapters 05-07 were
 # measured on the SymReg and SatNL comparisons (there are no selection-seed runs of those chapters'
 # methods), a rough guide for their QAT-type comparisons; identity checks have none.
+# Since protocol v2 (issue #25), the core paper's claims on SymReg and SatNL (C3.1, C3.4, C4.4, C4.5)
+# are graded at W2 ("w2"), where the paper makes its claim and where the baseline has room to lose; the
+# primary endpoint grades chapter 08's comparison and summarises the rest, descriptive.
 ENDPOINT = "variants43"
 PLANNING_SD: dict[str, float] = {
     "above_target": 0.58, "bias_drift_pct": 1.64, "crossbit": 2.44, "float": 0.55, "log_excess_pct": 4.44,
@@ -336,10 +342,10 @@ class MethodSettings:
 
 
 # Every λ by its claim's own endpoint on quantized accuracy (protocol v2, issue #25): SymReg by C3.1's
-# primary endpoint, gradient-ℓ1 by C5.2's W6A6/W4A4, SinReQ and the oscillation regularizer by their
-# 3-bit target (C6.1a, C7.2). Protocol v1 chose the largest λ within 0.5 point of the reference's
-# float validation accuracy, blind to the benefit each method claims.
-SYMREG_LAM = Choice("lam", (0.1, 1.0, 10.0), ENDPOINT)
+# (W2, where the core paper makes its claim), gradient-ℓ1 by C5.2's W6A6/W4A4, SinReQ and the
+# oscillation regularizer by their 3-bit target (C6.1a, C7.2). Protocol v1 chose the largest λ within
+# 0.5 point of the reference's float validation accuracy, blind to the benefit each method claims.
+SYMREG_LAM = Choice("lam", (0.1, 1.0, 10.0), "w2")
 QAT_PARAMS = {"bit_width": QAT_BIT_WIDTH, "edge_bit_width": EDGE_BIT_WIDTH}
 WRPN_PARAMS = {**QAT_PARAMS, "init_to_grid": True}
 # Gradient-ℓ1 (book/methods.md §2): the [paper] bound's step weighting; one λ for the weight and the

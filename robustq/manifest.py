@@ -107,9 +107,9 @@ PTQ_FIRST_SEEN = ({"plain": GRID + PRIMARY}, {"plain": 13, "mse": 4, "activation
 QAT_FIRST_SEEN = ({"plain": GRID}, {"activations": 1})
 COMPARISON_SEEN_BEFORE = {
     "baseline": ({}, {"plain": 1}),
-    "symreg": ({"plain": GRID}, {"plain": 1, "activations": 1}),
-    "satnl": ({"plain": GRID}, PTQ_FIRST_SEEN[1]),
-    "symreg_satnl_asam": ({"plain": GRID}, PTQ_FIRST_SEEN[1]),
+    "symreg": ({}, {"plain": 1, "activations": 1}),
+    "satnl": ({}, PTQ_FIRST_SEEN[1]),
+    "symreg_satnl_asam": ({}, PTQ_FIRST_SEEN[1]),
     "grad_l1": ({"plain": PRIMARY}, {"plain": 13, "mse": 4}),
     "oscillation": ({"plain": PRIMARY}, PTQ_FIRST_SEEN[1]),
     **{name: ({}, {"activations": 1}) for name in ("wrpn", "sinreq_wrpn", "qat_ste", "qat_lsq")},
@@ -145,9 +145,10 @@ CHAPTERS: dict[str, Chapter] = {
         Extra("SymReg with the 2:2 pairing, seed 0", 1),
         Extra("MobileNetV2 with and without depthwise SymReg, the profile's training subset", 2, cost=0.9),
     ), evaluations=(
-        *_evaluations("baseline", "graded", "the primary endpoint, its bias-corrected form, the worst case at W3",
-                      plain=20, mse=4, bias_corrected=8),
-        *_evaluations("symreg", "graded", "the primary endpoint, the worst case at W3", plain=20, mse=4),
+        *_evaluations("baseline", "graded", "W8-W2 (C3.1 at W2), the primary endpoint, both bias-corrected, the "
+                      "worst case at W3", plain=GRID + 20, mse=4, bias_corrected=1 + 8),
+        *_evaluations("symreg", "graded", "W8-W2 (C3.1 at W2), the primary endpoint, the worst case at W3",
+                      plain=GRID + 20, mse=4),
         *_evaluations("baseline", "seed 0", "the ablation's W3", plain=1),
         *_evaluations("symreg", "seed 0", "ablation (scopes, pairing), MobileNetV2, bias-corrected SymReg",
                       plain=44, bias_corrected=8),
@@ -155,8 +156,8 @@ CHAPTERS: dict[str, Chapter] = {
     "04": Chapter(("baseline", "symreg", "satnl", "symreg_satnl_asam", "qat_lsq", "symreg_satnl_lsq"),
                   ("asam", "satnl_asam"), extras=(Extra("the three SatNL forms on the selection seed", 3),),
                   evaluations=(
-        *_evaluations("satnl", "graded", "the primary endpoint", plain=8),
-        *_evaluations("symreg_satnl_asam", "graded", "the primary endpoint", plain=8),
+        *_evaluations("satnl", "graded", "W8-W2 (C4.5 at W2), the primary endpoint", plain=GRID + 8),
+        *_evaluations("symreg_satnl_asam", "graded", "W8-W2 (C4.4 at W2), the primary endpoint", plain=GRID + 8),
         *_evaluations("qat_lsq", "graded", "cross-bit, own quantizer", plain=6),
         *_evaluations("symreg_satnl_lsq", "graded", "cross-bit, own quantizer", plain=6),
         *_evaluations("asam", "seed 0", "ASAM and SatNL+ASAM alone; cross-bit of four models", plain=22),
@@ -165,7 +166,7 @@ CHAPTERS: dict[str, Chapter] = {
     "05": Chapter(("baseline", "grad_l1", "qat_ste"), extras=(
         Extra("the unweighted penalty at the chosen λ, selection seed", 1, cost=METHODS["grad_l1"].cost),
     ), evaluations=(
-        *_evaluations("baseline", "graded", "W8-W2; W6A6, W4A4, W8A8", plain=6, activations=3),
+        *_evaluations("baseline", "graded", "W6A6, W4A4, W8A8 (its W8-W2: chapter 03)", activations=3),
         *_evaluations("grad_l1", "graded", "W8-W2; W6A6, W4A4, W8A8", plain=6, activations=3),
         *_evaluations("qat_ste", "graded", "own quantizer, W8-W2", plain=6),
         *_evaluations("grad_l1", "selection", "the weightings at W4 and W3, with the baseline's", plain=6),

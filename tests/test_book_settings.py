@@ -169,7 +169,7 @@ def test_choose_picks_by_the_mean_over_the_selection_seeds_of_the_validation_end
     assert chosen.reference_endpoint == 60.0 and chosen.float_cost == pytest.approx(-0.5)
     assert [exp.seed for exp in recorded.runs] == [100] * 4 + [101] * 4
     assert all(exp.val_size > 0 for exp in recorded.runs)
-    assert chosen.outcome == "the best mean validation variants43 over 2 selection seeds, +2.00 points over the runner-up"
+    assert chosen.outcome == "the best mean validation w2 over 2 selection seeds, +2.00 points over the runner-up"
 
 
 def test_a_tie_within_the_validation_noise_goes_to_the_smaller_strength(monkeypatch):
