@@ -210,8 +210,8 @@ def protocol_history(findings) -> list[str]:
              "| --- | --- | ---: | --- | ---: |"]
     for claim in dict.fromkeys([*v1, *now]):
         old, new = v1.get(claim), now.get(claim)
-        old_cells = (f"{old['grade']} | {float(old['mean']):+.2f} ± {float(old['se']):.2f}" if old else "— | —")
-        new_cells = (f"**{new['grade']}** | {new['mean']:+.2f} ± {new['se']:.2f}" if new else "— | —")
+        old_cells = f"{old['grade']} | {verdicts.mean_se(float(old['mean']), float(old['se']))}" if old else "— | —"
+        new_cells = f"**{new['grade']}** | {verdicts.mean_se(new['mean'], new['se'])}" if new else "— | —"
         lines.append(f"| {_breakable(claim)} | {old_cells} | {new_cells} |")
     moved = sum(claim in v1 and v1[claim]["grade"] != record["grade"] for claim, record in now.items())
     lines += ["", f"{_count(moved, 'claim')} of the {len(now)} graded in this build changed grade.", "",
@@ -302,7 +302,7 @@ def _count(n: int, noun: str) -> str:
 
 
 def _mean_se(row) -> str:
-    return f"{row.mean:+.2f} ± {row.se:.2f}"
+    return verdicts.mean_se(row.mean, row.se)
 
 
 def _stability(record: dict) -> str:

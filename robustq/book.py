@@ -217,7 +217,7 @@ def grade_claims(
                         **verdicts.seed_record(claim, candidate, reference, *ceiling)})
     verdicts.record_claims(chapter, records, verdicts.findings_dir(profile))
     table = pd.DataFrame(records).set_index("claim")
-    table["mean ± se"] = [f"{m:+.2f} ± {s:.2f}" for m, s in zip(table["mean"], table["se"])]
+    table["mean ± se"] = [verdicts.mean_se(m, s) for m, s in zip(table["mean"], table["se"])]
     table["room"] = [verdicts.room(record) for record in records]
     for column in ("threshold", "mde", "room"):  # a 1e-5 margin is not 0.0, and one seed has no MDE
         table[column] = table[column].map(verdicts.format_points)

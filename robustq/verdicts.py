@@ -112,7 +112,7 @@ class Verdict:
 
     def summary(self) -> str:
         """``+2.3 ± 1.1 points (n = 5)``: mean ± se, for prose and tables."""
-        return f"{self.mean:+.2f} ± {self.se:.2f} points (n = {self.n})"
+        return f"{mean_se(self.mean, self.se)} points (n = {self.n})"
 
 
 def differences(candidate: PerSeed, reference: PerSeed) -> pd.Series:
@@ -195,6 +195,16 @@ def tally(grades: Sequence[str] | pd.Series) -> str:
     if not parts:
         return "no claim graded"
     return parts[0] if len(parts) == 1 else f"{', '.join(parts[:-1])} and {parts[-1]}"
+
+
+def mean_se(mean: float, se: float) -> str:
+    """``+0.53 ± 0.03`` for a table or a sentence; a mean that rounds to zero has no minus sign.
+
+    >>> mean_se(0.527, 0.031), mean_se(-0.004, 0.2)
+    ('+0.53 ± 0.03', '+0.00 ± 0.20')
+    """
+    text = f"{mean:+.2f}"
+    return f"{'+0.00' if float(text) == 0 else text} ± {se:.2f}"
 
 
 def format_points(value: float) -> str:

@@ -70,6 +70,13 @@ def test_findings_page_has_one_linked_row_per_claim_of_the_executed_chapters(tmp
                        "SymReg beats the baseline | "
                        "paired, τ 2 | +4.00 ± 0.58 points | 1.50 | 2.50&nbsp;/&nbsp;3.10 | 0/0 |")  # no leave-one-out
     assert len(rows) == 2 and "| The drift falls *(the book's hypothesis)* |" in rows[1]
+    history = text[text.index("## Protocol history"):].splitlines()
+    v1 = {line.split("\t")[0]: line.split("\t")[2] for line in
+          (execute.PROTOCOL / "v1_grades.tsv").read_text().splitlines()[3:]}
+    assert f"| C1.1 | {v1['C1.1']} | +2.41 ± 1.30 | **not gradable at this scale** | +4.00 ± 0.58 |" in history
+    assert f"| C1.2 | {v1['C1.2']} |" in "\n".join(history)
+    assert sum(line.startswith("| C") for line in history) == len(v1)  # every v1 claim, and no other here
+    assert "2 claims of the 2 graded in this build changed grade." in history
     lead = (tmp_path / "findings_lead.md").read_text()
     assert lead == ("This build (profile `book`) trained the book's small CNN on 8,000 Fashion-MNIST training "
                     "images for 3 epochs, 5 graded seeds per method, and graded 2 claims. Of the papers' claims "
