@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import papermill
 
 from robustq import book_settings, kernels, manifest, profiles, reference, verdicts
@@ -165,7 +166,8 @@ def write_findings(profile: str, executed: list[str]) -> None:
         "is the true effect this many seeds tell from zero with 80% power ((t₀.₉₇₅ + t₀.₈₀) · sd / √n),",
         "planned before the run from the selection seeds and observed in this build. A claim whose MDE",
         "exceeds half its threshold is underpowered in this profile: its grade is what the rule gives,",
-        "and the `paper` profile grades it with more data. *Stable* counts, of the grades with one seed left out in turn, those",
+        "and the `paper` profile grades it with more data. *Stable* counts, of the grades with one",
+        "seed left out in turn, those",
         "that agree with the claim's grade: a claim marked ⚠ has a verdict that one seed fewer would",
         "change (one seed decides it, or a seed fewer leaves it undecided). *Room*, for a claim on",
         "quantized accuracy, is how far the reference sat below the float baseline (mean over seeds):",
@@ -187,7 +189,7 @@ def write_findings(profile: str, executed: list[str]) -> None:
             rule = f"{row.rule}, {'τ' if row.rule == 'paired' else 'margin'} {row.threshold:g}"
             lines.append(
                 f"| {{doc}}`{_breakable(row.claim)} <notebooks/{row.chapter_file}>` | **{row.grade}** | {_statement(record)} | {rule} | "
-                f"{_mean_se(row)} {book_settings.endpoint_unit(row.endpoint)} | {verdicts.format_points(verdicts.room(record))} | "
+                f"{verdicts.mean_se(row.mean, row.se)} {book_settings.endpoint_unit(row.endpoint)} | {verdicts.format_points(verdicts.room(record))} | "
                 f"{verdicts.format_points(row.mde_planned)}&nbsp;/&nbsp;{verdicts.format_points(row.mde)} | "
                 f"{_stability(record)} |"
             )
@@ -203,26 +205,21 @@ PROTOCOL = BOOK / "protocol"
 def protocol_history(findings) -> list[str]:
     """The Findings page's *Protocol history*: each claim's grade under protocol v1 (the committed
     ``book/protocol/v1_grades.tsv``) beside this build's, then the changes and their reasons
-    (``book/protocol/v2_changes.md``, written before the v2 graded runs)."""
-    v1 = {row["claim"]: row for row in _read_tsv(PROTOCOL / "v1_grades.tsv")}
+    (``book/protocol/v2_changes.md``)."""
+    v1 = pd.read_csv(PROTOCOL / "v1_grades.tsv", sep="\t", comment="#").set_index("claim").to_dict("index")
     now = {} if findings.empty else {record["claim"]: record for record in findings.to_dict("records")}
     lines = ["", "## Protocol history", "",
              "| claim | protocol v1: grade | v1: mean ± se | this build: grade | this build: mean ± se |",
              "| --- | --- | ---: | --- | ---: |"]
     for claim in dict.fromkeys([*v1, *now]):
         old, new = v1.get(claim), now.get(claim)
-        old_cells = f"{old['grade']} | {verdicts.mean_se(float(old['mean']), float(old['se']))}" if old else "— | —"
+        old_cells = f"{old['grade']} | {verdicts.mean_se(old['mean'], old['se'])}" if old else "— | —"
         new_cells = f"**{new['grade']}** | {verdicts.mean_se(new['mean'], new['se'])}" if new else "— | —"
         lines.append(f"| {_breakable(claim)} | {old_cells} | {new_cells} |")
     moved = sum(claim in v1 and v1[claim]["grade"] != record["grade"] for claim, record in now.items())
     lines += ["", f"{_count(moved, 'claim')} of the {len(now)} graded in this build changed grade.", "",
               (PROTOCOL / "v2_changes.md").read_text().strip(), ""]
     return lines
-
-
-def _read_tsv(path: Path) -> list[dict[str, str]]:
-    rows = [line.split("\t") for line in path.read_text().splitlines() if line and not line.startswith("#")]
-    return [dict(zip(rows[0], row)) for row in rows[1:]]
 
 
 def findings_lead(findings, profile: str) -> str:
@@ -249,7 +246,7 @@ def findings_summary(findings) -> str:
         unit = book_settings.endpoint_unit(row.endpoint)
         bound = "τ" if row.rule == "paired" else "margin"
         lines.append(f"| {{doc}}`{_breakable(row.claim)} <notebooks/{row.chapter_file}>` | **{row.grade}** | "
-                     f"{_statement(record)} | {_mean_se(row)} {unit} | {bound} {row.threshold:g} | "
+                     f"{_statement(record)} | {verdicts.mean_se(row.mean, row.se)} {unit} | {bound} {row.threshold:g} | "
                      f"{verdicts.format_points(verdicts.room(record))} | {row.n} |")
     return "\n".join(lines) + "\n"
 
@@ -300,10 +297,6 @@ def _breakable(claim: str) -> str:
 
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'s' if n != 1 else ''}"
-
-
-def _mean_se(row) -> str:
-    return verdicts.mean_se(row.mean, row.se)
 
 
 def _stability(record: dict) -> str:

@@ -129,11 +129,11 @@ def choices_table(choices: Mapping[str, book_settings.Chosen]) -> pd.DataFrame:
     rows = []
     for name, chosen in choices.items():
         parameter = " = ".join([chosen.param, *chosen.tied])
-        candidates = [(f"{parameter} = {value:g}", chosen.validation[value], chosen.float_validation[value],
+        candidates = [(f"{parameter} = {value:g}", chosen.validation[value], chosen.trained_validation[value],
                        "chosen" if value == chosen.value else "")
                       for value in chosen.validation]
         reference = (f"{book_settings.label(chosen.reference)} (reference)", chosen.reference_endpoint,
-                     chosen.reference_float, "")
+                     chosen.reference_trained, "")
         for model, quantized, floating, picked in [reference, *candidates]:
             rows.append({
                 "method": book_settings.label(name), "model": model,
@@ -144,16 +144,16 @@ def choices_table(choices: Mapping[str, book_settings.Chosen]) -> pd.DataFrame:
 
 
 # the names a package helper glues for a chapter's prose (tests/test_notebooks_format.py reads it)
-GLUED_BY = {"choice_table": ("chosen_value", "chosen_how", "chosen_float_cost")}
+GLUED_BY = {"choice_table": ("chosen_value", "chosen_how", "chosen_trained_cost")}
 
 
 def choice_table(name: str, profile: str) -> pd.DataFrame:
     """:func:`choices_table` of book method ``name``'s open choice, made (or recalled) by
     ``book_settings.choose``, with the picked value, how the rule picked it (endpoint, seeds,
     margin over the runner-up, whether at an end of the grid) and its cost as trained
-    (:attr:`~robustq.book_settings.Chosen.float_cost`, points) glued for the prose."""
+    (:attr:`~robustq.book_settings.Chosen.trained_cost`, points) glued for the prose."""
     chosen = book_settings.choose(name, profile)
-    glue(**dict(zip(GLUED_BY["choice_table"], (f"{chosen.value:g}", chosen.outcome, f"{chosen.float_cost:+.2f}"))))
+    glue(**dict(zip(GLUED_BY["choice_table"], (f"{chosen.value:g}", chosen.outcome, f"{chosen.trained_cost:+.2f}"))))
     return choices_table({name: chosen})
 
 

@@ -233,9 +233,13 @@ def accuracy_table(runs: dict[str, dict[int, Result]], **sweep: Any) -> pd.DataF
     return frame[["method", "seed", *columns, "acc", "fp_acc", "quantizer"]]
 
 
+# The settings that pick a PTQ quantizer variant: a QAT-type model has one quantizer, its own, and
+# :func:`evaluate` ignores them for it.
+QUANTIZER_VARIANTS = ("symmetric", "per_channel", "policy")
+
+
 def _evaluate_sweep(result: Result, sweep: dict[str, Any], split: str = "test") -> pd.DataFrame:
-    # a QAT-type model has one quantizer, its own: the variant settings do not apply to it
-    varied = set(sweep) - ({"symmetric", "per_channel", "policy"} if result.quantizers else set())
+    varied = set(sweep) - (set(QUANTIZER_VARIANTS) if result.quantizers else set())
     # (a selection run's validation split is scored at the endpoint's bit-widths alone)
     if split == "test" and varied == {"w_bits"} and set(sweep["w_bits"]) <= set(GRID_BITS):
         grid = weight_grid(result)
@@ -461,7 +465,7 @@ def selection_experiment(name: str, profile: str | None = None, seed: int = SELE
 class Chosen:
     """What an open choice picked on the selection seeds, and from what: per candidate, the mean
     over :data:`SELECTION_SEEDS` of the choice's endpoint on the validation split (``validation``)
-    and of the validation accuracy as trained (``float_validation``: the last epoch's, float for a
+    and of the validation accuracy as trained (``trained_validation``: the last epoch's, float for a
     float-trained model, with its quantizer for a QAT model), both in points; the same for the
     reference model; the validation noise that ties candidates; the chosen candidate's margin over
     the runner-up; whether it sits at an end of the grid; and the cache keys of the runs."""
@@ -474,9 +478,9 @@ class Chosen:
     endpoint: str
     reference: str
     reference_endpoint: float
-    reference_float: float
+    reference_trained: float
     validation: dict[Any, float]
-    float_validation: dict[Any, float]
+    trained_validation: dict[Any, float]
     noise: float
     margin: float
     seeds: tuple[int, ...]
@@ -492,9 +496,9 @@ class Chosen:
         return self.value in (min(self.validation), max(self.validation))
 
     @property
-    def float_cost(self) -> float:
+    def trained_cost(self) -> float:
         """The chosen model's validation accuracy as trained less the reference's, in points."""
-        return self.float_validation[self.value] - self.reference_float
+        return self.trained_validation[self.value] - self.reference_trained
 
     @property
     def outcome(self) -> str:
@@ -532,29 +536,21 @@ def _choose(name: str, profile: str, cache: str, progress: bool) -> Chosen | Non
     if choice is None:
         return None
     runs = selection_runs(name, profile)
-    results = [experiments.run(exp, progress=progress) for exp in runs]
-    per_seed = len(choice.candidates) + 1
-    by_seed = [results[i:i + per_seed] for i in range(0, len(results), per_seed)]
     endpoint = ENDPOINTS[choice.endpoint]
-
-    def mean_over_seeds(position: int, score) -> float:
-        return sum(score(seed_runs[position]) for seed_runs in by_seed) / len(by_seed)
-
-    def quantized(result: Result) -> float:
-        return endpoint.value(result, split="val")
-
-    def floating(result: Result) -> float:
-        return 100 * _final_val_acc(result)
-
-    validation = {value: mean_over_seeds(i + 1, quantized) for i, value in enumerate(choice.candidates)}
+    models = ("reference", *choice.candidates) * len(SELECTION_SEEDS)  # selection_runs' order
+    scores = pd.DataFrame([
+        {"model": model, "quantized": endpoint.value(result, split="val"), "trained": 100 * _final_val_acc(result)}
+        for model, result in zip(models, (experiments.run(exp, progress=progress) for exp in runs))
+    ]).groupby("model", sort=False).mean()  # over the selection seeds
+    validation = {value: float(scores.loc[value, "quantized"]) for value in choice.candidates}
     images = len(SELECTION_SEEDS) * profiles.get(profile).validation_size
     noise = validation_noise(max(validation.values()), images)
     value = best_on_endpoint(validation, noise)
     return Chosen(name=name, param=choice.param, tied=choice.tied, value=value, rule=choice.rule,
                   endpoint=choice.endpoint, reference=choice.reference,
-                  reference_endpoint=mean_over_seeds(0, quantized), reference_float=mean_over_seeds(0, floating),
-                  validation=validation,
-                  float_validation={v: mean_over_seeds(i + 1, floating) for i, v in enumerate(choice.candidates)},
+                  reference_endpoint=float(scores.loc["reference", "quantized"]),
+                  reference_trained=float(scores.loc["reference", "trained"]), validation=validation,
+                  trained_validation={v: float(scores.loc[v, "trained"]) for v in choice.candidates},
                   noise=noise, margin=margin_over_runner_up(validation, value), seeds=SELECTION_SEEDS,
                   runs=tuple(exp.key() for exp in runs))
 

@@ -228,7 +228,7 @@ def _endpoint_cells(endpoint: book_settings.Endpoint, qat: bool) -> dict[str, in
     cells: dict[str, int] = {}
     for sweep in (endpoint.sweep,) if isinstance(endpoint.sweep, dict) else endpoint.sweep:
         kept = {key: values for key, values in sweep.items()
-                if not (qat and key in ("symmetric", "per_channel", "policy"))}
+                if not (qat and key in book_settings.QUANTIZER_VARIANTS)}
         if "mse" in kept.get("policy", ()):
             raise ValueError(f"endpoint {endpoint.name!r}: the run plan does not count MSE rows of a choice")
         kind = "activations" if "a_bits" in kept else "plain"

@@ -324,7 +324,7 @@ def leave_one_out(claim: Claim, candidate: PerSeed, reference: PerSeed,
     """
     d = differences(candidate, reference)
     cand, ref = _as_series(candidate, "candidate"), _as_series(reference, "reference")
-    top = None if ceiling is None else _as_series(ceiling, "ceiling")
+    top = None if ceiling is None else _ceiling_on(ceiling, d.index)
     return {seed: claim.grade(cand.loc[d.index.drop(seed)], ref.loc[d.index.drop(seed)],
                               None if top is None else top.loc[d.index.drop(seed)]).grade for seed in d.index}
 
@@ -348,10 +348,7 @@ def seed_record(claim: Claim, candidate: PerSeed, reference: PerSeed, ceiling: P
         "reference": {str(seed): float(ref.loc[seed]) for seed in d.index},
     }
     if ceiling is not None:
-        top = _as_series(ceiling, "ceiling")
-        missing = sorted(set(d.index) - set(top.index))
-        if missing:
-            raise ValueError(f"the ceiling has no value for seeds {missing}; give one per paired seed")
+        top = _ceiling_on(ceiling, d.index)
         record["ceiling"] = {str(seed): float(top.loc[seed]) for seed in d.index}
     loo = leave_one_out(claim, candidate, reference, ceiling)
     record["leave_one_out"] = {str(seed): grade for seed, grade in loo.items()}
@@ -381,11 +378,17 @@ def room_of(ceiling: PerSeed, reference: PerSeed) -> float:
     >>> room_of({0: 87.0, 1: 87.0}, {0: 85.0, 1: 86.0})
     1.5
     """
-    top, ref = _as_series(ceiling, "ceiling"), _as_series(reference, "reference")
-    missing = sorted(set(ref.index) - set(top.index))
+    ref = _as_series(reference, "reference")
+    return float((_ceiling_on(ceiling, ref.index) - ref).mean())
+
+
+def _ceiling_on(ceiling: PerSeed, seeds: pd.Index) -> pd.Series:
+    """The ceiling on ``seeds``, or an error naming the seeds it lacks."""
+    top = _as_series(ceiling, "ceiling")
+    missing = sorted(set(seeds) - set(top.index))
     if missing:
         raise ValueError(f"the ceiling has no value for seeds {missing}; give one per paired seed")
-    return float((top.loc[ref.index] - ref).mean())
+    return top.loc[seeds]
 
 
 def findings_dir(profile: str) -> Path:

@@ -166,7 +166,7 @@ def test_choose_picks_by_the_mean_over_the_selection_seeds_of_the_validation_end
     chosen = book_settings.choose("symreg", "book")
     assert chosen.validation == {0.1: 75.0, 1.0: 78.0, 10.0: 76.0} and chosen.value == 1.0
     assert chosen.margin == pytest.approx(2.0) and not chosen.at_end
-    assert chosen.reference_endpoint == 60.0 and chosen.float_cost == pytest.approx(-0.5)
+    assert chosen.reference_endpoint == 60.0 and chosen.trained_cost == pytest.approx(-0.5)
     assert [exp.seed for exp in recorded.runs] == [100] * 4 + [101] * 4
     assert all(exp.val_size > 0 for exp in recorded.runs)
     assert chosen.outcome == "the best mean validation w2 over 2 selection seeds, +2.00 points over the runner-up"
@@ -196,7 +196,7 @@ def test_the_choices_table_shows_the_reference_and_every_candidate_and_glues_the
     assert table.loc["lam = 1", "rule"] == "chosen" and table["rule"].eq("chosen").sum() == 1
     assert table.loc["WRPN (reference)", "validation target (points)"] == 84.0
     assert glued == {"chosen_value": "1", "chosen_how": book_settings.choose("sinreq_wrpn", "book").outcome,
-                     "chosen_float_cost": "+0.12"}
+                     "chosen_trained_cost": "+0.12"}
 
 
 @pytest.mark.parametrize("lazy_norm, adopted", [(2.2, True), (1.8, True), (2.2000001, False), (1.79, False)])
