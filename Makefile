@@ -76,7 +76,7 @@ COMPAT_METHODS := baseline symreg_satnl_asam grad_l1 qat_lsq
 
 compat: data  ## the package on torch 2.11 (the GPU machine's): import, and a smoke training of four methods
 	@test -x $(COMPAT_VENV)/bin/python || $(PYTHON) -m venv $(COMPAT_VENV)
-	$(COMPAT_VENV)/bin/python -m pip install --quiet --disable-pip-version-check $(COMPAT_PINS) \
+	$(COMPAT_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-cache-dir $(COMPAT_PINS) \
 	  $$(grep -iE '^(numpy|pandas|scipy|filelock|tqdm|submitit|cloudpickle|typing.extensions)==' constraints.txt)
 	@cache=$$(mktemp -d) && for method in $(COMPAT_METHODS); do \
 	  ROBUSTQ_CACHE=$$cache PYTHONPATH=$(CURDIR) $(COMPAT_VENV)/bin/python -m robustq train --method $$method \

@@ -243,7 +243,8 @@ def book_methods() -> list[str]:
         line = f"{name:24s} {book_settings.label(name)}: {entry.method} with {fixed}"
         if entry.choice is not None:
             chosen = " = ".join([entry.choice.param, *entry.choice.tied])
-            line += f"; {chosen} chosen from {', '.join(f'{c:g}' for c in entry.choice.candidates)}"
+            line += (f"; {chosen} chosen from {', '.join(f'{c:g}' for c in entry.choice.candidates)}"
+                     " (extended once past an end where the choice sits)")
         elif entry.inherits is not None:
             line += f"; its choice is {book_settings.label(entry.inherits)}'s"
         if entry.penalised_share < 1:

@@ -267,15 +267,36 @@ class Choice:
 
     def __post_init__(self) -> None:
         check_choice("endpoint", self.endpoint, ENDPOINTS)
+        if len(self.candidates) < 2 or any(value <= 0 for value in self.candidates) \
+                or list(self.candidates) != sorted(set(self.candidates)):
+            raise ValueError(f"choice of {self.param!r}: candidates {self.candidates} must be at least two "
+                             "positive strengths in increasing order (a log-spaced grid)")
 
     @property
     def rule(self) -> str:
         return (f"the candidate with the best mean validation {self.endpoint} over the selection seeds; "
-                "candidates within the validation noise of the best go to the smallest")
+                "candidates within the validation noise of the best go to the smallest; a choice at an end "
+                "of the grid extends it once by one step past that end, and the rule is applied again")
 
     def assign(self, value: Any) -> dict[str, Any]:
         """The method parameters one candidate value sets."""
         return {name: value for name in (self.param, *self.tied)}
+
+    def beyond(self, end: Any) -> float:
+        """The candidate one grid step past ``end``, an end of the log-spaced grid: the grid extended
+        once when the choice sits there (issue #25: "extend once if it is, and say so").
+
+        >>> SYMREG_LAM.beyond(10.0), SYMREG_LAM.beyond(0.1), GRAD_L1_LAM.beyond(0.01)
+        (100.0, 0.01, 0.001)
+        """
+        low, high = self.candidates[0], self.candidates[-1]
+        if end == high:
+            step = high / self.candidates[-2]
+            return float(f"{high * step:.12g}")  # one decade in floats: 0.1 * (0.1 / 1) is 0.010000000000000002
+        if end == low:
+            step = self.candidates[1] / low
+            return float(f"{low / step:.12g}")
+        raise ValueError(f"{end!r} is not an end of the grid {self.candidates}")
 
 
 BOUNDARY_POINTS = 1e-9  # float rounding of a difference of accuracies, in points; not an image
@@ -468,7 +489,8 @@ class Chosen:
     and of the validation accuracy as trained (``trained_validation``: the last epoch's, float for a
     float-trained model, with its quantizer for a QAT model), both in points; the same for the
     reference model; the validation noise that ties candidates; the chosen candidate's margin over
-    the runner-up; whether it sits at an end of the grid; and the cache keys of the runs."""
+    the runner-up; the candidate the grid was extended by (``extended``: one step past the end where
+    the first grid's choice sat, else ``None``); and the cache keys of the runs."""
 
     name: str
     param: str
@@ -485,6 +507,7 @@ class Chosen:
     margin: float
     seeds: tuple[int, ...]
     runs: tuple[str, ...]
+    extended: Any = None
 
     def assign(self) -> dict[str, Any]:
         """The method parameters the chosen value sets."""
@@ -492,7 +515,7 @@ class Chosen:
 
     @property
     def at_end(self) -> bool:
-        """The chosen value is the grid's smallest or largest: a better one may lie beyond it."""
+        """The chosen value is the (extended) grid's smallest or largest: a better one may lie beyond it."""
         return self.value in (min(self.validation), max(self.validation))
 
     @property
@@ -503,18 +526,23 @@ class Chosen:
     @property
     def outcome(self) -> str:
         """How the rule picked, in words a chapter can print beside the choice."""
-        ends = ", at an end of the grid" if self.at_end else ""
+        grid = "the extended grid (extended once only)" if self.extended is not None else "the grid"
+        ends = f", at an end of {grid}" if self.at_end else ""
         scored = f"mean validation {self.endpoint} over {len(self.seeds)} selection seeds"
         if self.value == max(self.validation, key=self.validation.get):
-            return f"the best {scored}, {self.margin:+.2f} points over the runner-up{ends}"
-        return (f"the smallest candidate within the validation noise ({self.noise:.2f} points) of the best "
-                f"{scored}, {self.margin:+.2f} points from it{ends}")
+            picked = f"the best {scored}, {self.margin:+.2f} points over the runner-up{ends}"
+        else:
+            picked = (f"the smallest candidate within the validation noise ({self.noise:.2f} points) of the best "
+                      f"{scored}, {self.margin:+.2f} points from it{ends}")
+        if self.extended is None:
+            return picked
+        return f"{picked}; the first grid's choice sat at its end, so the grid was extended to {self.extended:g}"
 
 
 def selection_runs(name: str, profile: str | None = None) -> list[Experiment]:
-    """The selection runs of method ``name``'s own choice, on every selection seed: its reference's,
-    then one per candidate (empty if it makes none); :func:`choose` and the grid both train exactly
-    these."""
+    """The selection runs of method ``name``'s own choice on its first grid, on every selection
+    seed: its reference's, then one per candidate (empty if it makes none); :func:`choose` and the
+    grid both train exactly these, then :func:`extension_runs`."""
     choice = _settings(name).choice
     if choice is None:
         return []
@@ -523,10 +551,24 @@ def selection_runs(name: str, profile: str | None = None) -> list[Experiment]:
         *(selection_experiment(name, profile, seed, **choice.assign(value)) for value in choice.candidates))]
 
 
+def extension_runs(name: str, profile: str | None = None, progress: bool = False) -> list[Experiment]:
+    """The selection runs that extend method ``name``'s grid once, on every selection seed: the
+    candidate one step past the end where the first grid's choice sits (:meth:`Choice.beyond`);
+    empty when that choice lies inside the grid or the method makes none. Reads (or trains)
+    :func:`selection_runs`."""
+    choice = _settings(name).choice
+    if choice is None:
+        return []
+    scores = _selection_scores(choice, selection_runs(name, profile), ("reference", *choice.candidates), progress)
+    beyond = _extension_of(choice, scores, profile)
+    return [] if beyond is None else _extension_experiments(name, profile, beyond)
+
+
 def choose(name: str, profile: str | None = None, progress: bool = False) -> Chosen | None:
     """Make method ``name``'s open choice by its rule on the selection seeds, training (or loading)
-    :func:`selection_runs`; ``None`` for a method without a choice. Memoised per method, resolved
-    profile and cache (:func:`forget_choices`), so that chapters recover it once."""
+    :func:`selection_runs` and, where the first grid's choice sits at an end, :func:`extension_runs`;
+    ``None`` for a method without a choice. Memoised per method, resolved profile and cache
+    (:func:`forget_choices`), so that chapters recover it once."""
     return _choose(name, profiles.resolve_profile(profile), str(experiments.cache_dir()), progress)
 
 
@@ -536,23 +578,50 @@ def _choose(name: str, profile: str, cache: str, progress: bool) -> Chosen | Non
     if choice is None:
         return None
     runs = selection_runs(name, profile)
-    endpoint = ENDPOINTS[choice.endpoint]
-    models = ("reference", *choice.candidates) * len(SELECTION_SEEDS)  # selection_runs' order
-    scores = pd.DataFrame([
-        {"model": model, "quantized": endpoint.value(result, split="val"), "trained": 100 * _final_val_acc(result)}
-        for model, result in zip(models, (experiments.run(exp, progress=progress) for exp in runs))
-    ]).groupby("model", sort=False).mean()  # over the selection seeds
-    validation = {value: float(scores.loc[value, "quantized"]) for value in choice.candidates}
-    images = len(SELECTION_SEEDS) * profiles.get(profile).validation_size
-    noise = validation_noise(max(validation.values()), images)
+    scores = _selection_scores(choice, runs, ("reference", *choice.candidates), progress)
+    beyond = _extension_of(choice, scores, profile)
+    if beyond is not None:
+        more = _extension_experiments(name, profile, beyond)
+        runs = [*runs, *more]
+        scores = pd.concat([scores, _selection_scores(choice, more, (beyond,), progress)])
+    validation = {value: float(scores.loc[value, "quantized"]) for value in sorted(scores.index.drop("reference"))}
+    noise = _noise_of(validation, profile)
     value = best_on_endpoint(validation, noise)
     return Chosen(name=name, param=choice.param, tied=choice.tied, value=value, rule=choice.rule,
                   endpoint=choice.endpoint, reference=choice.reference,
                   reference_endpoint=float(scores.loc["reference", "quantized"]),
                   reference_trained=float(scores.loc["reference", "trained"]), validation=validation,
-                  trained_validation={v: float(scores.loc[v, "trained"]) for v in choice.candidates},
+                  trained_validation={v: float(scores.loc[v, "trained"]) for v in validation},
                   noise=noise, margin=margin_over_runner_up(validation, value), seeds=SELECTION_SEEDS,
-                  runs=tuple(exp.key() for exp in runs))
+                  runs=tuple(exp.key() for exp in runs), extended=beyond)
+
+
+def _selection_scores(choice: Choice, runs: list[Experiment], models: tuple[Any, ...],
+                      progress: bool) -> pd.DataFrame:
+    """Per model (``models``: what each seed's runs are, in their order), the mean over the
+    selection seeds of the choice's validation endpoint and of the validation accuracy as trained."""
+    endpoint = ENDPOINTS[choice.endpoint]
+    return pd.DataFrame([
+        {"model": model, "quantized": endpoint.value(result, split="val"), "trained": 100 * _final_val_acc(result)}
+        for model, result in zip(models * len(SELECTION_SEEDS), (experiments.run(exp, progress=progress) for exp in runs))
+    ]).groupby("model", sort=False).mean()
+
+
+def _noise_of(validation: dict[Any, float], profile: str | None) -> float:
+    images = len(SELECTION_SEEDS) * profiles.get(profile).validation_size
+    return validation_noise(max(validation.values()), images)
+
+
+def _extension_of(choice: Choice, scores: pd.DataFrame, profile: str | None) -> float | None:
+    """The candidate past the first grid's end if its choice sits there, else ``None``."""
+    validation = {value: float(scores.loc[value, "quantized"]) for value in choice.candidates}
+    value = best_on_endpoint(validation, _noise_of(validation, profile))
+    return choice.beyond(value) if value in (choice.candidates[0], choice.candidates[-1]) else None
+
+
+def _extension_experiments(name: str, profile: str | None, value: float) -> list[Experiment]:
+    choice = _settings(name).choice
+    return [selection_experiment(name, profile, seed, **choice.assign(value)) for seed in SELECTION_SEEDS]
 
 
 def forget_choices() -> None:

@@ -3,13 +3,15 @@ a SLURM cluster: ``python -m robustq grid --profile paper``.
 
 **What runs.** The book-settings models the chapters' manifest lists (:mod:`robustq.manifest`: each
 method graded on every graded seed, and the book methods a chapter shows on seed 0), in three
-phases, because a graded run needs the λ its method's choice picked on the selection seed:
+phases, because a graded run needs the λ its method's choice picked on the selection seeds:
 
 1. *choices*: every open choice's selection runs, its reference's and one per candidate
    (:func:`~robustq.book_settings.selection_runs`, what :func:`~robustq.book_settings.choose` trains);
-2. *lazy rule*: the full and the lazy penalty at the chosen λ
+2. *grid extensions*: one candidate past the end where a first grid's choice sits
+   (:func:`~robustq.book_settings.extension_runs`, what ``choose`` trains next);
+3. *lazy rule*: the full and the lazy penalty at the chosen λ
    (:func:`~robustq.book_settings.lazy_rule_runs`, what :func:`~robustq.book_settings.choose_lazy` trains);
-3. *graded*: each method as the book runs it (:func:`~robustq.book_settings.experiment`) on
+4. *graded*: each method as the book runs it (:func:`~robustq.book_settings.experiment`) on
    every graded seed, and the seed-0 models.
 
 A phase's list is computed once the phase before it is in the cache, so ``choose`` and
@@ -209,20 +211,27 @@ def choice_runs(chapters: Iterable[str], profile: str) -> list[Experiment]:
     return _unique(exp for chapter in chapters for exp in manifest.selection_experiments(chapter, profile))
 
 
+def extension_runs(chapters: Iterable[str], profile: str) -> list[Experiment]:
+    """Phase 2: the runs that extend a choice's grid once where its first grid's choice sits at an
+    end (reads phase 1 from the cache)."""
+    return _unique(exp for chapter in chapters for exp in manifest.extension_experiments(chapter, profile))
+
+
 def lazy_rule_runs(chapters: Iterable[str], profile: str) -> list[Experiment]:
-    """Phase 2: the full and the lazy penalty at the chosen λ, for each method with a lazy rule
+    """Phase 3: the full and the lazy penalty at the chosen λ, for each method with a lazy rule
     (reads phase 1 from the cache)."""
     return _unique(exp for chapter in chapters for exp in manifest.lazy_experiments(chapter, profile))
 
 
 def graded_runs(chapters: Iterable[str], profile: str) -> list[Experiment]:
-    """Phase 3: each graded method on every graded seed and the seed-0 methods on the first one,
+    """Phase 4: each graded method on every graded seed and the seed-0 methods on the first one,
     with their book settings (reads phases 1 and 2 from the cache)."""
     return _unique(exp for chapter in chapters for exp in manifest.book_experiments(chapter, profile))
 
 
 PHASES: tuple[tuple[str, Callable[[Iterable[str], str], list[Experiment]]], ...] = (
-    ("choices", choice_runs), ("lazy rule", lazy_rule_runs), ("graded", graded_runs),
+    ("choices", choice_runs), ("grid extensions", extension_runs), ("lazy rule", lazy_rule_runs),
+    ("graded", graded_runs),
 )
 
 

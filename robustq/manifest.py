@@ -6,8 +6,9 @@ outside the book settings (:class:`Extra`: another network, another parameter, a
 trajectory) and the passes over the test set it makes (:class:`Evaluations`). Everything else is
 derived from it:
 
-* the selection runs (each method's open choice, :func:`robustq.book_settings.selection_runs`) and
-  the lazy rule's runs, for every method a chapter uses;
+* the selection runs (each method's open choice, :func:`robustq.book_settings.selection_runs`, and
+  the runs that extend its grid once, :func:`robustq.book_settings.extension_runs`) and the lazy
+  rule's runs, for every method a chapter uses;
 * :func:`experiments_of`, the experiments a chapter asks for, which the grid
   (:mod:`robustq.grid`) trains and ``tests/test_manifest.py`` compares with what each notebook
   asked for under the ``smoke`` profile;
@@ -22,6 +23,7 @@ method) follow.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import pandas as pd
@@ -33,6 +35,9 @@ from robustq.experiments import Experiment
 EVALUATION_KINDS = (*experiments.EVALUATION_KINDS, "passes")
 
 COMPARISON_CHAPTER = "08"  # it grades every compared method (MethodSettings.compared) besides its own
+# The run plan counts one grid extension per choice (book_settings.extension_runs): whether a choice's
+# first grid puts it at an end is known only once its selection runs are trained.
+EXTENSIONS = 1
 
 
 EXTRA_KINDS = ("run", "retrace", "timed")
@@ -201,21 +206,23 @@ CHAPTERS: dict[str, Chapter] = {
 }
 
 
-def evaluations_of(number: str) -> tuple[Evaluations, ...]:
+def evaluations_of(number: str, extensions: Mapping[str, int] | None = None) -> tuple[Evaluations, ...]:
     """Every new evaluation chapter ``number`` runs: its entry's, and the validation endpoint of
     every selection run of the choices it is the first to make (:func:`choice_evaluations`)."""
-    return (*chapter(number).evaluations, *choice_evaluations(number))
+    return (*chapter(number).evaluations, *choice_evaluations(number, extensions))
 
 
-def choice_evaluations(number: str) -> tuple[Evaluations, ...]:
+def choice_evaluations(number: str, extensions: Mapping[str, int] | None = None) -> tuple[Evaluations, ...]:
     """The evaluations of the choices chapter ``number`` makes first: each choice's endpoint on the
     validation split of its reference's and every candidate's selection run, on every selection
-    seed (:func:`robustq.book_settings.choose`)."""
+    seed (:func:`robustq.book_settings.choose`). ``extensions`` gives, per choosing method, the
+    candidates its grid was extended by (0 or 1) once known; the plan counts :data:`EXTENSIONS`."""
     earlier = {source for other in CHAPTERS if other < number for source in choice_sources(other)}
     rows = []
     for source in (name for name in choice_sources(number) if name not in earlier):
         choice = METHODS[source].choice
-        models = (len(choice.candidates) + 1) * len(book_settings.SELECTION_SEEDS)
+        extended = EXTENSIONS if extensions is None else extensions[source]
+        models = (len(choice.candidates) + 1 + extended) * len(book_settings.SELECTION_SEEDS)
         cells = _endpoint_cells(book_settings.ENDPOINTS[choice.endpoint], _is_qat(source))
         rows += _evaluations(source, "selection", f"the choice's validation {choice.endpoint}",
                              **{kind: count * models for kind, count in cells.items()})
@@ -274,6 +281,12 @@ def selection_experiments(number: str, profile: str | None = None) -> list[Exper
     return _unique(exp for name in choice_sources(number) for exp in book_settings.selection_runs(name, profile))
 
 
+def extension_experiments(number: str, profile: str | None = None) -> list[Experiment]:
+    """The runs that extend a choice's grid once where its first grid's choice sits at an end (they
+    read the selection runs: those first)."""
+    return _unique(exp for name in choice_sources(number) for exp in book_settings.extension_runs(name, profile))
+
+
 def lazy_experiments(number: str, profile: str | None = None) -> list[Experiment]:
     """The lazy rule's runs (they need the chosen λ: the selection runs first)."""
     return _unique(exp for name in lazy_methods(number) for exp in book_settings.lazy_rule_runs(name, profile))
@@ -288,10 +301,10 @@ def book_experiments(number: str, profile: str | None = None) -> list[Experiment
 
 
 def experiments_of(number: str, profile: str | None = None) -> list[Experiment]:
-    """Every book-settings experiment chapter ``number`` asks for: selection, lazy rule, graded and
-    seed-0 runs (its :class:`Extra` models are counted, not listed)."""
-    return _unique([*selection_experiments(number, profile), *lazy_experiments(number, profile),
-                    *book_experiments(number, profile)])
+    """Every book-settings experiment chapter ``number`` asks for: selection (the grid extensions
+    included), lazy rule, graded and seed-0 runs (its :class:`Extra` models are counted, not listed)."""
+    return _unique([*selection_experiments(number, profile), *extension_experiments(number, profile),
+                    *lazy_experiments(number, profile), *book_experiments(number, profile)])
 
 
 def _unique(experiments) -> list[Experiment]:
@@ -355,8 +368,9 @@ def _chapter_models(number: str, n: int):
         choice = METHODS[source].choice
         yield (choice.reference, "selection", [("selection", choice.reference, seed) for seed in seeds],
                "a choice's validation reference")
-        yield (source, "selection", [("selection", source, value, seed) for value in choice.candidates for seed in seeds],
-               "λ candidates")
+        candidates = (*choice.candidates, *(("extension",) * EXTENSIONS))
+        yield (source, "selection", [("selection", source, value, seed) for value in candidates for seed in seeds],
+               "λ candidates, the grid extended once")
     for name in lazy_methods(number):
         # the full penalty at the chosen λ is that candidate's selection run: only the lazy one is new
         yield name, "selection", [("lazy", name, METHODS[name].lazy_every)], "the lazy rule's lazy run"

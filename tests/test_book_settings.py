@@ -49,9 +49,12 @@ def test_the_rule_takes_the_best_endpoint_and_gives_ties_to_the_smallest():
 
 def test_choose_trains_candidates_on_the_selection_seed_with_a_validation_split():
     chosen = book_settings.choose("symreg", "smoke")
-    assert chosen.param == "lam" and chosen.value in METHODS["symreg"].choice.candidates
-    assert set(chosen.validation) == set(METHODS["symreg"].choice.candidates) and chosen.reference == "baseline"
-    assert chosen.runs == tuple(exp.key() for exp in book_settings.selection_runs("symreg", "smoke"))
+    extension = book_settings.extension_runs("symreg", "smoke")
+    grid = set(METHODS["symreg"].choice.candidates) | {exp.method_params["lam"] for exp in extension}
+    assert chosen.param == "lam" and chosen.value in grid
+    assert set(chosen.validation) == grid and chosen.reference == "baseline"
+    assert len(grid) == 3 + (chosen.extended is not None) and len(extension) == 2 * (chosen.extended is not None)
+    assert chosen.runs == tuple(exp.key() for exp in (*book_settings.selection_runs("symreg", "smoke"), *extension))
     assert chosen.seeds == SELECTION_SEEDS and chosen.endpoint == METHODS["symreg"].choice.endpoint
     runs = book_settings.selection_runs("symreg", "smoke")
     assert {exp.seed for exp in runs} == set(SELECTION_SEEDS) and all(exp.val_size > 0 for exp in runs)
@@ -173,14 +176,40 @@ def test_choose_picks_by_the_mean_over_the_selection_seeds_of_the_validation_end
 
 
 def test_a_tie_within_the_validation_noise_goes_to_the_smaller_strength(monkeypatch):
-    # 10,000 validation images at 85%: noise 0.36 points; 0.2 below the best is a tie
-    _Recorded({("baseline", None): 80.0, ("oscillation", 1.0): 84.8, ("oscillation", 10.0): 85.0,
-               ("oscillation", 100.0): 40.0}).install(monkeypatch)
+    # 10,000 validation images at 85%: noise 0.36 points; 0.2 below the best is a tie. The tie puts
+    # the first grid's choice at its end: the grid is extended once, to 0.1, which does worse.
+    recorded = _Recorded({("baseline", None): 80.0, ("oscillation", 0.1): 70.0, ("oscillation", 1.0): 84.8,
+                          ("oscillation", 10.0): 85.0, ("oscillation", 100.0): 40.0})
+    recorded.install(monkeypatch)
     chosen = book_settings.choose("oscillation", "book")
     assert chosen.noise == pytest.approx(book_settings.validation_noise(85.0, 10_000))
-    assert chosen.value == 1.0 and chosen.margin == pytest.approx(-0.2) and chosen.at_end
+    assert chosen.value == 1.0 and chosen.margin == pytest.approx(-0.2) and not chosen.at_end
+    assert chosen.extended == 0.1 and list(chosen.validation) == [0.1, 1.0, 10.0, 100.0]
+    assert [exp.method_params["lam"] for exp in recorded.runs[8:]] == [0.1, 0.1]  # after the first grid
+    assert chosen.runs == tuple(exp.key() for exp in recorded.runs)
     assert chosen.outcome == ("the smallest candidate within the validation noise (0.36 points) of the best mean "
-                              "validation target over 2 selection seeds, -0.20 points from it, at an end of the grid")
+                              "validation target over 2 selection seeds, -0.20 points from it; the first grid's "
+                              "choice sat at its end, so the grid was extended to 0.1")
+
+
+def test_a_choice_at_an_end_extends_the_grid_once_only(monkeypatch):
+    _Recorded({("baseline", None): 10.0, ("symreg", 0.1): 20.0, ("symreg", 1.0): 30.0, ("symreg", 10.0): 40.0,
+               ("symreg", 100.0): 50.0}).install(monkeypatch)
+    assert [exp.method_params["lam"] for exp in book_settings.extension_runs("symreg", "book")] == [100.0, 100.0]
+    chosen = book_settings.choose("symreg", "book")
+    assert (chosen.value, chosen.extended, chosen.at_end) == (100.0, 100.0, True)
+    assert chosen.outcome == ("the best mean validation w2 over 2 selection seeds, +10.00 points over the runner-up, "
+                              "at an end of the extended grid (extended once only); the first grid's choice sat at "
+                              "its end, so the grid was extended to 100")
+
+
+def test_a_grid_is_extended_by_one_step_past_either_end():
+    choice = book_settings.Choice("lam", (1.0, 10.0, 100.0), "target")
+    assert (choice.beyond(1.0), choice.beyond(100.0)) == (0.1, 1000.0)
+    with pytest.raises(ValueError, match="not an end of the grid"):
+        choice.beyond(10.0)
+    with pytest.raises(ValueError, match="increasing order"):
+        book_settings.Choice("lam", (1.0, 0.1), "target")
 
 
 def test_the_choices_table_shows_the_reference_and_every_candidate_and_glues_the_choice(monkeypatch):

@@ -64,10 +64,11 @@ def test_chapter_05_starts_with_the_grad_l1_candidates_and_the_baseline_referenc
           for lam in GRAD_L1_LAM.candidates))]
     assert all(exp.seed in book_settings.SELECTION_SEEDS and exp.val_size > 0 for exp in first)
     lines = grid.dry_run(grid.Grid(chapters=("05",), profile="smoke"))
-    assert lines[0] == "phase 1/3 (choices): 8 of 8 experiments to run"
+    assert lines[0] == "phase 1/4 (choices): 8 of 8 experiments to run"
     assert lines[1] == "  baseline {} seed 100 (selection, validation split)"
-    assert lines[-2:] == ["phase 2/3 (lazy rule): listed once phase 1 is in the cache",
-                          "phase 3/3 (graded): listed once phase 1 is in the cache"]
+    assert lines[-3:] == ["phase 2/4 (grid extensions): listed once phase 1 is in the cache",
+                          "phase 3/4 (lazy rule): listed once phase 1 is in the cache",
+                          "phase 4/4 (graded): listed once phase 1 is in the cache"]
     assert not any(nothing_trains.glob("*/result.json"))
 
 
@@ -80,7 +81,8 @@ def test_the_phases_list_what_book_settings_trains(recorded_runs):
     for name in {METHODS[n].inherits or n for n in _methods_of(["01", "08"])}:
         book_settings.choose(name, "smoke")
     chosen_by_book = set(recorded_runs)
-    assert set(grid.choice_runs(["01", "08"], "smoke")) == chosen_by_book
+    assert set(grid.choice_runs(["01", "08"], "smoke")) | set(grid.extension_runs(["01", "08"], "smoke")) \
+        == chosen_by_book
 
     lazy = grid.lazy_rule_runs(["05"], "smoke")
     assert lazy == [book_settings.selection_experiment("grad_l1", "smoke", **book_settings.chosen_params(
@@ -181,7 +183,7 @@ def test_a_bad_grid_argument_is_one_line_naming_it(argv, flag, fix, nothing_trai
 def test_the_dry_run_lists_phase_1_and_runs_nothing(nothing_trains, capsys):
     assert main(["grid", "--profile", "smoke", "--chapters", "05", "--dry-run"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == "phase 1/3 (choices): 8 of 8 experiments to run" and len(out) == 11
+    assert out[0] == "phase 1/4 (choices): 8 of 8 experiments to run" and len(out) == 12
     assert not any(nothing_trains.glob("*/result.json"))
 
 

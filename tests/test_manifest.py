@@ -43,9 +43,9 @@ def test_the_run_plan_counts_each_model_once_under_the_first_chapter_that_needs_
     assert graded.groupby("name")["models"].sum().eq(5).all()  # five graded seeds, counted once
     assert plan.query("name == 'baseline' and seeds == 'graded'")["chapter"].tolist() == ["01"]
     selection = plan[plan["seeds"] == "selection"]
-    # every choice's candidates and the two references (baseline, WRPN) on each selection seed, and
-    # gradient-l1's lazy run
-    candidates = sum(len(entry.choice.candidates) for entry in METHODS.values() if entry.choice)
+    # every choice's candidates, its grid's one extension and the two references (baseline, WRPN) on
+    # each selection seed, and gradient-l1's lazy run
+    candidates = sum(len(entry.choice.candidates) + manifest.EXTENSIONS for entry in METHODS.values() if entry.choice)
     assert selection["models"].sum() == (candidates + 2) * len(book_settings.SELECTION_SEEDS) + 1
 
 
@@ -134,10 +134,15 @@ def _new_evaluations(number: str) -> dict[str, int]:
 
 @pytest.mark.after_notebooks
 @pytest.mark.parametrize("number", [n for n in manifest.CHAPTERS if n != "00"])
-def test_each_notebook_runs_the_new_evaluations_its_manifest_counts(notebooks_ran, number):
+def test_each_notebook_runs_the_new_evaluations_its_manifest_counts(notebooks_ran, number, monkeypatch):
+    monkeypatch.setenv(experiments.CACHE_ENV, str(NOTEBOOK_CACHE))  # the choices the notebooks made
+    book_settings.forget_choices()
+    # the plan counts one grid extension per choice; what the smoke choices extended is known now
+    extended = {name: int(book_settings.choose(name, "smoke").extended is not None)
+                for name in manifest.choice_sources(number)}
     n = len(book_settings.graded_seeds("smoke"))
     listed = dict.fromkeys(experiments.EVALUATION_KINDS, 0)
-    for evaluations in manifest.evaluations_of(number):
+    for evaluations in manifest.evaluations_of(number, extended):
         if evaluations.kind in listed:
             listed[evaluations.kind] += evaluations.count(n)
     assert _new_evaluations(number) == listed
