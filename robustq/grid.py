@@ -2,7 +2,7 @@
 a SLURM cluster: ``python -m robustq grid --profile paper``.
 
 **What runs.** The book-settings models the chapters' manifest lists (:mod:`robustq.manifest`: each
-method graded on every graded seed, and the book methods a chapter shows on seed 0), in three
+method graded on every graded seed, and the book methods a chapter shows on seed 0), in four
 phases, because a graded run needs the λ its method's choice picked on the selection seeds:
 
 1. *choices*: every open choice's selection runs, its reference's and one per candidate
@@ -219,13 +219,13 @@ def extension_runs(chapters: Iterable[str], profile: str) -> list[Experiment]:
 
 def lazy_rule_runs(chapters: Iterable[str], profile: str) -> list[Experiment]:
     """Phase 3: the full and the lazy penalty at the chosen λ, for each method with a lazy rule
-    (reads phase 1 from the cache)."""
+    (reads phases 1 and 2 from the cache)."""
     return _unique(exp for chapter in chapters for exp in manifest.lazy_experiments(chapter, profile))
 
 
 def graded_runs(chapters: Iterable[str], profile: str) -> list[Experiment]:
     """Phase 4: each graded method on every graded seed and the seed-0 methods on the first one,
-    with their book settings (reads phases 1 and 2 from the cache)."""
+    with their book settings (reads phases 1 to 3 from the cache)."""
     return _unique(exp for chapter in chapters for exp in manifest.book_experiments(chapter, profile))
 
 
