@@ -150,7 +150,8 @@ GLUED_BY = {"choice_table": ("chosen_value", "chosen_how", "chosen_trained_cost"
 def choice_table(name: str, profile: str) -> pd.DataFrame:
     """:func:`choices_table` of book method ``name``'s open choice, made (or recalled) by
     ``book_settings.choose``, with the picked value, how the rule picked it (endpoint, seeds,
-    margin over the runner-up, whether at an end of the grid) and its cost as trained
+    margin over the runner-up, whether the grid was extended and whether the choice sits at its
+    end) and its cost as trained
     (:attr:`~robustq.book_settings.Chosen.trained_cost`, points) glued for the prose."""
     chosen = book_settings.choose(name, profile)
     glue(**dict(zip(GLUED_BY["choice_table"], (f"{chosen.value:g}", chosen.outcome, f"{chosen.trained_cost:+.2f}"))))

@@ -556,11 +556,9 @@ def extension_runs(name: str, profile: str | None = None, progress: bool = False
     candidate one step past the end where the first grid's choice sits (:meth:`Choice.beyond`);
     empty when that choice lies inside the grid or the method makes none. Reads (or trains)
     :func:`selection_runs`."""
-    choice = _settings(name).choice
-    if choice is None:
+    if _settings(name).choice is None:
         return []
-    scores = _selection_scores(choice, selection_runs(name, profile), ("reference", *choice.candidates), progress)
-    beyond = _extension_of(choice, scores, profile)
+    _, beyond = _first_grid(name, profile, progress)
     return [] if beyond is None else _extension_experiments(name, profile, beyond)
 
 
@@ -578,8 +576,7 @@ def _choose(name: str, profile: str, cache: str, progress: bool) -> Chosen | Non
     if choice is None:
         return None
     runs = selection_runs(name, profile)
-    scores = _selection_scores(choice, runs, ("reference", *choice.candidates), progress)
-    beyond = _extension_of(choice, scores, profile)
+    scores, beyond = _first_grid(name, profile, progress)
     if beyond is not None:
         more = _extension_experiments(name, profile, beyond)
         runs = [*runs, *more]
@@ -612,11 +609,14 @@ def _noise_of(validation: dict[Any, float], profile: str | None) -> float:
     return validation_noise(max(validation.values()), images)
 
 
-def _extension_of(choice: Choice, scores: pd.DataFrame, profile: str | None) -> float | None:
-    """The candidate past the first grid's end if its choice sits there, else ``None``."""
+def _first_grid(name: str, profile: str | None, progress: bool) -> tuple[pd.DataFrame, float | None]:
+    """The scores of method ``name``'s first grid (:func:`selection_runs`), and the candidate past
+    its end where the rule's choice on it sits there, else ``None``."""
+    choice = _settings(name).choice
+    scores = _selection_scores(choice, selection_runs(name, profile), ("reference", *choice.candidates), progress)
     validation = {value: float(scores.loc[value, "quantized"]) for value in choice.candidates}
     value = best_on_endpoint(validation, _noise_of(validation, profile))
-    return choice.beyond(value) if value in (choice.candidates[0], choice.candidates[-1]) else None
+    return scores, choice.beyond(value) if value in (choice.candidates[0], choice.candidates[-1]) else None
 
 
 def _extension_experiments(name: str, profile: str | None, value: float) -> list[Experiment]:
