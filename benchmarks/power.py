@@ -9,7 +9,7 @@ grade, and prints per endpoint the standard deviation of the paired per-seed dif
 minimum detectable effect t_{0.975,n-1} sd / sqrt(n) at 3 and 5 seeds.
 The primary-endpoint rule, fixed before this was run (book/methods.md §7): of the candidates ``w432``
 and ``variants43``, the one whose larger MDE over the two comparisons (SymReg and SatNL against
-the baseline) is smaller. ``book_settings.PLANNING_SD`` and ``ENDPOINT`` hold what it printed.
+the baseline) is smaller. ``endpoints.PLANNING_SD`` and ``ENDPOINT`` hold what it printed.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import time
 
 import pandas as pd
 
-from robustq import analysis, book, book_settings, experiments, profiles
+from robustq import analysis, book, book_settings, endpoints, experiments, profiles
 from robustq.experiments import Experiment
 from robustq.quant import QuantSpec
 from robustq.verdicts import minimum_detectable_effect
@@ -55,17 +55,17 @@ def per_seed_values(profile: str, seeds: list[int]) -> pd.DataFrame:
 
 
 def qat_values(result) -> dict[str, float]:
-    return {"crossbit": book_settings.ENDPOINTS["crossbit"].value(result)}
+    return {"crossbit": endpoints.ENDPOINTS["crossbit"].value(result)}
 
 
 def ptq_values(result, method: str, profile: str) -> dict[str, float]:
-    primary = book_settings.primary_endpoint()
+    primary = endpoints.primary_endpoint()
     row = {primary.name: primary.value(result)}
     if method == "symreg_satnl_asam":
         return row
     data = experiments.dataset_for(result.experiment)
     x, labels = book.test_batch(data, profiles.get(profile).analysis_images)
-    for name, endpoint in book_settings.ENDPOINTS.items():
+    for name, endpoint in endpoints.ENDPOINTS.items():
         if name != "crossbit":
             row[name] = endpoint.value(result)
     by_symmetry = primary.by(result, "symmetric")
@@ -82,11 +82,11 @@ def ptq_values(result, method: str, profile: str) -> dict[str, float]:
 def spreads(values: pd.DataFrame) -> pd.DataFrame:
     """sd of paired differences per endpoint and comparison, and the MDE at 3 and 5 seeds."""
     wide = values.pivot(index="seed", columns="method")
-    primary = book_settings.ENDPOINT
+    primary = endpoints.ENDPOINT
     symmetric, asymmetric = wide[f"{primary}_symmetric"], wide[f"{primary}_asymmetric"]
     comparisons = {
         **{(e, f"{m} - baseline"): wide[e][m] - wide[e]["baseline"]
-           for e in (*book_settings.ENDPOINTS, "float") if e != "crossbit" for m in ("symreg", "satnl")},
+           for e in (*endpoints.ENDPOINTS, "float") if e != "crossbit" for m in ("symreg", "satnl")},
         ("symmetry_gain_contrast", "symreg gain, symmetric - asymmetric"):
             (symmetric["symreg"] - symmetric["baseline"]) - (asymmetric["symreg"] - asymmetric["baseline"]),
         (f"{primary}_vs_bias_corrected", "symreg - baseline with bias correction"):

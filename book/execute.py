@@ -23,7 +23,7 @@ from pathlib import Path
 import pandas as pd
 import papermill
 
-from robustq import book_settings, kernels, manifest, profiles, reference, verdicts
+from robustq import endpoints, kernels, manifest, profiles, reference, verdicts
 from robustq.files import write_atomic
 
 BOOK = Path(__file__).resolve().parent
@@ -189,7 +189,7 @@ def write_findings(profile: str, executed: list[str]) -> None:
             rule = f"{row.rule}, {'τ' if row.rule == 'paired' else 'margin'} {row.threshold:g}"
             lines.append(
                 f"| {{doc}}`{_breakable(row.claim)} <notebooks/{row.chapter_file}>` | **{row.grade}** | {_statement(record)} | {rule} | "
-                f"{verdicts.mean_se(row.mean, row.se)} {book_settings.endpoint_unit(row.endpoint)} | {verdicts.format_points(verdicts.room(record))} | "
+                f"{verdicts.mean_se(row.mean, row.se)} {endpoints.endpoint_unit(row.endpoint)} | {verdicts.format_points(verdicts.room(record))} | "
                 f"{verdicts.format_points(row.mde_planned)}&nbsp;/&nbsp;{verdicts.format_points(row.mde)} | "
                 f"{_stability(record)} |"
             )
@@ -243,7 +243,7 @@ def findings_summary(findings) -> str:
              "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
     for record in findings.to_dict("records"):
         row = argparse.Namespace(**record)
-        unit = book_settings.endpoint_unit(row.endpoint)
+        unit = endpoints.endpoint_unit(row.endpoint)
         bound = "τ" if row.rule == "paired" else "margin"
         lines.append(f"| {{doc}}`{_breakable(row.claim)} <notebooks/{row.chapter_file}>` | **{row.grade}** | "
                      f"{_statement(record)} | {verdicts.mean_se(row.mean, row.se)} {unit} | {bound} {row.threshold:g} | "

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from robustq import book_settings, comparison, params, plots, profiles, verdicts
+from robustq import book_settings, comparison, endpoints, params, plots, profiles, verdicts
 from robustq.data import Dataset, first_batch
 from robustq.experiments import CHAPTER_ENV, Result
 from robustq.files import write_atomic
@@ -110,7 +110,7 @@ def runs_table(runs: Mapping[str, Mapping[int, Result]]) -> pd.DataFrame:
     many models came from the cache."""
     rows = []
     for name, by_seed in runs.items():
-        acc = book_settings.float_values(by_seed)
+        acc = endpoints.float_values(by_seed)
         rows.append({
             "method": book_settings.label(name),
             "seeds": ", ".join(map(str, by_seed)),
@@ -171,20 +171,20 @@ _DECLARED: dict[str, dict[str, verdicts.Claim]] = {}
 
 def power_table(claims: Sequence[verdicts.Claim], profile: str) -> pd.DataFrame:
     """Before the run: each claim's rule and its minimum detectable effect at this profile's number
-    of graded seeds, from the spread measured on the selection seeds (``book_settings.PLANNING_SD``).
+    of graded seeds, from the spread measured on the selection seeds (``endpoints.PLANNING_SD``).
     The claims are the chapter's declared ones, which :func:`grade_claims` must all grade."""
     n = len(book_settings.graded_seeds(profile))
     rows = []
     for claim in claims:
         _DECLARED.setdefault(claim.chapter, {})[claim.claim] = claim
-        sd = book_settings.PLANNING_SD.get(claim.endpoint, math.nan)
+        sd = endpoints.PLANNING_SD.get(claim.endpoint, math.nan)
         rows.append({
             "claim": claim.claim,
             "endpoint": claim.endpoint,
             "rule": f"{claim.rule}, {'τ' if claim.rule == 'paired' else 'margin'} = {claim.threshold:g}",
             "seeds": n,
             "planning sd": verdicts.format_points(sd),
-            "MDE": verdicts.format_points(book_settings.planning_mde(n, claim.endpoint)),
+            "MDE": verdicts.format_points(endpoints.planning_mde(n, claim.endpoint)),
             "power": claim.power_note(sd, n, profile) if math.isfinite(sd) else "no planning sd measured",
         })
     return pd.DataFrame(rows).set_index("claim")
@@ -201,7 +201,7 @@ def grade_claims(
     """Grade each ``(claim, candidate per seed, reference per seed)`` by its rule, record the rows for
     the Findings page (``verdicts.record_claims``), and return the verdict table. A fourth item, for
     a claim on quantized accuracy, is its ceiling per seed (the float baseline's accuracy,
-    :func:`robustq.book_settings.float_values`): the table and the Findings then show the *room*
+    :func:`robustq.endpoints.float_values`): the table and the Findings then show the *room*
     the candidate had to win (:func:`robustq.verdicts.room`); a paired claim with less room than its
     tau is graded *not gradable at this scale*.
 
@@ -213,7 +213,7 @@ def grade_claims(
     records = []
     for claim, candidate, reference, *ceiling in graded:
         verdict = claim.grade(candidate, reference, *ceiling)
-        mde_planned = book_settings.planning_mde(n, claim.endpoint)
+        mde_planned = endpoints.planning_mde(n, claim.endpoint)
         records.append({**verdicts.claim_record(claim, verdict, mde_planned), "profile": profile,
                         **verdicts.seed_record(claim, candidate, reference, *ceiling)})
     verdicts.record_claims(chapter, records, verdicts.findings_dir(profile))
@@ -234,7 +234,7 @@ def claims_figure(chapter: str, profile: str, columns: int = 4) -> plt.Figure:
     records = verdicts.read_claims(chapter, verdicts.findings_dir(profile))
     panels = [{
         "claim": record["claim"], "grade": record["grade"], "rule": record["rule"],
-        "threshold": record["threshold"], "unit": book_settings.endpoint_unit(record["endpoint"]),
+        "threshold": record["threshold"], "unit": endpoints.endpoint_unit(record["endpoint"]),
         "differences": verdicts.differences(record["candidate"], record["reference"]).to_dict(),
         "mean": record["mean"], "room": verdicts.room(record),
         "half_width": verdicts.half_width(record["se"], record["n"]),

@@ -6,9 +6,9 @@ find them in the shared cache:
 * the seeds: graded seeds per profile, and the **selection seeds**, never graded, on whose
   validation splits every open λ is chosen by the one rule written here (protocol v2: the best
   validation value of the claim's own endpoint, :func:`best_on_endpoint`);
-* the **primary endpoint**, chosen once by its power on the selection seeds (:data:`ENDPOINT`),
-  and the seed-to-seed spread it was chosen with, from which chapters print each claim's minimum
-  detectable effect before the run;
+* the endpoints (:mod:`robustq.endpoints`, re-exported here for the chapters): the **primary
+  endpoint**, chosen once by its power on the selection seeds (:data:`ENDPOINT`), every claim's own,
+  and the seed-to-seed spread they were planned with;
 * the one QAT setting of the book (3 bits, 8-bit stem and classifier: :data:`robustq.quant.QAT_BIT_WIDTH`),
   in every QAT method's parameters;
 * each method's book settings and, where a value is chosen, its candidates and rule
@@ -20,7 +20,6 @@ What each chapter trains, and the run plan derived from it, are in :mod:`robustq
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -31,221 +30,35 @@ import pandas as pd
 from robustq import experiments, profiles
 from robustq.analysis import gradients
 from robustq.data import Dataset, first_batch
+from robustq.endpoints import (  # noqa: F401 (re-exported: the chapters read every endpoint here)
+    ENDPOINT,
+    ENDPOINT_UNITS,
+    ENDPOINTS,
+    GRID_BITS,
+    PAPER_REPORTS,
+    PLANNING_SD,
+    QUANTIZER_LABELS,
+    QUANTIZER_VARIANTS,
+    Endpoint,
+    accuracy_table,
+    endpoint_by,
+    endpoint_unit,
+    endpoint_values,
+    evaluate,
+    float_values,
+    planning_mde,
+    primary_endpoint,
+    weight_grid,
+)
 from robustq.experiments import Experiment, Result
 from robustq.params import check_choice
 from robustq.quant import EDGE_BIT_WIDTH, QAT_BIT_WIDTH
-from robustq.verdicts import minimum_detectable_effect
 
 # --- seeds and validation ------------------------------------------------------------------------
 
 # Choices are made on these seeds' validation splits (protocol v2: at least two); never graded.
 SELECTION_SEEDS = (100, 101)
 SELECTION_SEED = SELECTION_SEEDS[0]  # the descriptive selection-seed runs (forms, variants) and the lazy rule
-
-# --- the primary endpoint -------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Endpoint:
-    """A per-model robustness number in accuracy points: the mean test accuracy over the
-    :func:`robustq.experiments.sweep` settings ``sweep`` (BN unfolded, stem and classifier at 8
-    bits unless the settings say otherwise). A QAT-type model is scored with its own trained
-    quantizer at the same bit-widths (cross-bit away from its target), as it deploys."""
-
-    name: str
-    description: str
-    sweep: dict[str, Any] | tuple[dict[str, Any], ...]  # several sweeps: their rows pooled
-    # take the worst accuracy per bit-width over the settings that vary (named here) first
-    worst_over: str | None = None
-
-    def frame(self, result: Result, split: str = "test") -> pd.DataFrame:
-        """Every evaluation the endpoint averages, one row each (cached by :func:`evaluate`), on the
-        test subset or (``split="val"``, a selection run's) the validation split. A sweep over
-        weight bit-widths alone is read from the model's :func:`weight_grid`, so the endpoints of
-        one model share one cached evaluation."""
-        sweeps = (self.sweep,) if isinstance(self.sweep, dict) else self.sweep
-        return pd.concat([_evaluate_sweep(result, sweep, split) for sweep in sweeps], ignore_index=True)
-
-    def value(self, result: Result, split: str = "test") -> float:
-        frame = self.frame(result, split)
-        if self.worst_over is not None:
-            frame = frame.groupby("w_bits", as_index=False)["acc"].min()
-        return 100.0 * float(frame["acc"].mean())
-
-    def by(self, result: Result, column: str) -> pd.Series:
-        """The endpoint computed separately for each value of one swept setting (e.g.
-        ``"symmetric"``), from the same cached evaluations."""
-        frame = self.frame(result)
-        if column not in frame.columns:
-            raise ValueError(f"the {self.name} sweep has no column {column!r}; it has: {', '.join(frame.columns)}")
-        return 100.0 * frame.groupby(column)["acc"].mean()
-
-    def with_settings(self, suffix: str, **settings: Any) -> Endpoint:
-        """The same endpoint with some sweep settings replaced (e.g. ``bias_correction=(True,)``)."""
-        sweeps = (self.sweep,) if isinstance(self.sweep, dict) else self.sweep
-        replaced = tuple({**sweep, **settings} for sweep in sweeps)
-        return dataclasses.replace(self, name=f"{self.name}_{suffix}",
-                                   sweep=replaced[0] if isinstance(self.sweep, dict) else replaced)
-
-
-ENDPOINTS = {
-    "w432": Endpoint(
-        "w432", "mean accuracy over W4, W3, W2 (symmetric per-tensor min-max)", {"w_bits": (4, 3, 2)}
-    ),
-    "variants43": Endpoint(
-        "variants43",
-        "mean accuracy over {symmetric, asymmetric} × {per-tensor, per-channel} min-max at W4 and W3",
-        {"w_bits": (4, 3), "symmetric": (True, False), "per_channel": (False, True)},
-    ),
-    "worst_policy43": Endpoint(
-        "worst_policy43",
-        "worst accuracy over the range policies (min-max, MSE, percentile, ACIQ), mean of W4 and W3",
-        {"w_bits": (4, 3), "policy": ("minmax", "mse", "percentile", "aciq")},
-        worst_over="policy",
-    ),
-    "worst_setting3": Endpoint(
-        "worst_setting3",
-        "worst accuracy at W3 over {min-max, MSE, percentile, ACIQ} × {per-tensor, per-channel} × "
-        "{symmetric, asymmetric}",
-        {"w_bits": (3,), "policy": ("minmax", "mse", "percentile", "aciq"), "per_channel": (False, True),
-         "symmetric": (True, False)},
-        worst_over="policy, granularity, symmetry",
-    ),
-    "crossbit": Endpoint(
-        "crossbit",
-        "mean accuracy over W8, W6, W5, W4, W2 (symmetric per-tensor min-max; a QAT model with its own "
-        "quantizer): the bit-widths around the book's 3-bit QAT target",
-        {"w_bits": (8, 6, 5, 4, 2)},
-    ),
-    "target": Endpoint(
-        "target", "accuracy at W3, the book's QAT target (a QAT model with its own quantizer)", {"w_bits": (3,)}
-    ),
-    "w2": Endpoint(
-        "w2", "accuracy at W2, the core paper's low-bit PTQ setting (symmetric per-tensor min-max)", {"w_bits": (2,)}
-    ),
-    "above_target": Endpoint(
-        "above_target", "mean accuracy over W8, W6, W5, W4 (symmetric per-tensor min-max or own quantizer)",
-        {"w_bits": (8, 6, 5, 4)},
-    ),
-    "w4_w2": Endpoint(
-        "w4_w2", "mean accuracy at W4 and W2 (symmetric per-tensor min-max or own quantizer)", {"w_bits": (4, 2)}
-    ),
-    "w6a6_w4a4": Endpoint(
-        "w6a6_w4a4",
-        "mean accuracy at W6A6 and W4A4 (weights symmetric per-tensor min-max, activations asymmetric "
-        "per-tensor min-max calibrated on the float model)",
-        ({"w_bits": (6,), "a_bits": (6,)}, {"w_bits": (4,), "a_bits": (4,)}),
-    ),
-}
-
-# Chosen by `python benchmarks/power.py --profile book` on the selection seeds 100-104, by the rule
-# written in that script before it ran: of "w432" and "variants43", the one whose larger MDE at 5
-# seeds over the two comparisons (SymReg and SatNL against the baseline) is smaller. On the book
-# recipe of 15,000 images at batch 128 it measured MDE 0.49 for variants43 and 3.99 for w432; on
-# today's recipe (8,000 images, batch 64: robustq.profiles) it printed 0.60 and 5.58 and the
-# same choice. PLANNING_SD is the standard deviation of paired per-seed differences that last run
-# measured, in the endpoint's units, per endpoint (the larger over its comparisons); chapters print
-# each claim's minimum detectable effect from it before the run. They are inputs of the plan, not
-# results: the graded numbers are computed in each build. The endpoints of chapters 05-07 were
-# measured on the SymReg and SatNL comparisons (there are no selection-seed runs of those chapters'
-# methods), a rough guide for their QAT-type comparisons; identity checks have none.
-# Since protocol v2 (issue #25), the core paper's claims on SymReg and SatNL (C3.1, C3.4, C4.4, C4.5)
-# are graded at W2 ("w2"), where the paper makes its claim and where the baseline has room to lose; the
-# primary endpoint grades chapter 08's comparison and summarises the rest, descriptive.
-ENDPOINT = "variants43"
-PLANNING_SD: dict[str, float] = {
-    "above_target": 0.58, "bias_drift_pct": 1.64, "crossbit": 2.44, "float": 0.55, "log_excess_pct": 4.44,
-    "quartile_contrast_points": 0.24, "sqnr_drop_db": 1.83, "symmetry_gain_contrast": 0.41, "target": 1.24,
-    "variants43": 0.49, "variants43_vs_bias_corrected": 0.37, "w432": 4.49, "w4_w2": 6.45,
-    "w6a6_w4a4": 1.57, "worst_policy43": 1.74, "worst_setting3": 3.57,
-}
-# The unit of each graded endpoint that is not in accuracy points (the chapters define them).
-ENDPOINT_UNITS: dict[str, str] = {
-    "sqnr_drop_db": "dB", "bias_drift_pct": "% of a std. dev.", "log_excess_pct": "% extra error",
-    "identity_error": "relative error",
-}
-
-
-def endpoint_unit(endpoint: str) -> str:
-    """The unit a reader reads endpoint ``endpoint`` in: :data:`ENDPOINT_UNITS`, else accuracy points.
-
-    >>> endpoint_unit("sqnr_drop_db"), endpoint_unit("variants43")
-    ('dB', 'points')
-    """
-    return ENDPOINT_UNITS.get(endpoint, "points")
-
-
-# What the papers report for the claims the chapters grade, where they report a number (book/methods.md;
-# [paper] quoted from the abstract, [summary] from our summary of the text): shown beside the verdicts
-# in chapter 08's scoreboard. The papers' endpoints, networks and data differ from ours.
-PAPER_REPORTS: dict[str, str] = {
-    "C4.4": "MobileNetV2, CIFAR-100, 2 bits: 6.92% → 39.27% [summary]",
-    "C6.1a": "+2.1 points, 27.5% of the gap to float (3-5 bits, average) [paper]",
-    "C6.1b": "+2.8 points, 32.4% of the gap to float (3-5 bits, average) [paper]",
-    "C7.2": "matches QAT at ≥ 3-bit weights (ResNet-18, Tiny ViT) [paper]",
-    "C7.4": "wins cross-bit for ternary and 3-bit targets [summary]",
-}
-
-
-def primary_endpoint() -> Endpoint:
-    return ENDPOINTS[ENDPOINT]
-
-
-def evaluate(result: Result, **settings: Any) -> pd.DataFrame:
-    """:func:`robustq.experiments.sweep` of ``result``; a QAT-type result uses its own trained
-    quantizer (``policy="trained"``) at the requested bit-widths, where quantizer variants do not
-    apply."""
-    if result.quantizers:
-        settings = {**settings, "policy": ("trained",), "symmetric": (True,), "per_channel": (False,)}
-    return experiments.sweep(result, **settings)
-
-
-GRID_BITS = (8, 6, 5, 4, 3, 2)  # the primary grid's weight bit-widths (book/methods.md §7)
-
-
-def weight_grid(result: Result, **settings: Any) -> pd.DataFrame:
-    """:func:`evaluate` at every bit-width of :data:`GRID_BITS`: the one cached evaluation that
-    the chapters and the comparison share (weights only, BN unfolded unless ``settings`` say)."""
-    return evaluate(result, w_bits=GRID_BITS, **settings)
-
-
-# How a row of :func:`accuracy_table` was quantized, by its ``policy``: a QAT model's own trained
-# quantizer, else the PTQ range policy (robustq.quant.POLICIES); an unknown policy keeps its name.
-QUANTIZER_LABELS = {"trained": "own (trained)", "minmax": "min-max", "mse": "MSE",
-                    "percentile": "percentile", "aciq": "ACIQ"}
-
-
-def accuracy_table(runs: dict[str, dict[int, Result]], **sweep: Any) -> pd.DataFrame:
-    """:func:`evaluate` of every run at the settings ``sweep``, tidy: one row per method, seed and
-    setting, with columns ``method``, ``seed``, the sweep's setting columns (``w_bits``, ``a_bits``,
-    ``symmetric``, ``per_channel``, ``policy``, ...), ``acc`` and ``fp_acc`` in accuracy points
-    (×100), and ``quantizer``: how the model was quantized (:data:`QUANTIZER_LABELS`:
-    ``"own (trained)"`` for a QAT model's own quantizer, else the PTQ policy, e.g. ``"min-max"``).
-    ``runs`` maps each method to its runs by seed (:func:`run_graded`). The evaluations are the
-    cached ones the chapters share: ``accuracy_table(runs, w_bits=GRID_BITS)`` reads each model's
-    :func:`weight_grid`."""
-    frames = [evaluate(result, **sweep).assign(method=name, seed=seed)
-              for name, by_seed in runs.items() for seed, result in by_seed.items()]
-    frame = pd.concat(frames, ignore_index=True)
-    columns = [c for c in frame.columns if c not in ("method", "seed", "acc", "fp_acc")]
-    labels = frame["policy"].map(lambda policy: QUANTIZER_LABELS.get(policy, policy))
-    frame = frame.assign(acc=100 * frame["acc"], fp_acc=100 * frame["fp_acc"], quantizer=labels)
-    return frame[["method", "seed", *columns, "acc", "fp_acc", "quantizer"]]
-
-
-# The settings that pick a PTQ quantizer variant: a QAT-type model has one quantizer, its own, and
-# :func:`evaluate` ignores them for it.
-QUANTIZER_VARIANTS = ("symmetric", "per_channel", "policy")
-
-
-def _evaluate_sweep(result: Result, sweep: dict[str, Any], split: str = "test") -> pd.DataFrame:
-    varied = set(sweep) - (set(QUANTIZER_VARIANTS) if result.quantizers else set())
-    # (a selection run's validation split is scored at the endpoint's bit-widths alone)
-    if split == "test" and varied == {"w_bits"} and set(sweep["w_bits"]) <= set(GRID_BITS):
-        grid = weight_grid(result)
-        return grid[grid["w_bits"].isin(sweep["w_bits"])].reset_index(drop=True)
-    return evaluate(result, split=split, **sweep)
-
 
 # --- methods and their book settings --------------------------------------------------------------
 
@@ -372,7 +185,12 @@ class MethodSettings:
 # 0.5 point of the reference's float validation accuracy, blind to the benefit each method claims.
 SYMREG_LAM = Choice("lam", (0.1, 1.0, 10.0), "w2")
 QAT_PARAMS = {"bit_width": QAT_BIT_WIDTH, "edge_bit_width": EDGE_BIT_WIDTH}
-WRPN_PARAMS = {**QAT_PARAMS, "init_to_grid": True}
+# WRPN's and DoReFa's grids are fixed to [-1, 1] (book/methods.md §6): at 8 bits a classifier's weights
+# of about ±0.03 would use a handful of the 255 levels. The book deploys every model with 8-bit edges,
+# so theirs train on the grid scaled to the layer that STE-QAT uses and the PTQ models deploy with
+# (protocol v2, issue #25: "an 8-bit grid scaled to the layer"); their 3-bit layers keep their own.
+FIXED_GRID_PARAMS = {**QAT_PARAMS, "edge_quantizer": "ste"}
+WRPN_PARAMS = {**FIXED_GRID_PARAMS, "init_to_grid": True}
 # Gradient-ℓ1 (book/methods.md §2): the [paper] bound's step weighting; one λ for the weight and the
 # activation terms, over two decades.
 GRAD_L1_LAM = Choice("lam_w", (0.01, 0.1, 1.0), "w6a6_w4a4", tied=("lam_a",))
@@ -418,8 +236,8 @@ METHODS: dict[str, MethodSettings] = {
     # 3-bit model died on seed 0 and on the selection seed (9.4% test accuracy).
     "wrpn": MethodSettings("wrpn", WRPN_PARAMS, "06", 1.0, compared=True),
     "sinreq_wrpn": MethodSettings("sinreq_wrpn", WRPN_PARAMS, "06", 1.02, SINREQ_LAM, compared=True),
-    "dorefa": MethodSettings("dorefa", QAT_PARAMS, "06", 1.03),
-    "sinreq_dorefa": MethodSettings("sinreq_dorefa", QAT_PARAMS, "06", 1.1, inherits="sinreq_wrpn"),
+    "dorefa": MethodSettings("dorefa", FIXED_GRID_PARAMS, "06", 1.03),
+    "sinreq_dorefa": MethodSettings("sinreq_dorefa", FIXED_GRID_PARAMS, "06", 1.1, inherits="sinreq_wrpn"),
     "qat_ste": MethodSettings("qat_ste", QAT_PARAMS, "05", 1.02, compared=True),
     "qat_lsq": MethodSettings("qat_lsq", QAT_PARAMS, "04", 1.1, compared=True),
     # As its authors ran it (issue #25): the penalty on the layers deployed at the target bit-width,
@@ -687,31 +505,6 @@ def validation_batch(data: Dataset, n_images: int = 1000):
 def graded_seeds(profile: str | None = None) -> tuple[int, ...]:
     """The profile's graded seeds (:mod:`robustq.profiles`); the selection seed is never among them."""
     return tuple(profiles.get(profile).seeds)
-
-
-def endpoint_values(runs: dict[int, Result], endpoint: Endpoint | None = None) -> pd.Series:
-    """Per seed, the endpoint's value (points) of each run."""
-    endpoint = endpoint or primary_endpoint()
-    return pd.Series({seed: endpoint.value(result) for seed, result in runs.items()}, name=endpoint.name)
-
-
-def float_values(runs: dict[int, Result]) -> pd.Series:
-    """Per seed, the float test accuracy (points) of each run: for the baseline, the ceiling of a
-    claim on quantized accuracy (:func:`robustq.book.grade_claims`)."""
-    return pd.Series({seed: 100.0 * result.test_acc for seed, result in runs.items()}, name="float")
-
-
-def endpoint_by(runs: dict[int, Result], column: str, endpoint: Endpoint | None = None) -> pd.DataFrame:
-    """Per seed (rows), the endpoint computed separately for each value of ``column`` (columns)."""
-    endpoint = endpoint or primary_endpoint()
-    return pd.DataFrame({seed: endpoint.by(result, column) for seed, result in runs.items()}).T
-
-
-def planning_mde(n: int, endpoint: str | None = None) -> float:
-    """The minimum detectable effect at ``n`` seeds of an endpoint (default: the primary one), from
-    the spread measured on the selection seeds; NaN for an endpoint without a planning spread."""
-    sd = PLANNING_SD.get(endpoint or ENDPOINT, math.nan)
-    return math.nan if math.isnan(sd) else minimum_detectable_effect(sd, n)
 
 
 def _settings(name: str) -> MethodSettings:

@@ -5,7 +5,7 @@ The functions take tidy frames, one row per (method, seed, setting), so that a m
 chapter without other changes:
 
 * :func:`compared_methods`: the methods of the comparison, in the book's order;
-* the tidy frame itself is :func:`robustq.book_settings.accuracy_table` (every chapter's tables use it):
+* the tidy frame itself is :func:`robustq.endpoints.accuracy_table` (every chapter's tables use it):
   per method, seed and setting, ``acc`` and ``fp_acc`` in points;
 * :func:`paired_cells`: per method and bit-width, the paired difference to a reference method and
   its grade (:func:`robustq.verdicts.paired`);

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from robustq import book_settings, experiments, methods, params, profiles
+from robustq import book_settings, endpoints, experiments, methods, params, profiles
 from robustq.book_settings import METHODS
 from robustq.experiments import Experiment
 
@@ -93,7 +93,7 @@ class Chapter:
 
 
 PRIMARY = 8  # evaluations of the primary endpoint (variants43) per model
-GRID = len(book_settings.GRID_BITS)  # the weight grid, W8-W2
+GRID = len(endpoints.GRID_BITS)  # the weight grid, W8-W2
 
 def _evaluations(name: str, seeds: str, note: str = "", **kinds: int) -> tuple[Evaluations, ...]:
     """One :class:`Evaluations` row per kind of evaluation (``plain=14, mse=4``)."""
@@ -223,19 +223,19 @@ def choice_evaluations(number: str, extensions: Mapping[str, int] | None = None)
         choice = METHODS[source].choice
         extended = EXTENSIONS if extensions is None else extensions[source]
         models = (len(choice.candidates) + 1 + extended) * len(book_settings.SELECTION_SEEDS)
-        cells = _endpoint_cells(book_settings.ENDPOINTS[choice.endpoint], _is_qat(source))
+        cells = _endpoint_cells(endpoints.ENDPOINTS[choice.endpoint], _is_qat(source))
         rows += _evaluations(source, "selection", f"the choice's validation {choice.endpoint}",
                              **{kind: count * models for kind, count in cells.items()})
     return tuple(rows)
 
 
-def _endpoint_cells(endpoint: book_settings.Endpoint, qat: bool) -> dict[str, int]:
+def _endpoint_cells(endpoint: endpoints.Endpoint, qat: bool) -> dict[str, int]:
     """Rows of each kind one model's evaluation of ``endpoint`` has (a QAT-type model: its own
     quantizer, so the quantizer variants collapse to one)."""
     cells: dict[str, int] = {}
     for sweep in (endpoint.sweep,) if isinstance(endpoint.sweep, dict) else endpoint.sweep:
         kept = {key: values for key, values in sweep.items()
-                if not (qat and key in book_settings.QUANTIZER_VARIANTS)}
+                if not (qat and key in endpoints.QUANTIZER_VARIANTS)}
         if "mse" in kept.get("policy", ()):
             raise ValueError(f"endpoint {endpoint.name!r}: the run plan does not count MSE rows of a choice")
         kind = "activations" if "a_bits" in kept else "plain"

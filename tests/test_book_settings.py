@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pandas as pd
 import pytest
 
-from robustq import book_settings, methods, profiles
+from robustq import book_settings, endpoints, methods, profiles
 from robustq.book_settings import METHODS, SELECTION_SEED, SELECTION_SEEDS, best_on_endpoint
 
 
@@ -93,7 +93,7 @@ def test_an_endpoint_of_several_sweeps_pools_their_rows(monkeypatch):
         return pd.DataFrame({"w_bits": list(sweep["w_bits"]), "a_bits": list(sweep["a_bits"]),
                              "acc": [0.5 if sweep["w_bits"] == (6,) else 0.3]})
 
-    monkeypatch.setattr(book_settings, "evaluate", fake_evaluate)
+    monkeypatch.setattr(endpoints, "evaluate", fake_evaluate)
     endpoint = book_settings.ENDPOINTS["w6a6_w4a4"]
     assert endpoint.value(_Run({})) == pytest.approx(40.0)
     assert calls == [{"split": "test", "w_bits": (6,), "a_bits": (6,)}, {"split": "test", "w_bits": (4,), "a_bits": (4,)}]
@@ -124,7 +124,7 @@ def test_weight_only_endpoints_read_one_shared_grid(monkeypatch, quantizers):
         bits = sweep["w_bits"]
         return pd.DataFrame({"w_bits": list(bits), "acc": [b / 10 for b in bits]})
 
-    monkeypatch.setattr(book_settings, "evaluate", fake_evaluate)
+    monkeypatch.setattr(endpoints, "evaluate", fake_evaluate)
     run = _Run(quantizers)
     assert book_settings.ENDPOINTS["target"].value(run) == pytest.approx(30.0)
     assert book_settings.ENDPOINTS["w4_w2"].value(run) == pytest.approx(30.0)

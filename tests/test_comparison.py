@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import seaborn as sns
 
-from robustq import book_settings, comparison, methods, plots
+from robustq import book_settings, comparison, endpoints, methods, plots
 
 
 def _grid(methods_and_offsets, seeds=(0, 1, 2), bits=(8, 4, 3)):
@@ -38,12 +38,12 @@ def test_a_registered_toy_method_goes_through_every_table(toy_method, monkeypatc
         def __init__(self, offset):
             self.offset = offset
 
-    def evaluate(result, **sweep):  # book_settings.evaluate's frame: fractions, one row per setting
+    def evaluate(result, **sweep):  # endpoints.evaluate's frame: fractions, one row per setting
         assert sweep == {"w_bits": (8, 4)}
         return pd.DataFrame({"w_bits": [8, 4], "policy": "minmax", "acc": [0.9 + result.offset, 0.5 + result.offset],
                              "fp_acc": 0.9})
 
-    monkeypatch.setattr(book_settings, "evaluate", evaluate)
+    monkeypatch.setattr(endpoints, "evaluate", evaluate)
     runs = {"baseline": {0: FakeResult(0.0), 1: FakeResult(0.01)},
             toy_method: {0: FakeResult(0.05), 1: FakeResult(0.07)}}
     frame = book_settings.accuracy_table(runs, w_bits=(8, 4))
@@ -62,7 +62,7 @@ def test_the_accuracy_table_labels_how_each_row_was_quantized(monkeypatch):
         policies = ["trained"] if result == "qat" else ["minmax", "mse", "aciq"]
         return pd.DataFrame({"w_bits": 3, "policy": policies, "acc": 0.5, "fp_acc": 0.9})
 
-    monkeypatch.setattr(book_settings, "evaluate", evaluate)
+    monkeypatch.setattr(endpoints, "evaluate", evaluate)
     frame = book_settings.accuracy_table({"qat_lsq": {0: "qat"}, "baseline": {0: "ptq"}}, w_bits=(3,))
     assert frame["quantizer"].tolist() == ["own (trained)", "min-max", "MSE", "ACIQ"]
     assert frame["acc"].tolist() == [50.0] * 4
