@@ -332,9 +332,11 @@ class QAT(Part):
     (Zhou et al., arXiv 1606.06160) or ``wrpn`` (Mishra et al., arXiv 1709.01134) at ``bit_width``
     on every conv and linear, except the stem conv and the classifier, which train at
     ``edge_bit_width`` (8 by default, as LSQ and SinReQ train; set it to ``bit_width`` for every
-    layer at the target). After training the quantizers are removed and the weights they saw before
-    rounding are kept; the cache keeps the quantizers' description, so the model is evaluated with
-    its own quantizer (book/methods.md §7) and cross-bit.
+    layer at the target) with ``edge_quantizer`` (``None``: ``quantizer``; ``"ste"``: the min-max
+    grid scaled to the layer, in place of WRPN's and DoReFa's grids fixed to [-1, 1]). After
+    training the quantizers are removed and the weights they saw before rounding are kept; the
+    cache keeps the quantizers' description, so the model is evaluated with its own quantizer
+    (book/methods.md §7) and cross-bit.
 
     ``init_to_grid=True`` first divides every conv-with-BN's initial weights, except the stem's, by
     their largest magnitude (:func:`robustq.qat.scale_init_to_grid`, function-preserving under BN):
@@ -343,6 +345,7 @@ class QAT(Part):
     quantizer: str = "ste"
     bit_width: int = 4
     edge_bit_width: int = EDGE_BIT_WIDTH
+    edge_quantizer: str | None = None
     per_channel: bool = False
     init_to_grid: bool = False
 
@@ -351,13 +354,16 @@ class QAT(Part):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice("quantizer", self.quantizer, qat.QUANTIZERS)
+        if self.edge_quantizer is not None:
+            check_choice("edge_quantizer", self.edge_quantizer, qat.QUANTIZERS)
         validate_bit_width(self.edge_bit_width)
 
     def prepare(self, model):
         if self.init_to_grid:
             qat.scale_init_to_grid(model, exclude=qat.stem_and_classifier(model))
         return qat.prepare_qat(
-            model, self.quantizer, self.bit_width, per_channel=self.per_channel, edge_bit_width=self.edge_bit_width
+            model, self.quantizer, self.bit_width, per_channel=self.per_channel, edge_bit_width=self.edge_bit_width,
+            edge_quantizer=self.edge_quantizer,
         )
 
     def finalize(self, model):
@@ -376,11 +382,13 @@ class QATOnSatNL(QAT):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_choice("quantizer", self.quantizer, qat.STACKABLE_QUANTIZERS)
+        if self.edge_quantizer is not None:
+            check_choice("edge_quantizer", self.edge_quantizer, qat.STACKABLE_QUANTIZERS)
 
     def prepare(self, model):
         return qat.prepare_qat(
             model, self.quantizer, self.bit_width, per_channel=self.per_channel,
-            edge_bit_width=self.edge_bit_width, stack_on_satnl=True,
+            edge_bit_width=self.edge_bit_width, edge_quantizer=self.edge_quantizer, stack_on_satnl=True,
         )
 
 

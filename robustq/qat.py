@@ -214,6 +214,7 @@ def prepare_qat(
     per_channel: bool = False,
     exclude: Iterable[str] = (),
     edge_bit_width: int | None = None,
+    edge_quantizer: str | None = None,
     stack_on_satnl: bool = False,
 ) -> nn.Module:
     """Register a weight fake-quantizer (see ``make_weight_quantizer``; book/methods.md §6) on every
@@ -221,7 +222,10 @@ def prepare_qat(
 
     ``edge_bit_width`` (e.g. 8) quantizes the stem conv and the classifier at that bit-width
     instead of ``bit_width``, as LSQ and SinReQ train (book/methods.md §7, the book's QAT setting);
-    ``None`` uses ``bit_width`` everywhere.
+    ``None`` uses ``bit_width`` everywhere. ``edge_quantizer`` is those two layers' quantizer
+    (``None``: ``quantizer``): ``"ste"`` gives them the shared min-max grid scaled to each layer,
+    where WRPN's grid, fixed to [-1, 1], would leave a classifier's weights of about ±0.03 a handful
+    of its 255 levels (issue #25; book/methods.md §6).
 
     ``stack_on_satnl=True`` accepts layers that already carry SatNL (``robustq.satnl``) and
     chains the quantizer after it, so the layer's weight is ``q(f(theta))`` (only for
@@ -235,18 +239,23 @@ def prepare_qat(
     validate_bit_width(bit_width)
     edges = set(stem_and_classifier(model)) if edge_bit_width is not None else set()
     edge_bits = validate_bit_width(edge_bit_width) if edges else bit_width
+    if edge_quantizer is not None:
+        check_choice("edge_quantizer", edge_quantizer, QUANTIZERS)
+    edge_quantizer = quantizer if edge_quantizer is None else edge_quantizer
     _check_quantizer_args(quantizer, per_channel)
-    if stack_on_satnl and quantizer not in STACKABLE_QUANTIZERS:
+    _check_quantizer_args(edge_quantizer, per_channel)
+    if stack_on_satnl and {quantizer, edge_quantizer} - set(STACKABLE_QUANTIZERS):
         raise ValueError(
             f"stack_on_satnl=True needs a quantizer that rounds SatNL's output as it is, one of "
-            f"{STACKABLE_QUANTIZERS}; got {quantizer!r} (fold SatNL first with remove_satnl instead)"
+            f"{STACKABLE_QUANTIZERS}; got {quantizer!r}, {edge_quantizer!r} at the edges (fold SatNL first "
+            "with remove_satnl instead)"
         )
     if has_qat(model):
         raise ValueError("QAT is already prepared on this model; call remove_qat first")
     register_weight_parametrizations(
         target_layers(model, exclude=exclude),
         lambda name, layer: make_weight_quantizer(
-            quantizer, edge_bits if name in edges else bit_width, layer.weight, per_channel
+            *((edge_quantizer, edge_bits) if name in edges else (quantizer, bit_width)), layer.weight, per_channel
         ),
         fix="e.g. SatNL: fold it first (remove_satnl) or put the layer in exclude",
         stack_on=(SaturatingWeight,) if stack_on_satnl else (),

@@ -282,13 +282,37 @@ def test_edge_bit_width_puts_the_stem_and_classifier_at_8_bits(quantizer):
     assert bits == {"0": 8, "3": 3, "7": 8}
 
 
+@pytest.mark.parametrize("quantizer", ["wrpn", "dorefa"])
+def test_an_edge_quantizer_scales_the_8_bit_edges_to_their_layer(quantizer):
+    model = prepare_qat(small_cnn(), quantizer, 3, edge_bit_width=8, edge_quantizer="ste")
+    kinds = {name: (d["quantizer"], d["bit_width"]) for name, d in describe_quantizers(model).items()}
+    assert kinds == {"0": ("ste", 8), "3": (quantizer, 3), "7": ("ste", 8)}
+
+
+def test_wrpns_fixed_grid_leaves_a_classifier_a_few_levels_the_scaled_grid_many():
+    scaled = prepare_qat(small_cnn(), "wrpn", 3, edge_bit_width=8, edge_quantizer="ste")
+    fixed = prepare_qat(small_cnn(), "wrpn", 3, edge_bit_width=8)
+    with torch.no_grad():
+        for model in (scaled, fixed):
+            model[7].parametrizations.weight.original.mul_(0.03 / model[7].parametrizations.weight.original.abs().max())
+    assert fixed[7].weight.unique().numel() <= 9  # ±0.03 on a step of 1/127: about 4 levels a side
+    assert scaled[7].weight.unique().numel() > 100
+
+
+def test_a_bad_edge_quantizer_is_named():
+    with pytest.raises(ValueError, match="edge_quantizer"):
+        prepare_qat(small_cnn(), "wrpn", 3, edge_bit_width=8, edge_quantizer="nearest")
+
+
 @pytest.mark.parametrize("quantizer", QUANTIZERS)
-def test_requantize_reproduces_the_trained_weights_exactly(quantizer):
-    model = prepare_qat(small_cnn(), quantizer, 3, edge_bit_width=8).train()
+@pytest.mark.parametrize("edge_quantizer", [None, "ste"])
+def test_requantize_reproduces_the_trained_weights_exactly(quantizer, edge_quantizer):
+    model = prepare_qat(small_cnn(), quantizer, 3, edge_bit_width=8, edge_quantizer=edge_quantizer).train()
     if quantizer == "lsq":  # move the learned steps away from their initial values
         with torch.no_grad():
             for layer in (model[0], model[3], model[7]):
-                layer.parametrizations.weight[0].scale.mul_(1.37)
+                if hasattr(layer.parametrizations.weight[0], "scale"):
+                    layer.parametrizations.weight[0].scale.mul_(1.37)
     trained = {name: model.get_submodule(name).weight.detach().clone() for name in ("0", "3", "7")}
     descriptions = describe_quantizers(model)
     requantize(remove_qat(model), json.loads(json.dumps(descriptions)))  # through JSON, as the cache keeps it
