@@ -495,6 +495,19 @@ def _choose_lazy(name: str, profile: str, cache: str, progress: bool) -> dict[st
             "ratio": ratio, "adopted": abs(ratio - 1) <= LAZY_TOLERANCE + RATIO_ROUNDING, "rule": LAZY_RULE}
 
 
+def selection_room(name: str, profile: str | None = None, endpoint: str = "target") -> float:
+    """The room there is to win over method ``name`` on the selection seeds, in points: the float
+    baseline's validation accuracy as trained less ``name``'s validation value of ``endpoint`` (its
+    3-bit target by default), mean over :data:`SELECTION_SEEDS`. Measured before the graded runs,
+    it sizes the τ of a claim stated as a share of the gap to float (:func:`robustq.verdicts.relative_tau`)."""
+    rooms = [
+        100 * _final_val_acc(experiments.run(selection_experiment("baseline", profile, seed)))
+        - ENDPOINTS[endpoint].value(experiments.run(selection_experiment(name, profile, seed)), split="val")
+        for seed in SELECTION_SEEDS
+    ]
+    return sum(rooms) / len(rooms)
+
+
 def validation_batch(data: Dataset, n_images: int = 1000):
     """The first ``n_images`` normalised images of a selection run's validation split and their labels."""
     if data.val is None:

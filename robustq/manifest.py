@@ -181,10 +181,15 @@ CHAPTERS: dict[str, Chapter] = {
         Extra("WRPN and SinReQ-WRPN retraced with a grid-distance hook", 2, kind="retrace"),
         Extra("WRPN with the default init, seed 0", 1),
         Extra("DoReFa's sinusoid on raw and on normalised weights, selection seed", 2, cost=1.1),
+        # C6.1's τ is a share of the room on the selection seeds: the float baseline (chapter 01
+        # trained it) less WRPN (the choice's reference) and DoReFa (trained here)
+        Extra("the float baseline on the selection seeds, read for C6.1's room", 2, cost=0.0),
+        Extra("DoReFa on the selection seeds, for C6.1b's room", 2, cost=1.03),
     ), evaluations=(
         *(row for name in ("wrpn", "sinreq_wrpn", "dorefa", "sinreq_dorefa")
           for row in _evaluations(name, "graded", "own quantizer, W8-W2 (W3 graded)", plain=GRID)),
         *_evaluations("sinreq_dorefa", "selection", "the two sinusoid domains at W3", plain=2),
+        *_evaluations("dorefa", "selection", "C6.1b's room: W3 on validation", plain=2),
     )),
     "07": Chapter(("baseline", "qat_ste", "oscillation"), extras=(
         Extra("three models retraced with an oscillation tracker", 3, kind="retrace"),

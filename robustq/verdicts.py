@@ -179,6 +179,25 @@ def equivalent(candidate: PerSeed, reference: PerSeed, margin: float) -> Verdict
     return Verdict("equivalent", grade, mean, se, n, float(margin))
 
 
+def relative_tau(share: float, room: float) -> float:
+    """τ of a claim its paper states as a share of the gap to float accuracy (SinReQ: "closes the gap
+    to FP by 27.5%", Elthakeb et al., arXiv 1905.01416; issue #25): half that ``share`` of the
+    ``room`` there is to win (the float baseline's accuracy less the reference's, in points, measured
+    on the selection seeds before the graded runs), as an absolute claim's τ is half the paper's gain;
+    0 where there is no room.
+
+    >>> relative_tau(0.275, 2.0)
+    0.275
+    >>> relative_tau(0.5, -1.0)
+    0.0
+    """
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+        raise ValueError(f"share must be the paper's share of the gap to float, in (0, 1], got {share!r}")
+    if not math.isfinite(room):
+        raise ValueError(f"room must be a finite number of accuracy points, got {room!r}")
+    return 0.5 * share * max(room, 0.0)
+
+
 def tally(grades: Sequence[str] | pd.Series) -> str:
     """How many claims got each grade, in the order of :data:`GRADES`, for a sentence.
 

@@ -228,3 +228,17 @@ def test_leave_one_out_shows_a_verdict_that_one_seed_decides():
     record = {"grade": "reproduced", "leave_one_out": {str(seed): grade for seed, grade in loo.items()}}
     assert verdicts.stability(record) == (4, 5)
     assert verdicts.stability({"grade": "reproduced"}) == (0, 0)
+
+
+def test_a_relative_claims_tau_is_half_its_share_of_the_room_and_a_bad_share_is_named():
+    assert verdicts.relative_tau(0.324, 5.0) == pytest.approx(0.81)
+    assert verdicts.relative_tau(0.275, 0.0) == 0.0
+    for share in (0.0, 27.5, True):
+        with pytest.raises(ValueError, match="share"):
+            verdicts.relative_tau(share, 2.0)
+    with pytest.raises(ValueError, match="room"):
+        verdicts.relative_tau(0.275, math.nan)
+    # a claim with less room on the graded seeds than its τ is not gradable
+    claim = verdicts.Claim("06", "C", "s", "target", "paired", verdicts.relative_tau(0.5, 4.0))
+    verdict = claim.grade([86.0, 86.5, 86.2], [85.5, 85.8, 86.0], ceiling=[86.0, 86.3, 86.5])
+    assert verdict.grade == verdicts.NOT_GRADABLE
