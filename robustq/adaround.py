@@ -1,0 +1,247 @@
+"""Learned rounding of weights: AdaRound (Nagel et al., ICML 2020, arXiv 2004.10568), layer by layer.
+
+Post-training quantization rounds every weight to its nearest level. AdaRound learns, per weight,
+whether to round down or up, so that each layer's *output* is reconstructed rather than each
+weight. On the grid of :func:`robustq.quant.choose_qparams` (scale ``s``, zero point ``z``, codes
+``[qmin, qmax]``) the weight becomes
+
+    W̃ = s · (clamp(⌊W/s⌋ + h(V) + z, qmin, qmax) − z),    h(V) = clamp(σ(V)(ζ − γ) + γ, 0, 1)
+
+(Eq. 22 and the rectified sigmoid of Eq. 23, ζ = 1.1, γ = −0.1), and ``V`` minimises
+
+    ‖f(W x) − f(W̃ x̃)‖²_F + λ Σ (1 − |2 h(V) − 1|^β)
+
+(Eq. 25 with the regulariser of Eq. 24): ``x`` is the layer's input in the float model, ``x̃`` its
+input with the layers below already rounded (the asymmetric reconstruction of §4), ``f`` an optional
+activation. The regulariser is off for a warm start (20% of the iterations) and ``β`` decays from 20
+to 2 (a cosine, as AIMET does: ``aimet_torch/adaround/adaround_loss.py``), so that every ``h(V)``
+ends at 0 or 1; the weights then round up where ``h(V) ≥ 1/2``. ``V`` starts where the soft weight
+equals the float one and trains with Adam (lr 10⁻³, batches of 32 inputs), λ = 0.01 as AIMET's
+default; the iterations are the caller's budget (the paper: 10⁴ per layer).
+
+Our safeguard, not the paper's: a layer keeps rounding to nearest where its learned rounding
+reconstructs the calibration batch worse (possible after few iterations), so learned rounding never
+does worse than nearest on the loss it optimises.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from robustq.models import stem_and_classifier, weighted_layers
+from robustq.quant import EDGE_BIT_WIDTH, QuantSpec, choose_qparams, fake_quant
+
+ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch (Eq. 23)
+
+
+@dataclass(frozen=True)
+class AdaRoundConfig:
+    """How long and how hard each layer's rounding is optimised (defaults: AIMET's, but for the
+    iterations, which the paper and AIMET set to 10⁴ and a CPU build cannot afford)."""
+
+    iterations: int = 500
+    reg_weight: float = 0.01  # λ of Eq. 24
+    warm_start: float = 0.2  # share of the iterations without the regulariser
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    lr: float = 1e-3
+    batch_size: int = 32
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("iterations", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"AdaRoundConfig.{name} must be an integer >= 1, got {value!r}")
+        if not 0 <= self.warm_start < 1:
+            raise ValueError(f"AdaRoundConfig.warm_start must be in [0, 1), got {self.warm_start!r}")
+        if not self.beta_start >= self.beta_end > 0:
+            raise ValueError(f"AdaRoundConfig needs beta_start >= beta_end > 0, got "
+                             f"{self.beta_start!r} and {self.beta_end!r}")
+        if not (self.reg_weight >= 0 and self.lr > 0):
+            raise ValueError(f"AdaRoundConfig needs reg_weight >= 0 and lr > 0, got {self.reg_weight!r}, {self.lr!r}")
+
+
+def rectified_sigmoid(v: torch.Tensor) -> torch.Tensor:
+    """``h(V) = clamp(σ(V)(ζ − γ) + γ, 0, 1)`` (Eq. 23): reaches 0 and 1 exactly, with a gradient
+    inside.
+
+    >>> rectified_sigmoid(torch.tensor([-20.0, 0.0, 20.0]))
+    tensor([0.0000, 0.5000, 1.0000])
+    """
+    return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+
+
+def initial_logits(rest: torch.Tensor) -> torch.Tensor:
+    """``V`` with ``h(V) = rest`` for a fractional part ``rest`` in [0, 1): the soft weight starts
+    at the float weight."""
+    share = (rest - GAMMA) / (ZETA - GAMMA)
+    return torch.log(share) - torch.log1p(-share)
+
+
+def rounding_regularizer(v: torch.Tensor, beta: float) -> torch.Tensor:
+    """``Σ 1 − |2 h(V) − 1|^β`` (Eq. 24): 0 where every ``h(V)`` is 0 or 1, one per weight at 1/2.
+
+    >>> float(rounding_regularizer(torch.tensor([-20.0, 0.0, 20.0]), beta=2.0))
+    1.0
+    """
+    return (1 - (2 * rectified_sigmoid(v) - 1).abs().pow(beta)).sum()
+
+
+def annealed_beta(iteration: int, config: AdaRoundConfig) -> float | None:
+    """``β`` at ``iteration``: ``None`` during the warm start (no regulariser), then a cosine from
+    ``beta_start`` to ``beta_end`` over the remaining iterations (AIMET's schedule).
+
+    >>> config = AdaRoundConfig(iterations=10)
+    >>> annealed_beta(1, config), annealed_beta(2, config), round(annealed_beta(9, config), 2)
+    (None, 20.0, 2.69)
+    """
+    warm = config.warm_start * config.iterations
+    if iteration < warm:
+        return None
+    progress = (iteration - warm) / (config.iterations - warm)
+    return config.beta_end + 0.5 * (config.beta_start - config.beta_end) * (1 + math.cos(progress * math.pi))
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A weight's quantization grid: scale, zero point (broadcastable to the weight) and codes."""
+
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    qmin: int
+    qmax: int
+
+    @classmethod
+    def of(cls, weight: torch.Tensor, spec: QuantSpec) -> Grid:
+        """The grid :func:`robustq.quant.quantize` puts ``weight`` on (per output channel along
+        axis 0 when ``spec.per_channel``)."""
+        return cls(*choose_qparams(weight, spec, axis=0))
+
+    def floor(self, weight: torch.Tensor) -> torch.Tensor:
+        # x * (1 / s), as torch's fake-quant kernels compute x / s: the same codes
+        return torch.floor(weight * (1.0 / self.scale))
+
+    def weights(self, codes: torch.Tensor) -> torch.Tensor:
+        """``s · (clamp(codes + z, qmin, qmax) − z)``: the weights of (possibly soft) codes."""
+        return self.scale * (torch.clamp(codes + self.zero_point, self.qmin, self.qmax) - self.zero_point)
+
+    def nearest(self, weight: torch.Tensor) -> torch.Tensor:
+        """Rounding to nearest: torch's fake-quant kernel (:func:`robustq.quant.fake_quant`)."""
+        return fake_quant(weight, self.scale, self.zero_point, self.qmin, self.qmax)
+
+
+def soft_weights(weight: torch.Tensor, v: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """The weights while ``V`` is learned: ``⌊W/s⌋ + h(V)`` on the grid (Eq. 22)."""
+    return grid.weights(grid.floor(weight) + rectified_sigmoid(v))
+
+
+def hard_weights(weight: torch.Tensor, v: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """The learned rounding: up where ``h(V) ≥ 1/2`` (``V ≥ 0``), down elsewhere."""
+    return grid.weights(grid.floor(weight) + (v >= 0).to(weight.dtype))
+
+
+def layer_forward(layer: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``(weight, input) -> output`` of a conv or linear layer with another weight."""
+    if isinstance(layer, nn.Conv2d):
+        return lambda weight, x: layer._conv_forward(x, weight, layer.bias)
+    if isinstance(layer, nn.Linear):
+        return lambda weight, x: F.linear(x, weight, layer.bias)
+    raise ValueError(f"learned rounding needs an nn.Conv2d or nn.Linear, got {type(layer).__name__}")
+
+
+def reconstruction_error(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``‖output − target‖²`` over the output features (dimension 1), mean over the rest (AIMET's
+    ``compute_recon_loss``)."""
+    return (output - target).pow(2).sum(dim=1).mean()
+
+
+def learn_rounding(
+    forward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    weight: torch.Tensor,
+    grid: Grid,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    config: AdaRoundConfig = AdaRoundConfig(),
+    activation: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, dict]:
+    """One layer's learned rounding (Eq. 25): the rounded weight, and a report of the reconstruction
+    error on all of ``inputs`` with nearest and with learned rounding, which one was kept (the
+    better), and the share of weights rounded the other way than nearest. ``forward(weight, x)`` is
+    the layer; ``targets`` its float outputs, ``inputs`` its inputs with the layers below rounded."""
+    weight = weight.detach()
+    act = activation or (lambda y: y)
+    goal = act(targets.detach())
+    v = initial_logits(weight * (1.0 / grid.scale) - grid.floor(weight)).requires_grad_()
+    optimizer = torch.optim.Adam([v], lr=config.lr)
+    generator = torch.Generator().manual_seed(config.seed)
+    for iteration in range(config.iterations):
+        batch = torch.randint(len(inputs), (min(config.batch_size, len(inputs)),), generator=generator)
+        loss = reconstruction_error(act(forward(soft_weights(weight, v, grid), inputs[batch])), goal[batch])
+        beta = annealed_beta(iteration, config)
+        if beta is not None:
+            loss = loss + config.reg_weight * rounding_regularizer(v, beta)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        nearest, learned = grid.nearest(weight), hard_weights(weight, v, grid)
+        errors = {name: float(reconstruction_error(act(forward(w, inputs)), goal))
+                  for name, w in (("nearest", nearest), ("learned", learned))}
+    kept = "learned" if errors["learned"] <= errors["nearest"] else "nearest"
+    report = {"error_nearest": errors["nearest"], "error_learned": errors["learned"], "kept": kept,
+              "flipped": float((learned != nearest).float().mean())}
+    return (learned if kept == "learned" else nearest), report
+
+
+@torch.no_grad()
+def _layer_io(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    captured = {}
+
+    def hook(_module, inputs, output):
+        captured["input"], captured["output"] = inputs[0].detach(), output.detach()
+
+    handle = layer.register_forward_hook(hook)
+    try:
+        model(x)
+    finally:
+        handle.remove()
+    return captured["input"], captured["output"]
+
+
+def round_model(
+    quantized: nn.Module,
+    reference: nn.Module,
+    spec: QuantSpec,
+    calib: torch.Tensor,
+    *,
+    first_last_8bit: bool = True,
+    config: AdaRoundConfig = AdaRoundConfig(),
+) -> pd.DataFrame:
+    """Learn the rounding of every conv and linear weight of ``quantized`` in place, layer by layer
+    in module order, each against the same layer of ``reference`` (the float model, unchanged) on
+    the calibration batch ``calib``, with the layers below already rounded (AdaRound, §4). Weights
+    go on :class:`Grid.of` ``spec``'s grid; with ``first_last_8bit`` the stem and the classifier at
+    8 bits. Both models are plain (materialised, :func:`robustq.ptq.materialize`) and in eval mode.
+    Returns one row per layer: its bit-width and :func:`learn_rounding`'s report."""
+    edges = set(stem_and_classifier(quantized)) if first_last_8bit else set()
+    float_layers = dict(weighted_layers(reference))
+    rows = []
+    for name, layer in weighted_layers(quantized):
+        layer_spec = dataclasses.replace(spec, bit_width=max(EDGE_BIT_WIDTH, spec.bit_width)) if name in edges else spec
+        _, targets = _layer_io(reference, float_layers[name], calib)
+        inputs, _ = _layer_io(quantized, layer, calib)
+        rounded, report = learn_rounding(layer_forward(layer), layer.weight, Grid.of(layer.weight, layer_spec),
+                                         inputs, targets, config)
+        with torch.no_grad():
+            layer.weight.copy_(rounded)
+        rows.append({"layer": name, "w_bits": layer_spec.bit_width, **report})
+    return pd.DataFrame(rows)
