@@ -180,8 +180,8 @@ def equivalent(candidate: PerSeed, reference: PerSeed, margin: float) -> Verdict
 
 
 def relative_tau(share: float, room: float) -> float:
-    """τ of a claim its paper states as a share of the gap to float accuracy (SinReQ: "closes the gap
-    to FP by 27.5%", Elthakeb et al., arXiv 1905.01416; issue #25): half that ``share`` of the
+    """τ of a claim its paper states as a share of the gap to float accuracy (SinReQ closes 27.5% of
+    it on WRPN, Elthakeb et al., arXiv 1905.01416, book/methods.md §3; issue #25): half that ``share`` of the
     ``room`` there is to win (the float baseline's accuracy less the reference's, in points, measured
     on the selection seeds before the graded runs), as an absolute claim's τ is half the paper's gain;
     0 where there is no room.
