@@ -50,7 +50,8 @@ def setup(profile: str | None, seed: int = 0, *, chapter: str | None = None, **p
 
 def glue(**values: object) -> None:
     """Glue each value under its name for the chapter's Markdown, without showing it in the notebook:
-    ``{glue:text}`name``` (or ``name:.2f`` for a number) inline, ``{glue:md}`name``` for Markdown."""
+    ``{glue:text}`name``` (or ``name:.2f`` for a number) inline. Values are glued as plain text, so
+    ``{glue:md}`` finds no Markdown in them: write sentences without Markdown markup."""
     for name, value in values.items():
         if isinstance(value, (np.generic, torch.Tensor)):
             value = value.item()  # numpy 2 prints np.float64(...), which {glue:text} cannot format
