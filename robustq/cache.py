@@ -53,10 +53,10 @@ from robustq.files import write_atomic
 # Every robustq module whose code runs while a model is trained and scored (experiments: seeding and
 # the test subset; ptq: test_acc and quantized_acc are stored with the model), and while it is
 # evaluated: tests/test_cache.py records the modules that run and fails if one is missing here.
-TRAINING_MODULES = ("cache", "data", "datafiles", "distributed", "experiments", "files", "kernels", "methods",
+TRAINING_MODULES = ("adaround", "cache", "data", "datafiles", "distributed", "experiments", "files", "kernels", "methods",
                     "models", "params", "profiles", "ptq", "qat", "quant", "regularizers", "reparam", "sam", "satnl",
                     "train")
-EVALUATION_MODULES = ("data", "datafiles", "experiments", "profiles", "ptq", "qat", "quant", "train")  # train: its evaluate() scores every model
+EVALUATION_MODULES = ("adaround", "data", "datafiles", "experiments", "profiles", "ptq", "qat", "quant", "train")  # train: its evaluate() scores every model
 MIN_FREE_BYTES = 64 * 2**20  # a checkpoint and a model of the largest network, with room to spare
 QUARANTINE = "quarantine"
 LOCK_TIMEOUT_S = 3600.0  # a run waits at most this long for another process training the same entry

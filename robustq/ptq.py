@@ -24,13 +24,15 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from robustq import qat, quant
+from robustq import adaround, qat, quant
 from robustq.data import Dataset, Split, eval_loader, first_batch
 from robustq.models import stem_and_classifier, weighted_layers
+from robustq.params import check_choice
 from robustq.quant import EDGE_BIT_WIDTH, QuantSpec
 from robustq.train import EVAL_BATCH_SIZE, evaluate
 
 FLOAT_BITS = 32  # how tidy frames label an unquantized tensor
+ROUNDINGS = ("nearest", "adaround")  # how quantize_model rounds each weight onto its grid
 TRAINED = "trained"  # bit_sweep's policy name for a QAT model's own quantizer
 
 
@@ -143,6 +145,8 @@ def quantize_model(
     bias_correction: bool = False,
     bn_reestimate: bool = False,
     trained_quantizers: dict[str, dict] | None = None,
+    rounding: str = "nearest",
+    rounding_config: adaround.AdaRoundConfig | None = None,
 ) -> nn.Module:
     """A fake-quantized copy of ``model``, deployed as book/methods.md §0 describes.
 
@@ -161,27 +165,39 @@ def quantize_model(
       quantization (Nagel et al. 2022, arXiv 2203.11086); ``bias_correction`` then subtracts each
       output channel's mean shift on ``calib``, layer by layer (:func:`correct_bias`, Nagel et al.
       2019, arXiv 1906.04721). Both are the PTQ fixes a training-time method must beat.
+    * ``rounding="adaround"`` learns each weight's rounding, layer by layer, on ``calib`` instead
+      of rounding to nearest (AdaRound, Nagel et al. 2020, arXiv 2004.10568:
+      :func:`robustq.adaround.round_model` with ``rounding_config``), on ``w_spec``'s grid; not
+      for a QAT model's own quantizers.
     """
-    if (a_spec is not None or bias_correction or bn_reestimate) and calib is None:
+    check_choice("rounding", rounding, ROUNDINGS)
+    learned = rounding == "adaround" and w_spec is not None
+    if (a_spec is not None or bias_correction or bn_reestimate or learned) and calib is None:
         raise ValueError(
-            "a_spec, bias_correction and bn_reestimate need calib: pass a batch of normalised "
-            "training images, e.g. calib=calibration_batch(data)"
+            "a_spec, bias_correction, bn_reestimate and rounding='adaround' need calib: pass a batch "
+            "of normalised training images, e.g. calib=calibration_batch(data)"
         )
+    if learned and trained_quantizers:
+        raise ValueError("a QAT model is deployed with its own quantizers: pass rounding='nearest'")
     if trained_quantizers and fold:
         raise ValueError("a QAT model's own quantizers act on unfolded weights: pass fold=False")
     if bn_reestimate and fold:
         raise ValueError("bn_reestimate needs the BatchNorm layers: pass fold=False")
     quantized = fold_bn(model) if fold else materialize(model)
-    reference = copy.deepcopy(quantized) if bias_correction else None
+    reference = copy.deepcopy(quantized) if bias_correction or learned else None
     if w_spec is not None and trained_quantizers:
         qat.requantize(quantized, trained_quantizers, _edge_rule(quantized, w_spec.bit_width, first_last_8bit))
+    elif learned:
+        device = next(quantized.parameters()).device
+        adaround.round_model(quantized, reference, w_spec, calib.to(device), first_last_8bit=first_last_8bit,
+                             config=rounding_config or adaround.AdaRoundConfig())
     elif w_spec is not None:
         _quantize_weights(quantized, w_spec, first_last_8bit)
     if bn_reestimate:
         reestimate_bn(quantized, calib)
     if a_spec is not None:
         attach_activation_quantizers(quantized, calibrate(quantized, calib, a_spec))
-    if reference is not None:
+    if bias_correction:
         correct_bias(quantized, reference, calib)
     return quantized.eval()
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from robustq import models, ptq
+from robustq import adaround, models, ptq, quant
 from robustq.experiments import Experiment, dataset_for, run
 from robustq.quant import QuantSpec
 
@@ -176,8 +176,32 @@ def test_first_last_8bit_keeps_the_edges_at_8_bits(trained):
 
 
 def test_activation_spec_needs_calibration_data(trained):
-    with pytest.raises(ValueError, match="a_spec, bias_correction and bn_reestimate need calib"):
+    with pytest.raises(ValueError, match="a_spec, bias_correction, bn_reestimate and rounding='adaround' need calib"):
         ptq.quantize_model(trained[0].model, QuantSpec(4), QuantSpec(8))
+
+
+def test_learned_rounding_puts_every_weight_on_its_grid_within_a_level_of_nearest(trained):
+    result, data = trained
+    calib = ptq.calibration_batch(data, 64)
+    nearest = ptq.quantize_model(result.model, QuantSpec(3), first_last_8bit=False)
+    learned = ptq.quantize_model(result.model, QuantSpec(3), calib=calib, first_last_8bit=False,
+                                 rounding="adaround", rounding_config=adaround.AdaRoundConfig(iterations=20))
+    for (name, rounded), (_, chosen) in zip(ptq.weighted_layers(nearest), ptq.weighted_layers(learned)):
+        step = quant.choose_qparams(result.model.get_submodule(name).weight, QuantSpec(3))[0]
+        assert ((rounded.weight - chosen.weight).abs() <= step * 1.0001).all(), name
+        assert chosen.weight.unique().numel() <= 7, name  # the 3-bit narrow grid
+    assert 0.0 <= ptq.accuracy(learned, data) <= 1.0
+
+
+def test_learned_rounding_needs_calib_and_a_ptq_model_and_a_known_name(trained):
+    model = trained[0].model
+    with pytest.raises(ValueError, match="rounding='adaround' need calib"):
+        ptq.quantize_model(model, QuantSpec(3), rounding="adaround")
+    with pytest.raises(ValueError, match="rounding must be one of"):
+        ptq.quantize_model(model, QuantSpec(3), rounding="stochastic")
+    with pytest.raises(ValueError, match="own quantizers"):
+        ptq.quantize_model(model, QuantSpec(3), calib=torch.zeros(2, 1, 28, 28), rounding="adaround",
+                           trained_quantizers={"0": {"quantizer": "ste", "bit_width": 3}})
 
 
 def test_bit_sweep_returns_one_tidy_row_per_configuration(trained):
