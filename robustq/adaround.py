@@ -150,11 +150,13 @@ def hard_weights(weight: torch.Tensor, v: torch.Tensor, grid: Grid) -> torch.Ten
 
 
 def layer_forward(layer: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """``(weight, input) -> output`` of a conv or linear layer with another weight."""
+    """``(weight, input) -> output`` of a conv or linear layer with another weight (its bias held
+    fixed: only the rounding learns)."""
+    bias = None if layer.bias is None else layer.bias.detach()
     if isinstance(layer, nn.Conv2d):
-        return lambda weight, x: layer._conv_forward(x, weight, layer.bias)
+        return lambda weight, x: layer._conv_forward(x, weight, bias)
     if isinstance(layer, nn.Linear):
-        return lambda weight, x: F.linear(x, weight, layer.bias)
+        return lambda weight, x: F.linear(x, weight, bias)
     raise ValueError(f"learned rounding needs an nn.Conv2d or nn.Linear, got {type(layer).__name__}")
 
 
