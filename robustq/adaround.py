@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from robustq.models import stem_and_classifier, weighted_layers
-from robustq.quant import EDGE_BIT_WIDTH, QuantSpec, choose_qparams, fake_quant
+from robustq.quant import QuantSpec, choose_qparams, edge_bits, fake_quant
 
 ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch (Eq. 23)
 
@@ -205,18 +205,40 @@ def learn_rounding(
 
 
 @torch.no_grad()
-def _layer_io(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    captured = {}
-
-    def hook(_module, inputs, output):
-        captured["input"], captured["output"] = inputs[0].detach(), output.detach()
-
-    handle = layer.register_forward_hook(hook)
+def _float_outputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every conv and linear layer's output on ``x``, by name, from one forward pass."""
+    outputs = {}
+    handles = [layer.register_forward_hook(lambda _m, _i, output, name=name: outputs.__setitem__(name, output))
+               for name, layer in weighted_layers(model)]
     try:
         model(x)
     finally:
+        for handle in handles:
+            handle.remove()
+    return outputs
+
+
+class _InputReached(Exception):
+    """Raised once the layer asked for has its input: the layers above it need not run."""
+
+
+@torch.no_grad()
+def _layer_inputs(model: nn.Module, layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``layer``'s input on ``x`` in ``model``, as the layers below it now compute it."""
+    captured = []
+
+    def hook(_module, inputs):
+        captured.append(inputs[0])
+        raise _InputReached
+
+    handle = layer.register_forward_pre_hook(hook)
+    try:
+        model(x)
+    except _InputReached:
+        pass
+    finally:
         handle.remove()
-    return captured["input"], captured["output"]
+    return captured[0]
 
 
 def round_model(
@@ -235,14 +257,13 @@ def round_model(
     8 bits. Both models are plain (materialised, :func:`robustq.ptq.materialize`) and in eval mode.
     Returns one row per layer: its bit-width and :func:`learn_rounding`'s report."""
     edges = set(stem_and_classifier(quantized)) if first_last_8bit else set()
-    float_layers = dict(weighted_layers(reference))
+    targets_of = _float_outputs(reference, calib)
     rows = []
     for name, layer in weighted_layers(quantized):
-        layer_spec = dataclasses.replace(spec, bit_width=max(EDGE_BIT_WIDTH, spec.bit_width)) if name in edges else spec
-        _, targets = _layer_io(reference, float_layers[name], calib)
-        inputs, _ = _layer_io(quantized, layer, calib)
+        layer_spec = dataclasses.replace(spec, bit_width=edge_bits(spec.bit_width)) if name in edges else spec
+        inputs = _layer_inputs(quantized, layer, calib)
         rounded, report = learn_rounding(layer_forward(layer), layer.weight, Grid.of(layer.weight, layer_spec),
-                                         inputs, targets, config)
+                                         inputs, targets_of[name], config)
         with torch.no_grad():
             layer.weight.copy_(rounded)
         rows.append({"layer": name, "w_bits": layer_spec.bit_width, **report})

@@ -65,6 +65,16 @@ def qrange(bit_width: int, signed: bool = True, narrow_range: bool = True) -> tu
     return (-qmax if narrow_range else -qmax - 1), qmax
 
 
+def edge_bits(bit_width: int) -> int:
+    """The bit-width of the stem and the classifier when the rest is at ``bit_width`` in the primary
+    deployment (book/methods.md §0): :data:`EDGE_BIT_WIDTH`, or more where the target is wider.
+
+    >>> edge_bits(3), edge_bits(16)
+    (8, 16)
+    """
+    return max(EDGE_BIT_WIDTH, bit_width)
+
+
 def round_ste(x: torch.Tensor) -> torch.Tensor:
     """Round half-to-even in the forward pass, identity gradient (straight-through estimator,
     Bengio et al. 2013, arXiv 1308.3432)."""
