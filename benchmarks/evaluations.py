@@ -8,17 +8,21 @@ from the cache) with ``ptq.bit_sweep`` directly, so nothing is read from the eva
 median of three W3 evaluations is printed, with its ratio to a plain one, and a baseline's training
 time for the seconds a training unit costs. Run alone: another process on the two cores slows it.
 
-    .venv/bin/python benchmarks/evaluations.py [--profile book]
+    .venv/bin/python benchmarks/evaluations.py [--profile book] [--batch-sizes 64 256 512]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 from common import median_time
 
 from robustq import book_settings, experiments, ptq
+from robustq.data import eval_loader
+from robustq.quant import QuantSpec
+from robustq.train import EVAL_BATCH_SIZE, evaluate
 
 KINDS = {
     "plain": {},
@@ -31,6 +35,8 @@ KINDS = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="book")
+    parser.add_argument("--batch-sizes", type=int, nargs="*", default=(),
+                        help="also time one pass over the test subset at each of these batch sizes")
     args = parser.parse_args()
     start = time.perf_counter()
     result = book_settings.run("baseline", 0, args.profile)
@@ -40,8 +46,28 @@ def main() -> None:
                for kind, sweep in KINDS.items()}
     for kind, value in seconds.items():
         print(f"{kind:15s} {value:6.2f} s  ({value / seconds['plain']:.1f}x plain)")
+    if args.batch_sizes:
+        print_batch_sizes(result, data, args.batch_sizes)
     if not result.cached:
         print(f"a baseline's training, with its setup and cache writes: {trained:.1f} s")
+
+
+BATCH_ROUNDS = 15
+
+
+def print_batch_sizes(result, data, batch_sizes) -> None:
+    """One scoring pass of the W3-quantized model over the test subset at each batch size, against
+    the package's ``EVAL_BATCH_SIZE``: what decides that constant. The sizes take turns in each of
+    BATCH_ROUNDS rounds and the median is kept, so a slow spell of the machine hits every size."""
+    quantized = ptq.inference_copy(ptq.quantize_model(ptq.materialize(result.model), QuantSpec(3)))
+    loaders = {size: eval_loader(data, "test", size) for size in (EVAL_BATCH_SIZE, *batch_sizes)}
+    times = {size: [] for size in loaders}
+    for _ in range(BATCH_ROUNDS):
+        for size, loader in loaders.items():
+            times[size].append(median_time(lambda loader=loader: evaluate(quantized, loader), repeats=1, warmup=0))
+    seconds = {size: statistics.median(values) for size, values in times.items()}
+    for size, value in seconds.items():
+        print(f"batch {size:5d}     {value:6.3f} s  ({value / seconds[EVAL_BATCH_SIZE]:.2f}x batch {EVAL_BATCH_SIZE})")
 
 
 if __name__ == "__main__":
