@@ -25,7 +25,7 @@ import sys
 from collections.abc import Iterator
 from typing import NoReturn
 
-from robustq import book_settings, experiments, grid, methods, models, params, profiles
+from robustq import book_settings, experiments, grid, methods, models, params, profiles, ptq
 from robustq.data import DATASET_NAMES
 from robustq.distributed import DistributedError
 from robustq.train import OPTIMIZERS, NonFiniteLossError
@@ -188,10 +188,10 @@ def readable_metrics(metrics: dict[str, float]) -> dict[str, float]:
 
 
 def _sweep(args: argparse.Namespace, exp: experiments.Experiment) -> None:
-    from robustq import ptq
-
     result = experiments.run(exp, progress=not args.no_progress)
-    frame = ptq.bit_sweep(result.model, experiments.dataset_for(exp), w_bits=args.w_bits, a_bits=(None,))
+    frame = ptq.bit_sweep(result.model, experiments.dataset_for(exp), w_bits=args.w_bits, a_bits=(None,),
+                          rounding=(args.rounding,),
+                          rounding_iterations=profiles.get(result.experiment.profile).rounding_iterations)
     print(sweep_table(frame))
 
 
@@ -264,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = commands.add_parser("sweep", help="train (or load) one experiment, print its PTQ accuracy per bit-width")
     _add_experiment_args(sweep)
     sweep.add_argument("--w-bits", type=int, nargs="+", default=[8, 6, 4, 3, 2], help="weight bit-widths")
+    sweep.add_argument("--rounding", default="nearest", choices=ptq.ROUNDINGS,
+                       help="round each weight to nearest, or learn its rounding on the calibration batch "
+                            "(AdaRound, the profile's steps per layer)")
     sweep.set_defaults(func=_sweep)
     listing = commands.add_parser("methods", help="list the registered methods and their hyperparameters")
     listing.add_argument("--book", action="store_true", help="list the book's methods as the chapters run them")

@@ -103,6 +103,10 @@ ENDPOINTS = {
     "w2": Endpoint(
         "w2", "accuracy at W2, the core paper's low-bit PTQ setting (symmetric per-tensor min-max)", {"w_bits": (2,)}
     ),
+    "w2_learned": Endpoint(
+        "w2_learned", "accuracy at W2 with learned rounding (AdaRound) on the symmetric per-tensor min-max grid",
+        {"w_bits": (2,), "rounding": ("adaround",)},
+    ),
     "above_target": Endpoint(
         "above_target", "mean accuracy over W8, W6, W5, W4 (symmetric per-tensor min-max or own quantizer)",
         {"w_bits": (8, 6, 5, 4)},

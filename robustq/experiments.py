@@ -257,13 +257,17 @@ def sweep(result: Result, split: str = "test", **settings: Any) -> pd.DataFrame:
     """``ptq.bit_sweep(result, <its test split>, **settings)``, cached beside the model: a chapter
     that asks for an evaluation another chapter already ran reads it instead of re-evaluating.
     ``split="val"`` scores a selection run on its validation split instead (the choices' rule).
-    The calibration batch (activations, bias correction) has the profile's size unless
-    ``calib_size`` is given.
+    The calibration batch (activations, bias correction, learned rounding) has the profile's size
+    unless ``calib_size`` is given, and learned rounding the profile's steps per layer unless
+    ``rounding_iterations`` is.
 
     Keyed by the settings, the package version and a fingerprint of the evaluation code; an
     unreadable entry is reported on stderr and recomputed."""
     check_choice("split", split, ("test", "val"))
-    settings = {"calib_size": profiles.get(result.experiment.profile).calibration_images, **settings}
+    profile = profiles.get(result.experiment.profile)
+    if "adaround" in settings.get("rounding", ()):
+        settings = {"rounding_iterations": profile.rounding_iterations, **settings}
+    settings = {"calib_size": profile.calibration_images, **settings}
     material = {"settings": settings, "version": robustq.__version__,  # json writes tuples as lists
                 "code": cache.code_fingerprint(cache.EVALUATION_MODULES)}
     if split != "test":
@@ -292,13 +296,13 @@ def _scored_on(data, split: str):
     return dataclasses.replace(data, test=data.val)
 
 
-EVALUATION_KINDS = ("plain", "activations", "mse", "bias_corrected")
+EVALUATION_KINDS = ("plain", "activations", "mse", "bias_corrected", "adaround")
 
 
 def evaluation_kinds(frame: pd.DataFrame) -> dict[str, int]:
     """How many rows of an evaluation cost what (the run plan's kinds, :mod:`robustq.manifest`):
     bias-corrected (a calibration pass per layer), MSE ranges (a search over clipping ratios),
-    calibrated activations, or plain (a quantized copy and one pass over the test subset)."""
+    calibrated activations, learned rounding (an optimisation per layer), or plain (a quantized copy and one pass over the test subset)."""
     kind = pd.Series("plain", index=frame.index)
     if "a_bits" in frame:
         kind[frame["a_bits"] < ptq.FLOAT_BITS] = "activations"
@@ -306,6 +310,8 @@ def evaluation_kinds(frame: pd.DataFrame) -> dict[str, int]:
         kind[frame["policy"] == "mse"] = "mse"
     if "bias_correction" in frame:
         kind[frame["bias_correction"].astype(bool)] = "bias_corrected"
+    if "rounding" in frame:
+        kind[frame["rounding"] == "adaround"] = "adaround"
     counts = kind.value_counts()
     return {name: int(counts.get(name, 0)) for name in EVALUATION_KINDS}
 

@@ -351,7 +351,9 @@ def bit_sweep(
     fold: Iterable[bool] = (False,),
     first_last_8bit: Iterable[bool] = (True,),
     bias_correction: Iterable[bool] = (False,),
+    rounding: Iterable[str] = ("nearest",),
     calib_size: int = 512,
+    rounding_iterations: int = adaround.AdaRoundConfig.iterations,
 ) -> pd.DataFrame:
     """Test accuracy of ``model`` quantized at every combination of the arguments.
 
@@ -361,33 +363,39 @@ def bit_sweep(
     setting (book/methods.md §0): weights only, symmetric per-tensor min-max, BN unfolded, stem and
     classifier at 8 bits. One tidy row per combination, with ``acc`` and the float model's
     ``fp_acc`` (same deployment, unquantized); ``a_bits`` of ``FLOAT_BITS`` means float
-    activations, else an asymmetric min-max spec calibrated on the float model.
+    activations, else an asymmetric min-max spec calibrated on the float model. ``rounding``
+    ``"adaround"`` learns the weights' rounding on the calibration batch (:func:`quantize_model`,
+    ``rounding_iterations`` per layer); a QAT model's own quantizer rounds to nearest only.
     """
     model, quantizers = _model_and_quantizers(model)
     policies = tuple(policy)
     if TRAINED in policies and not quantizers:
         raise ValueError("policy 'trained' needs a QAT-trained Result (experiments.run of a QAT method)")
     _check_bits(w_bits, a_bits)
+    roundings = tuple(check_choice("rounding", r, ROUNDINGS) for r in rounding)
+    rounding_config = adaround.AdaRoundConfig(iterations=rounding_iterations)
     calib = calibration_batch(data, calib_size)
     rows = []
     for folded in fold:
         deployed = fold_bn(model) if folded else materialize(model)
         fp_acc = accuracy(deployed, data)
         act_qparams = {a: calibrate(deployed, calib, QuantSpec(a, symmetric=False)) for a in a_bits if a is not None}
-        settings = itertools.product(symmetric, per_channel, policies, first_last_8bit, bias_correction, w_bits, a_bits)
-        for sym, pc, pol, edges, corrected, w, a in settings:
-            if pol == TRAINED and folded:
-                continue  # a QAT model's own quantizer acts on unfolded weights
+        settings = itertools.product(symmetric, per_channel, policies, first_last_8bit, bias_correction, roundings,
+                                     w_bits, a_bits)
+        for sym, pc, pol, edges, corrected, rounded, w, a in settings:
+            if pol == TRAINED and (folded or rounded != "nearest"):
+                continue  # a QAT model's own quantizer acts on unfolded weights, rounding to nearest
             quantized = quantize_model(
                 deployed, QuantSpec(w, sym, True, pc, "minmax" if pol == TRAINED else pol), fold=False,
                 first_last_8bit=edges, bias_correction=corrected, calib=calib,
-                trained_quantizers=quantizers if pol == TRAINED else None,
+                trained_quantizers=quantizers if pol == TRAINED else None, rounding=rounded,
+                rounding_config=rounding_config,
             )
             if a is not None:
                 attach_activation_quantizers(quantized, act_qparams[a])
             rows.append(
                 {"w_bits": w, "a_bits": a or FLOAT_BITS, "symmetric": sym, "per_channel": pc, "policy": pol,
-                 "fold": folded, "first_last_8bit": edges, "bias_correction": corrected,
+                 "fold": folded, "first_last_8bit": edges, "bias_correction": corrected, "rounding": rounded,
                  "acc": accuracy(quantized, data), "fp_acc": fp_acc}
             )
     return pd.DataFrame(rows)

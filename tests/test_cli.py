@@ -16,6 +16,7 @@ BAD_ARGUMENTS = [
     (["sweep", "--w-bits", "1"], "--w-bits", "2..16"),
     (["sweep", "--w-bits", "8", "17"], "--w-bits", "2..16"),
     (["sweep", "--w-bits", "four"], "--w-bits", "invalid int value"),
+    (["sweep", "--rounding", "stochastic"], "--rounding", "'nearest', 'adaround'"),
     (["train", "--seed", "-1"], "--seed", ">= 0"),
     (["train", "--epochs", "0"], "--epochs", "positive int"),
     (["train", "--epochs", "1.5"], "--epochs", "invalid int value"),

@@ -140,3 +140,17 @@ def test_train_observed_retraces_the_cached_run_and_calls_its_hooks(tmp_path, mo
     assert steps == [(0, i) for i in range(4)] and history["observed"].tolist() == [0.0]
     cached = experiments.run(exp, progress=False)
     assert history["loss"].tolist() == cached.history["loss"].tolist()
+
+
+def test_evaluation_kinds_counts_each_row_by_its_costliest_setting():
+    import pandas as pd
+
+    frame = pd.DataFrame({
+        "a_bits": [32, 4, 32, 32, 32],
+        "policy": ["minmax", "minmax", "mse", "minmax", "minmax"],
+        "bias_correction": [False, False, False, True, False],
+        "rounding": ["nearest", "nearest", "nearest", "nearest", "adaround"],
+    })
+    assert experiments.evaluation_kinds(frame) == {
+        "plain": 1, "activations": 1, "mse": 1, "bias_corrected": 1, "adaround": 1,
+    }

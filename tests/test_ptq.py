@@ -210,8 +210,9 @@ def test_bit_sweep_returns_one_tidy_row_per_configuration(trained):
     assert len(frame) == 2 * 2 * 2
     assert set(frame.columns) == {
         "w_bits", "a_bits", "symmetric", "per_channel", "policy", "fold", "first_last_8bit", "bias_correction",
-        "acc", "fp_acc",
+        "rounding", "acc", "fp_acc",
     }
+    assert (frame["rounding"] == "nearest").all()
     assert not frame["fold"].any() and frame["first_last_8bit"].all()  # the primary setting by default
     assert set(frame.a_bits) == {8, ptq.FLOAT_BITS} and frame.acc.between(0, 1).all()
     w8 = frame[(frame.w_bits == 8) & (frame.a_bits == ptq.FLOAT_BITS)].acc
@@ -227,6 +228,18 @@ def test_bit_sweep_has_one_column_per_deployment_setting(trained):
     )
     assert len(frame) == 8
     assert frame.groupby("fold").fp_acc.nunique().eq(1).all()  # one float reference per deployment
+
+
+def test_bit_sweep_learns_the_rounding_as_quantize_model_does(trained):
+    result, data = trained
+    frame = ptq.bit_sweep(result.model, data, w_bits=(2,), rounding=("nearest", "adaround"), calib_size=64,
+                          rounding_iterations=20).set_index("rounding")
+    learned = ptq.quantize_model(result.model, QuantSpec(2), calib=ptq.calibration_batch(data, 64),
+                                 rounding="adaround", rounding_config=adaround.AdaRoundConfig(iterations=20))
+    assert frame.loc["adaround", "acc"] == ptq.accuracy(learned, data)
+    assert frame.loc["nearest", "acc"] == ptq.accuracy(ptq.quantize_model(result.model, QuantSpec(2)), data)
+    with pytest.raises(ValueError, match="rounding must be one of"):
+        ptq.bit_sweep(result.model, data, w_bits=(2,), rounding=("stochastic",))
 
 
 def test_bit_sweep_rejects_a_bad_bit_width_before_evaluating(trained):
