@@ -157,7 +157,8 @@ def margin_over_runner_up(values: dict[Any, float], chosen: Any) -> float:
 class MethodSettings:
     """A method as the book runs it: registry name, fixed parameters, an optional choice made on
     the selection seed, the chapter that introduces it, and its measured training cost in
-    baseline-model units (``benchmarks/overhead.py``)."""
+    baseline-model units (``benchmarks/overhead.py``). ``endpoint`` is where chapter 08 grades a
+    compared method against the baseline (:func:`claim_endpoint`)."""
 
     method: str
     params: dict[str, Any]
@@ -168,6 +169,14 @@ class MethodSettings:
     lazy_every: int = 1  # > 1: lazy regularization with this k, adopted by LAZY_RULE (chapter 05)
     penalised_share: float = 1.0  # < 1: a warm start, the penalty only over this last share of the epochs
     compared: bool = False  # in chapter 08's comparison (its figures, tables and claims)
+    endpoint: str | None = None  # its claim's endpoint there; None: its choice's, else the primary one
+
+    def __post_init__(self) -> None:
+        if self.endpoint is not None:
+            check_choice("endpoint", self.endpoint, ENDPOINTS)
+        if self.endpoint is not None and self.choice is not None and self.endpoint != self.choice.endpoint:
+            raise ValueError(f"a method is chosen on the endpoint it is graded on: endpoint {self.endpoint!r} "
+                             f"differs from its choice's {self.choice.endpoint!r}; leave endpoint out")
 
     def params_for(self, profile: str | None = None) -> dict[str, Any]:
         """The fixed parameters in ``profile``: a warm start becomes the method's ``warmup_epochs``
@@ -212,10 +221,10 @@ METHODS: dict[str, MethodSettings] = {
     # The descriptive scopes reuse the channel scope's λ (the penalty is normalised per set).
     "symreg_layer": MethodSettings("symreg", {"scope": "layer"}, "01", 1.1, inherits="symreg"),
     "symreg_kernel": MethodSettings("symreg", {"scope": "kernel"}, "01", 1.1, inherits="symreg"),
-    "satnl": MethodSettings("satnl", {}, "02", 1.03, compared=True),
+    "satnl": MethodSettings("satnl", {}, "02", 1.03, compared=True, endpoint="w2"),
     # The combinations reuse SymReg's λ as chapter 1 chose it: one SymReg in the whole book.
     "symreg_satnl_asam": MethodSettings("symreg_satnl_asam", {"scope": "channel"}, "04", 2.7, inherits="symreg",
-                                        compared=True),
+                                        compared=True, endpoint="w2"),
     "symreg_satnl_lsq": MethodSettings("symreg_satnl_lsq", {**QAT_PARAMS, "scope": "channel"}, "04", 1.34,
                                        inherits="symreg"),
     "asam": MethodSettings("asam", {}, "04", 2.4),
@@ -223,7 +232,7 @@ METHODS: dict[str, MethodSettings] = {
     "symreg_satnl_asam_kure": MethodSettings("symreg_satnl_asam_kure", {"scope": "channel"}, "08", 2.8,
                                              inherits="symreg"),
     # KURE as released (λ 1, target kurtosis 1.8, book/methods.md §5): the reference robustness baseline.
-    "kure": MethodSettings("kure", {}, "08", 1.0, compared=True),
+    "kure": MethodSettings("kure", {}, "08", 1.0, compared=True, endpoint="w2"),
     # A warm start (book/methods.md §2 [recon]): the penalty on the last third of the epochs only
     # (the chapter's budget). Measured in the cold build of 5ceff46 (warm-start epochs in
     # channels_last, the penalised one contiguous): 12.4 s a model with the full penalty, 1.9 times
@@ -234,12 +243,12 @@ METHODS: dict[str, MethodSettings] = {
     # baseline's 6.4 s, once the parametrized stem kernel kept channels_last (reparam.in_layout_of).
     # WRPN starts at its grid's scale (qat.scale_init_to_grid [recon]): with the default init the
     # 3-bit model died on seed 0 and on the selection seed (9.4% test accuracy).
-    "wrpn": MethodSettings("wrpn", WRPN_PARAMS, "06", 1.0, compared=True),
+    "wrpn": MethodSettings("wrpn", WRPN_PARAMS, "06", 1.0, compared=True, endpoint="target"),
     "sinreq_wrpn": MethodSettings("sinreq_wrpn", WRPN_PARAMS, "06", 1.02, SINREQ_LAM, compared=True),
     "dorefa": MethodSettings("dorefa", FIXED_GRID_PARAMS, "06", 1.03),
     "sinreq_dorefa": MethodSettings("sinreq_dorefa", FIXED_GRID_PARAMS, "06", 1.1, inherits="sinreq_wrpn"),
-    "qat_ste": MethodSettings("qat_ste", QAT_PARAMS, "05", 1.02, compared=True),
-    "qat_lsq": MethodSettings("qat_lsq", QAT_PARAMS, "04", 1.1, compared=True),
+    "qat_ste": MethodSettings("qat_ste", QAT_PARAMS, "05", 1.02, compared=True, endpoint="target"),
+    "qat_lsq": MethodSettings("qat_lsq", QAT_PARAMS, "04", 1.1, compared=True, endpoint="target"),
     # As its authors ran it (issue #25): the penalty on the layers deployed at the target bit-width,
     # not on BatchNorm or the 8-bit stem and classifier (the released code penalises every weight).
     "oscillation": MethodSettings("oscillation", {"bit_width": QAT_BIT_WIDTH, "scope": "deployed"}, "07", 1.0,
@@ -257,6 +266,18 @@ LABELS: dict[str, str] = {
     "sinreq_dorefa": "SinReQ (DoReFa)", "qat_ste": "STE-QAT", "qat_lsq": "LSQ-QAT",
     "oscillation": "oscillation regularizer", "satnl_asam": "SatNL + ASAM",
 }
+
+
+def claim_endpoint(name: str) -> str:
+    """Where chapter 08 grades book method ``name`` against the baseline (protocol v2, change 12):
+    where its paper makes its claim, on matched deployments. Its entry's ``endpoint``, else its
+    choice's (a method is chosen on the endpoint it is graded on), else the primary endpoint.
+
+    >>> claim_endpoint("symreg"), claim_endpoint("kure"), claim_endpoint("qat_lsq"), claim_endpoint("baseline")
+    ('w2', 'w2', 'target', 'variants43')
+    """
+    entry = _settings(name)
+    return entry.endpoint or (entry.choice.endpoint if entry.choice else ENDPOINT)
 
 
 def label(name: str) -> str:

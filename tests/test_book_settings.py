@@ -234,3 +234,23 @@ def test_the_lazy_rule_adopts_within_ten_percent_exactly(monkeypatch, lazy_norm,
     _Recorded(quantized, norms={1: 2.0, 4: lazy_norm}).install(monkeypatch)
     lazy = book_settings.choose_lazy("grad_l1", "book")
     assert lazy["adopted"] is adopted and lazy["norm_full"] == 2.0 and lazy["norm_lazy"] == lazy_norm
+
+
+def test_each_compared_method_is_graded_where_its_paper_claims_and_chosen_there_too():
+    """Protocol v2, change 12: chapter 08 grades a compared method at its claim's endpoint, which is
+    its choice's where it has one (a method is chosen on the endpoint it is graded on)."""
+    compared = {name: book_settings.claim_endpoint(name) for name, entry in METHODS.items() if entry.compared}
+    assert {compared[name] for name in ("symreg", "satnl", "symreg_satnl_asam", "kure")} == {"w2"}
+    assert compared["grad_l1"] == "w6a6_w4a4"
+    assert {compared[name] for name in ("oscillation", "wrpn", "sinreq_wrpn", "qat_ste", "qat_lsq")} == {"target"}
+    for name, endpoint in compared.items():
+        assert endpoint in book_settings.ENDPOINTS
+        if METHODS[name].choice is not None:
+            assert METHODS[name].choice.endpoint == endpoint, name
+
+
+def test_a_method_graded_on_another_endpoint_than_its_choices_is_refused():
+    with pytest.raises(ValueError, match="chosen on the endpoint it is graded on"):
+        book_settings.MethodSettings("symreg", {}, "01", 1.0, book_settings.SYMREG_LAM, endpoint="target")
+    with pytest.raises(ValueError, match="endpoint must be one of"):
+        book_settings.MethodSettings("kure", {}, "08", 1.0, endpoint="w7")

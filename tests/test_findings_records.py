@@ -30,6 +30,9 @@ def _declared(notebook: Path) -> set[str]:
     ids = set(re.findall(r'Claim\(\s*"\d\d",\s*"(C\d\.[\w.]+)"', source))
     if notebook.name.startswith("08"):  # chapter 08 names one claim per compared method
         ids |= {f"C8.{name}" for name in comparison.compared_methods() if name != "baseline"}
+        # and one per method it sets against the learned-rounding bar (its BAR_METHODS list)
+        bar = re.search(r"BAR_METHODS = \[([^\]]*)\]", source)
+        ids |= {f"C8.bar.{name}" for name in re.findall(r'"(\w+)"', bar.group(1) if bar else "")}
     return ids
 
 
