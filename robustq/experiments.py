@@ -302,7 +302,8 @@ EVALUATION_KINDS = ("plain", "activations", "mse", "bias_corrected", "adaround")
 def evaluation_kinds(frame: pd.DataFrame) -> dict[str, int]:
     """How many rows of an evaluation cost what (the run plan's kinds, :mod:`robustq.manifest`):
     bias-corrected (a calibration pass per layer), MSE ranges (a search over clipping ratios),
-    calibrated activations, learned rounding (an optimisation per layer), or plain (a quantized copy and one pass over the test subset)."""
+    calibrated activations, learned rounding (an optimisation per layer), or plain (a quantized
+    copy and one pass over the test subset)."""
     kind = pd.Series("plain", index=frame.index)
     if "a_bits" in frame:
         kind[frame["a_bits"] < ptq.FLOAT_BITS] = "activations"
