@@ -26,7 +26,6 @@ does worse than nearest on the loss it optimises.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robustq.models import stem_and_classifier, weighted_layers
-from robustq.quant import QuantSpec, choose_qparams, edge_bits, fake_quant
+from robustq.models import edge_layers, weighted_layers
+from robustq.quant import QuantSpec, choose_qparams, fake_quant, layer_spec
 
 ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch (Eq. 23)
 
@@ -256,15 +255,15 @@ def round_model(
     go on :class:`Grid.of` ``spec``'s grid; with ``first_last_8bit`` the stem and the classifier at
     8 bits. Both models are plain (materialised, :func:`robustq.ptq.materialize`) and in eval mode.
     Returns one row per layer: its bit-width and :func:`learn_rounding`'s report."""
-    edges = set(stem_and_classifier(quantized)) if first_last_8bit else set()
+    edges = edge_layers(quantized, first_last_8bit)
     targets_of = _float_outputs(reference, calib)
     rows = []
     for name, layer in weighted_layers(quantized):
-        layer_spec = dataclasses.replace(spec, bit_width=edge_bits(spec.bit_width)) if name in edges else spec
+        grid_spec = layer_spec(spec, name in edges)
         inputs = _layer_inputs(quantized, layer, calib)
-        rounded, report = learn_rounding(layer_forward(layer), layer.weight, Grid.of(layer.weight, layer_spec),
+        rounded, report = learn_rounding(layer_forward(layer), layer.weight, Grid.of(layer.weight, grid_spec),
                                          inputs, targets_of[name], config)
         with torch.no_grad():
             layer.weight.copy_(rounded)
-        rows.append({"layer": name, "w_bits": layer_spec.bit_width, **report})
+        rows.append({"layer": name, "w_bits": grid_spec.bit_width, **report})
     return pd.DataFrame(rows)

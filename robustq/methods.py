@@ -360,7 +360,7 @@ class QAT(Part):
 
     def prepare(self, model):
         if self.init_to_grid:
-            qat.scale_init_to_grid(model, exclude=qat.stem_and_classifier(model))
+            qat.scale_init_to_grid(model, exclude=stem_and_classifier(model))
         return qat.prepare_qat(
             model, self.quantizer, self.bit_width, per_channel=self.per_channel, edge_bit_width=self.edge_bit_width,
             edge_quantizer=self.edge_quantizer,

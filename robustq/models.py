@@ -305,6 +305,12 @@ def stem_and_classifier(model: nn.Module) -> tuple[str, str | None]:
     return convs[0], (linears[-1] if linears else None)
 
 
+def edge_layers(model: nn.Module, kept: bool = True) -> set[str | None]:
+    """The names of the layers a deployment keeps at 8 bits: the stem and the classifier
+    (:func:`stem_and_classifier`) when ``kept`` (the primary setting, book/methods.md §0), else none."""
+    return set(stem_and_classifier(model)) if kept else set()
+
+
 def count_parameters(model: nn.Module) -> int:
     """Number of parameters (trainable or frozen; buffers such as BN running stats excluded)."""
     return sum(p.numel() for p in model.parameters())

@@ -26,7 +26,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from robustq import adaround, qat, quant
 from robustq.data import Dataset, Split, eval_loader, first_batch
-from robustq.models import stem_and_classifier, weighted_layers
+from robustq.models import edge_layers, weighted_layers
 from robustq.params import check_choice
 from robustq.quant import QuantSpec
 from robustq.train import EVAL_BATCH_SIZE, evaluate
@@ -205,16 +205,15 @@ def quantize_model(
 def _edge_rule(model: nn.Module, bit_width: int, first_last_8bit: bool):
     """``(layer name, trained bit-width) -> bit-width`` for re-quantizing a QAT model: edges at 8
     bits in the primary setting, every other layer at ``bit_width``."""
-    edges = set(stem_and_classifier(model)) if first_last_8bit else set()
+    edges = edge_layers(model, first_last_8bit)
     return lambda name, _trained: quant.edge_bits(bit_width) if name in edges else bit_width
 
 
 @torch.no_grad()
 def _quantize_weights(model: nn.Module, spec: QuantSpec, first_last_8bit: bool) -> None:
-    edges = set(stem_and_classifier(model)) if first_last_8bit else set()
+    edges = edge_layers(model, first_last_8bit)
     for name, module in weighted_layers(model):
-        layer_spec = dataclasses.replace(spec, bit_width=quant.edge_bits(spec.bit_width)) if name in edges else spec
-        module.weight.copy_(quant.quantize(module.weight, layer_spec, axis=0))
+        module.weight.copy_(quant.quantize(module.weight, quant.layer_spec(spec, name in edges), axis=0))
 
 
 @torch.no_grad()

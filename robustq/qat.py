@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from robustq.models import ConvBN, stem_and_classifier, target_layers
+from robustq.models import ConvBN, edge_layers, target_layers
 from robustq.params import check_choice
 from robustq.quant import QuantSpec, quantize, round_ste, validate_bit_width
 from robustq.reparam import in_layout_of, register_weight_parametrizations
@@ -237,7 +237,7 @@ def prepare_qat(
     (``remove_satnl``), or its layers excluded, or stacked on with ``stack_on_satnl=True``.
     """
     validate_bit_width(bit_width)
-    edges = set(stem_and_classifier(model)) if edge_bit_width is not None else set()
+    edges = edge_layers(model, kept=edge_bit_width is not None)
     edge_bits = validate_bit_width(edge_bit_width) if edges else bit_width
     if edge_quantizer is not None:
         check_choice("edge_quantizer", edge_quantizer, QUANTIZERS)

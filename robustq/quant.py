@@ -23,6 +23,7 @@ Gaussian prior).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from functools import lru_cache
@@ -176,6 +177,16 @@ class QuantSpec:
     @property
     def qrange(self) -> tuple[int, int]:
         return qrange(self.bit_width, signed=self.symmetric, narrow_range=self.narrow_range)
+
+
+def layer_spec(spec: QuantSpec, edge: bool) -> QuantSpec:
+    """The spec one layer is quantized with: ``spec``, or for the stem and the classifier
+    (``edge``) the same spec at :func:`edge_bits`.
+
+    >>> layer_spec(QuantSpec(3), edge=True).bit_width, layer_spec(QuantSpec(3), edge=False).bit_width
+    (8, 3)
+    """
+    return dataclasses.replace(spec, bit_width=edge_bits(spec.bit_width)) if edge else spec
 
 
 def choose_qparams(

@@ -136,9 +136,8 @@ def _loss_and_weight_grads(net: nn.Module, x, labels, loss_fn) -> tuple[float, l
 def _deployed_half_steps(plain: nn.Module, bit_width: int, first_last_8bit: bool) -> list[float]:
     """``Delta_l / 2`` of each conv/linear weight as :func:`robustq.ptq.quantize_model` deploys it
     at ``bit_width``: the stem and the classifier at ``max(8, b)`` when ``first_last_8bit``."""
-    edges = set(models.stem_and_classifier(plain)) if first_last_8bit else set()
-    edge_bits = max(quant.EDGE_BIT_WIDTH, bit_width)
-    return [_minmax_step(m.weight, edge_bits if name in edges else bit_width) / 2
+    edges = models.edge_layers(plain, first_last_8bit)
+    return [_minmax_step(m.weight, quant.edge_bits(bit_width) if name in edges else bit_width) / 2
             for name, m in ptq.weighted_layers(plain)]
 
 
