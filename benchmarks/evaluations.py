@@ -4,9 +4,11 @@ A kind is what :func:`robustq.experiments.evaluation_kinds` counts in a sweep: `
 quantized by min-max, one pass over the test subset), ``activations`` (activations calibrated and
 fake-quantized too), ``mse`` (ranges searched over clipping ratios) and ``bias_corrected`` (a
 calibration pass per layer). Each is timed on the book profile's seed-0 baseline (trained, or read
-from the cache) with ``ptq.bit_sweep`` directly, so nothing is read from the evaluation cache; the
-median of three W3 evaluations is printed, with its ratio to a plain one, and a baseline's training
-time for the seconds a training unit costs. Run alone: another process on the two cores slows it.
+from the cache) with ``ptq.bit_sweep`` directly, so nothing is read from the evaluation cache, and
+given the float accuracy as :func:`robustq.experiments.sweep` gives it (computed once a model): the
+median of three W3 evaluations is printed, with its ratio to a plain one, the float pass itself,
+and a baseline's training time for the seconds a training unit costs. Run alone: another process on
+the two cores slows it.
 
     .venv/bin/python benchmarks/evaluations.py [--profile book] [--batch-sizes 64 256 512]
 """
@@ -42,8 +44,12 @@ def main() -> None:
     result = book_settings.run("baseline", 0, args.profile)
     trained = time.perf_counter() - start
     data = experiments.dataset_for(result.experiment)
-    seconds = {kind: median_time(lambda sweep=sweep: ptq.bit_sweep(result, data, w_bits=(3,), **sweep), repeats=3)
+    float_seconds = median_time(lambda: ptq.float_accuracy(result, data), repeats=3)
+    fp_acc = {False: ptq.float_accuracy(result, data)}  # as experiments.sweep passes it: one float pass a model
+    seconds = {kind: median_time(lambda sweep=sweep: ptq.bit_sweep(result, data, w_bits=(3,), fp_acc=fp_acc,
+                                                                   **sweep), repeats=3)
                for kind, sweep in KINDS.items()}
+    print(f"{'float pass':15s} {float_seconds:6.2f} s  (once a model and deployment: experiments.float_accuracy)")
     for kind, value in seconds.items():
         print(f"{kind:15s} {value:6.2f} s  ({value / seconds['plain']:.1f}x plain)")
     if args.batch_sizes:

@@ -15,7 +15,7 @@ import collections
 import copy
 import dataclasses
 import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import pandas as pd
 import torch
@@ -183,7 +183,7 @@ def quantize_model(
         raise ValueError("a QAT model's own quantizers act on unfolded weights: pass fold=False")
     if bn_reestimate and fold:
         raise ValueError("bn_reestimate needs the BatchNorm layers: pass fold=False")
-    quantized = fold_bn(model) if fold else materialize(model)
+    quantized = deployment(model, fold)
     reference = copy.deepcopy(quantized) if bias_correction or learned else None
     if w_spec is not None and trained_quantizers:
         qat.requantize(quantized, trained_quantizers, _edge_rule(quantized, w_spec.bit_width, first_last_8bit))
@@ -353,6 +353,7 @@ def bit_sweep(
     rounding: Iterable[str] = ("nearest",),
     calib_size: int = 512,
     rounding_iterations: int = adaround.AdaRoundConfig.iterations,
+    fp_acc: Mapping[bool, float] | None = None,
 ) -> pd.DataFrame:
     """Test accuracy of ``model`` quantized at every combination of the arguments.
 
@@ -365,6 +366,8 @@ def bit_sweep(
     activations, else an asymmetric min-max spec calibrated on the float model. ``rounding``
     ``"adaround"`` learns the weights' rounding on the calibration batch (:func:`quantize_model`,
     ``rounding_iterations`` per layer); a QAT model's own quantizer rounds to nearest only.
+    ``fp_acc`` gives :func:`float_accuracy` per ``fold`` where the caller has it (cached per model:
+    :func:`robustq.experiments.sweep`); a missing one is computed.
     """
     model, quantizers = _model_and_quantizers(model)
     policies = tuple(policy)
@@ -375,9 +378,10 @@ def bit_sweep(
     rounding_config = adaround.AdaRoundConfig(iterations=rounding_iterations)
     calib = calibration_batch(data, calib_size)
     rows = []
+    known = dict(fp_acc or {})
     for folded in fold:
-        deployed = fold_bn(model) if folded else materialize(model)
-        fp_acc = accuracy(deployed, data)
+        deployed = deployment(model, folded)
+        float_acc = known[folded] if folded in known else accuracy(deployed, data)
         act_qparams = {a: calibrate(deployed, calib, QuantSpec(a, symmetric=False)) for a in a_bits if a is not None}
         settings = itertools.product(symmetric, per_channel, policies, first_last_8bit, bias_correction, roundings,
                                      w_bits, a_bits)
@@ -395,9 +399,21 @@ def bit_sweep(
             rows.append(
                 {"w_bits": w, "a_bits": a or FLOAT_BITS, "symmetric": sym, "per_channel": pc, "policy": pol,
                  "fold": folded, "first_last_8bit": edges, "bias_correction": corrected, "rounding": rounded,
-                 "acc": accuracy(quantized, data), "fp_acc": fp_acc}
+                 "acc": accuracy(quantized, data), "fp_acc": float_acc}
             )
     return pd.DataFrame(rows)
+
+
+def deployment(model: nn.Module, folded: bool) -> nn.Module:
+    """The float model as :func:`bit_sweep` deploys it: BN folded into the convs, or an eval-mode
+    copy with plain weights."""
+    return fold_bn(model) if folded else materialize(model)
+
+
+def float_accuracy(model: nn.Module, data: Dataset, folded: bool = False) -> float:
+    """``fp_acc`` of :func:`bit_sweep`: the accuracy of the float model deployed with BN folded
+    or unfolded (``model``: a module or a :class:`robustq.experiments.Result`)."""
+    return accuracy(deployment(_model_and_quantizers(model)[0], folded), data)
 
 
 def _model_and_quantizers(model_or_result) -> tuple[nn.Module, dict[str, dict]]:

@@ -30,10 +30,10 @@ from robustq.params import check_choice, check_int
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("onecycle", "cosine", "constant")
-# Batches of 64 to 256 score the book's 5,000 test images equally fast on the 2-core CPU (0.39-0.48 s
-# a pass, the sizes interleaved: benchmarks/evaluations.py --batch-sizes 64 128 512); 512 and more are
-# slower (0.48-0.63 s; 2.7 s for 10,000 images at 2048 against 1.5 s at 256). A one-off timing that
-# put 128 a third ahead of 256 was the first size of each round paying for it.
+# Batches of 64 to 256 score 5,000 test images (the book's subset then) equally fast on the 2-core CPU
+# (0.39-0.48 s a pass, the sizes interleaved: benchmarks/evaluations.py --batch-sizes 64 128 512); 512
+# and more are slower (0.48-0.63 s; 2.7 s for 10,000 images at 2048 against 1.5 s at 256). A one-off
+# timing that put 128 a third ahead of 256 was the first size of each round paying for it.
 EVAL_BATCH_SIZE = 256
 
 

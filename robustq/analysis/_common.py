@@ -1,18 +1,12 @@
-"""Helpers shared by the :mod:`robustq.analysis` modules, each defined once here: a model as the
-analyses quantize it, and the per-tensor min-max step. Private to the package."""
+"""Helpers shared by the :mod:`robustq.analysis` modules, each defined once here: the per-tensor
+min-max step. Private to the package."""
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from robustq import ptq, quant
+from robustq import quant
 from robustq.quant import QuantSpec
-
-
-def _deployed(model: nn.Module, fold: bool) -> nn.Module:
-    """The float network as it is quantized: BN folded, or plain weights with BN kept."""
-    return ptq.fold_bn(model) if fold else ptq.materialize(model)
 
 
 def _minmax_step(weight: torch.Tensor, bit_width: int) -> float:

@@ -28,7 +28,6 @@ import torch
 from torch import nn
 
 from robustq import ptq, quant
-from robustq.analysis._common import _deployed
 from robustq.data import Dataset
 from robustq.quant import QuantSpec
 
@@ -127,7 +126,7 @@ def model_clip_curves(
     insight 2 [summary])."""
     frames = [
         clip_curve(module.weight, bit_widths, ratios, symmetric).assign(depth=depth, layer=name)
-        for depth, (name, module) in enumerate(ptq.weighted_layers(_deployed(model, fold)), start=1)
+        for depth, (name, module) in enumerate(ptq.weighted_layers(ptq.deployment(model, fold)), start=1)
     ]
     columns = ["depth", "layer", "bit_width", "r", "mse", "rel_mse", "clipped"]
     return pd.concat(frames, ignore_index=True)[columns]

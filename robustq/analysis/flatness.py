@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from robustq import methods, ptq, qat, quant, sam
-from robustq.analysis._common import _deployed, _minmax_step
+from robustq.analysis._common import _minmax_step
 from robustq.params import check_choice, check_int
 from robustq.quant import QuantSpec
 
@@ -115,7 +115,7 @@ def magnitude_sensitivity(
     of the error applied, over the bucket's weights; NaN for an empty bucket), ``cost_points``,
     ``normalized``.
     """
-    net = _deployed(model, fold)
+    net = ptq.deployment(model, fold)
     fp_acc = _top1(net, x, labels)
     rows = []
     for depth, (name, module) in enumerate(ptq.weighted_layers(net), start=1):
@@ -258,7 +258,7 @@ def noise_robustness(
     draws, ``ddof=1``; NaN for one draw), ``drop_points = 100 (fp_acc - acc_mean)``.
     """
     check_int("draws", draws, minimum=1, example=5)
-    net = _deployed(model, fold)
+    net = ptq.deployment(model, fold)
     layers = [module for _, module in ptq.weighted_layers(net)]
     floats = [module.weight.detach().clone() for module in layers]
     steps = [_minmax_step(w, bit_width) for w in floats]

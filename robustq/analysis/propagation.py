@@ -37,7 +37,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from robustq import ptq, quant
-from robustq.analysis._common import _deployed
 from robustq.params import check_choice
 from robustq.quant import QuantSpec
 
@@ -262,7 +261,7 @@ def error_propagation(
     of mode ``"all"``, NaN for ``"single"``). ``model`` is BN-folded first unless ``fold=False``.
     """
     check_choice("mode", mode, MODES)
-    net = _deployed(model, fold)
+    net = ptq.deployment(model, fold)
     return _propagation(net, x, _FloatPass(net, x), w_spec, mode, bins, eps).drop(columns="acc")
 
 
@@ -281,7 +280,7 @@ def propagation_grid(
     et al. 2022, insight 1 and Fig. 1 [summary]). Adds the columns ``w_bits``, ``symmetric``, ``per_channel``, ``policy``;
     with the ``labels`` of ``x`` also ``acc`` (top-1 accuracy on ``x`` of the network with every
     layer quantized, NaN for mode ``"single"``) and ``fp_acc`` (of the float network)."""
-    net = _deployed(model, fold)
+    net = ptq.deployment(model, fold)
     reference = _FloatPass(net, x)
     frames = []
     for spec in w_specs:
@@ -374,7 +373,7 @@ def weight_error_mean(model: nn.Module, w_spec: QuantSpec, *, fold: bool = False
     about 0 and an odd quantizer, ``mean(dW_c) = 0`` whatever the step. The layer-level mean of
     ``dW`` is the mean of ``dw_mean`` over channels (all rows have the same fan-in).
     """
-    net = _deployed(model, fold)
+    net = ptq.deployment(model, fold)
     frames = []
     for depth, (name, module) in enumerate(ptq.weighted_layers(net), start=1):
         w = module.weight.detach()
@@ -404,7 +403,7 @@ def shift_prediction(model: nn.Module, x: torch.Tensor, w_spec: QuantSpec, *, fo
     All three are divided by ``std(y_c)``, like :func:`mean_shift` (but signed). One row per
     (layer, channel) with ``depth``, ``layer``, ``channel``, ``dw_mean`` and the three values.
     """
-    net = _deployed(model, fold)
+    net = ptq.deployment(model, fold)
     inputs, y_fp = layer_io(net, x)
     quantized = dict(ptq.weighted_layers(quantize_layers(net, w_spec)))
     frames = []
@@ -445,7 +444,7 @@ def weight_symmetry(model: nn.Module, *, fold: bool = False) -> pd.DataFrame:
     book/methods.md §1)."""
     from robustq.regularizers import sym_reg
 
-    net = _deployed(model, fold)
+    net = ptq.deployment(model, fold)
     rows = []
     for depth, (name, module) in enumerate(ptq.weighted_layers(net), start=1):
         w = module.weight.detach().double()
@@ -469,7 +468,7 @@ def weight_tails(model: nn.Module, *, fold: bool = False) -> pd.DataFrame:
     (``max|W| / std(W)``) and the ``kurtosis`` (3 Gaussian, 6 Laplace, 1.8 uniform), as deployed
     (the book's own diagnostic: what makes min-max clipping costly, Park et al. 2022, insight 2)."""
     rows = []
-    for depth, (name, module) in enumerate(ptq.weighted_layers(_deployed(model, fold)), start=1):
+    for depth, (name, module) in enumerate(ptq.weighted_layers(ptq.deployment(model, fold)), start=1):
         w = module.weight.detach().double().flatten()
         centered = w - w.mean()
         std = centered.pow(2).mean().sqrt()
