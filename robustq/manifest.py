@@ -327,27 +327,25 @@ def _unique(experiments) -> list[Experiment]:
 BUDGET_MINUTES = 36.0  # the plan's estimate must fit this (the book's cap is 40 minutes, goal 30)
 CALIBRATED_PROFILE = "book"  # the profile whose chapter times the constants below were measured on
 
-# Measured on the 2-core machine (AMD EPYC, the pinned AVX2 kernels), book recipe: a baseline model
-# trains in about 11 s inside a notebook with its setup, first evaluation and cache writes (cold
-# build of de8b77a: 8 s before the kernel pin); one row of an evaluation costs what
-# benchmarks/evaluations.py prints (a W3 sweep of one row, less its float pass). Against the cold
-# build of 94198ce (nothing else ran beside chapters 02-08), the plan is within 10% for chapters 00
-# (12 s against 12.1-13.2 measured alone), 02, 04, 05, 07 and 08, under by 13% for 06 (554 s against
-# 492) and by 17% for 03 (332 against 284: its percentile, ACIQ and bias-corrected rows cost more
-# than the W3 benchmark's); 01 (364 against 324) ran beside other work. Chapter times of one commit
-# move by 10-20% between cold builds on the same machine (03: 306, 339 and 332 s in the last three).
-# The cold build of 7f99028 (nothing else running): within 10% for 02 and 04-08, 16% under for 00
-# (10.5 s against 12), 14% over for 01 (371 s against 324) and 23% over for 03 (349 against 284).
-# With the test subset halved to 2,500 images (robustq/profiles.py), benchmarks/evaluations.py printed
-# 0.22-0.30 s a plain row (0.42 at 5,000), 0.46 with activations, 0.22 with MSE ranges and 0.81-1.01
-# bias-corrected (its calibration passes do not shrink), and 0.21-0.30 s for the float pass that each
-# model's sweeps now share (experiments.float_accuracy; it was repeated in every sweep, about 400
-# passes in a build, which the plan never counted).
-SECONDS_PER_UNIT = 11.0
+# Measured on the 2-core machine (AMD EPYC, the pinned AVX2 kernels), book recipe: a training unit
+# (a baseline model with its setup, first evaluation and cache writes, inside a notebook) and one row
+# of an evaluation of each kind, as benchmarks/evaluations.py prints it (a W3 sweep of one row, the
+# model's float pass given). With the test subset halved to 2,500 images (robustq/profiles.py) it
+# printed 0.22-0.30 s a plain row (0.42 at 5,000), 0.46 with activations, 0.22 with MSE ranges and
+# 0.81-1.01 bias-corrected (its calibration passes do not shrink), and 0.21-0.30 s for the float pass
+# that a model's sweeps now share (experiments.float_accuracy: repeated in every sweep before, about
+# 400 passes a build that the plan never counted, which put the cold build of 7f99028 3 minutes over
+# it). The unit is fitted to the cold build of c513878 (nothing else running but a 97-s test during
+# chapters 00 and 01): 37.8 minutes of notebooks against 38.0 estimated, every chapter within 10%
+# (08: 211 s against 235) but 00 (15.1 s against 12, the test beside it). Chapter times of one commit
+# move by 10-20% between cold builds on the same machine.
+SECONDS_PER_UNIT = 10.3
 # A learned rounding (500 AdaRound steps per layer) took 8.3 s a model at W2 in the cold build of 7f99028
 # (chapter 08's bar cell: 41.6 s for five, float passes included).
+# Block reconstruction at the same steps per block: 10.9-11.9 s a model (benchmarks/adaround.py); no
+# chapter runs it.
 SECONDS_PER_EVALUATION = {"plain": 0.25, "activations": 0.5, "mse": 0.25, "bias_corrected": 1.0, "adaround": 8.0,
-                          "passes": 0.4}
+                          "block": 11.0, "passes": 0.4}
 SECONDS_PER_CHAPTER = 5.0
 
 
