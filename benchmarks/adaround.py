@@ -1,19 +1,27 @@
-"""What learned rounding (AdaRound, robustq/adaround.py) costs per model and bit-width, and what it
-buys over rounding to nearest, on the book's seed-0 baseline (trained, or read from the cache).
+"""What learned rounding (robustq/adaround.py: AdaRound layer by layer, BRECQ's block reconstruction
+block by block) costs per model and bit-width, and what it buys over rounding to nearest, on the
+book's seed-0 baseline (trained, or read from the cache).
 
 For each weight bit-width, the model is deployed as the book's primary setting (symmetric per-tensor
-min-max, BN unfolded, stem and classifier at 8 bits) with nearest rounding and with learned rounding
-on the profile's calibration batch, for a few iteration budgets; the script prints the seconds the
-learned rounding took (its own ratio to one nearest-rounding evaluation beside it), the test accuracy
-of both, and the share of weights that learned rounding rounds the other way. Run alone: another
-process on the two cores slows it.
+min-max, BN unfolded, stem and classifier at 8 bits) with nearest rounding and with each learned
+rounding on the profile's calibration batch, for a few iteration budgets; the script prints the
+seconds the learned rounding took (its own ratio to one nearest-rounding evaluation beside it), the
+test accuracy of both, and the share of weights that learned rounding rounds the other way. Run
+alone: another process on the two cores slows it.
 
     .venv/bin/python benchmarks/adaround.py [--profile book] [--bits 4 3 2] [--iterations 100 500]
+                                            [--rounding adaround block]
+
+``--choose-lr`` instead makes the profile's step size (``Profile.rounding_lr``) by the book's rule
+for every open choice (``book_settings.best_on_endpoint``): the selection seeds' baselines with
+AdaRound at W2, the profile's steps per layer, each step size of ``CHOICE_LRS``, scored on their
+validation split; it prints the mean per step size, the validation noise and the choice.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 
 from robustq import adaround, book_settings, experiments, profiles, ptq
@@ -25,7 +33,12 @@ def main() -> None:
     parser.add_argument("--profile", default="book")
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
     parser.add_argument("--iterations", type=int, nargs="+", default=[100, 500])
+    parser.add_argument("--rounding", nargs="+", default=list(ptq.LEARNED_ROUNDINGS), choices=ptq.LEARNED_ROUNDINGS)
+    parser.add_argument("--choose-lr", action="store_true", help="choose the profile's step size (see above)")
     args = parser.parse_args()
+    if args.choose_lr:
+        choose_lr(args.profile)
+        return
     result = book_settings.run("baseline", 0, args.profile)
     data = experiments.dataset_for(result.experiment)
     calib = ptq.calibration_batch(data, profiles.get(args.profile).calibration_images)
@@ -36,16 +49,38 @@ def main() -> None:
         start = time.perf_counter()
         nearest = 100 * ptq.accuracy(ptq.quantize_model(result.model, spec), data)
         evaluation = time.perf_counter() - start
-        for iterations in args.iterations:
+        for rounding, iterations in itertools.product(args.rounding, args.iterations):
             quantized = ptq.materialize(result.model)
             start = time.perf_counter()
-            report = adaround.round_model(quantized, reference, spec, calib,
-                                          config=adaround.AdaRoundConfig(iterations=iterations))
+            report = ptq.LEARNED_ROUNDINGS[rounding](quantized, reference, spec, calib,
+                                                     config=adaround.AdaRoundConfig(iterations=iterations))
             seconds = time.perf_counter() - start
             learned = 100 * ptq.accuracy(quantized, data)
-            print(f"W{bits} {iterations:5d} iterations: {seconds:6.1f} s ({seconds / evaluation:5.1f}x an evaluation)"
-                  f"  nearest {nearest:6.2f}%  learned {learned:6.2f}%  flipped {100 * report['flipped'].mean():4.1f}%"
-                  f"  layers kept nearest: {int((report['kept'] == 'nearest').sum())} of {len(report)}")
+            print(f"W{bits} {rounding:8s} {iterations:5d} iterations: {seconds:6.1f} s "
+                  f"({seconds / evaluation:5.1f}x an evaluation)  nearest {nearest:6.2f}%  learned {learned:6.2f}%"
+                  f"  flipped {100 * report['flipped'].mean():4.1f}%  layers or blocks kept nearest: "
+                  f"{int((report['kept'] == 'nearest').sum())} of {len(report)}")
+
+
+# AIMET's step size, then a decade apart; 1 extends the grid once, as the rule does where its first
+# grid's choice sits at an end (10⁻¹ did).
+CHOICE_LRS = (1e-3, 1e-2, 1e-1, 1.0)
+
+
+def choose_lr(profile: str, bits: int = 2) -> None:
+    values = {}
+    for lr in CHOICE_LRS:
+        accuracies = []
+        for seed in book_settings.SELECTION_SEEDS:
+            result = experiments.run(book_settings.selection_experiment("baseline", profile, seed))
+            frame = experiments.sweep(result, split="val", w_bits=(bits,), rounding=("adaround",), rounding_lr=lr)
+            accuracies.append(100 * frame["acc"].item())
+        values[lr] = sum(accuracies) / len(accuracies)
+        print(f"step size {lr:g}: W{bits} validation accuracy {', '.join(f'{a:.2f}' for a in accuracies)}%"
+              f" (mean {values[lr]:.2f}%)", flush=True)
+    images = profiles.get(profile).validation_size * len(book_settings.SELECTION_SEEDS)
+    noise = book_settings.validation_noise(max(values.values()), images)
+    print(f"validation noise {noise:.2f} points; chosen step size: {book_settings.best_on_endpoint(values, noise):g}")
 
 
 if __name__ == "__main__":

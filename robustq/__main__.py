@@ -191,7 +191,8 @@ def _sweep(args: argparse.Namespace, exp: experiments.Experiment) -> None:
     result = experiments.run(exp, progress=not args.no_progress)
     frame = ptq.bit_sweep(result.model, experiments.dataset_for(exp), w_bits=args.w_bits, a_bits=(None,),
                           rounding=(args.rounding,),
-                          rounding_iterations=profiles.get(result.experiment.profile).rounding_iterations)
+                          rounding_iterations=profiles.get(result.experiment.profile).rounding_iterations,
+                          rounding_lr=profiles.get(result.experiment.profile).rounding_lr)
     print(sweep_table(frame))
 
 
@@ -265,8 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_experiment_args(sweep)
     sweep.add_argument("--w-bits", type=int, nargs="+", default=[8, 6, 4, 3, 2], help="weight bit-widths")
     sweep.add_argument("--rounding", default="nearest", choices=ptq.ROUNDINGS,
-                       help="round each weight to nearest, or learn its rounding on the calibration batch "
-                            "(AdaRound, the profile's steps per layer)")
+                       help="round each weight to nearest, or learn its rounding on the calibration batch: "
+                            "layer by layer (adaround) or block by block (block, BRECQ), the profile's steps per "
+                            "layer or block")
     sweep.set_defaults(func=_sweep)
     listing = commands.add_parser("methods", help="list the registered methods and their hyperparameters")
     listing.add_argument("--book", action="store_true", help="list the book's methods as the chapters run them")

@@ -34,8 +34,9 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
-from robustq.models import edge_layers, weighted_layers
+from robustq.models import edge_layers, reconstruction_blocks, weighted_layers
 from robustq.quant import QuantSpec, choose_qparams, fake_quant, layer_spec
 
 ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch (Eq. 23)
@@ -178,28 +179,49 @@ def learn_rounding(
     error on all of ``inputs`` with nearest and with learned rounding, which one was kept (the
     better), and the share of weights rounded the other way than nearest. ``forward(weight, x)`` is
     the layer; ``targets`` its float outputs, ``inputs`` its inputs with the layers below rounded."""
-    weight = weight.detach()
     act = activation or (lambda y: y)
-    goal = act(targets.detach())
-    v = initial_logits(weight * (1.0 / grid.scale) - grid.floor(weight)).requires_grad_()
-    optimizer = torch.optim.Adam([v], lr=config.lr)
+    (rounded,), report = learn_joint_rounding(lambda weights, x: act(forward(weights[0], x)), [weight], [grid],
+                                              inputs, act(targets.detach()), config)
+    return rounded, report
+
+
+def learn_joint_rounding(
+    forward: Callable[[list[torch.Tensor], torch.Tensor], torch.Tensor],
+    weights: list[torch.Tensor],
+    grids: list[Grid],
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    config: AdaRoundConfig = AdaRoundConfig(),
+) -> tuple[list[torch.Tensor], dict]:
+    """The rounding of several weights learned together against one output (Eq. 25 with a sum of
+    Eq. 24 over the weights): one layer's (:func:`learn_rounding`) or a block's (BRECQ,
+    :func:`round_blocks`). ``forward(weights, x)`` computes the output ``targets`` reconstructs;
+    returns the rounded weights and :func:`learn_rounding`'s report over all of them."""
+    weights = [weight.detach() for weight in weights]
+    goal = targets.detach()
+    vs = [initial_logits(w * (1.0 / grid.scale) - grid.floor(w)).requires_grad_() for w, grid in zip(weights, grids)]
+    optimizer = torch.optim.Adam(vs, lr=config.lr)
     generator = torch.Generator().manual_seed(config.seed)
     for iteration in range(config.iterations):
         batch = torch.randint(len(inputs), (min(config.batch_size, len(inputs)),), generator=generator)
-        loss = reconstruction_error(act(forward(soft_weights(weight, v, grid), inputs[batch])), goal[batch])
+        soft = [soft_weights(w, v, grid) for w, v, grid in zip(weights, vs, grids)]
+        loss = reconstruction_error(forward(soft, inputs[batch]), goal[batch])
         beta = annealed_beta(iteration, config)
         if beta is not None:
-            loss = loss + config.reg_weight * rounding_regularizer(v, beta)
+            for v in vs:
+                loss = loss + config.reg_weight * rounding_regularizer(v, beta)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     with torch.no_grad():
-        nearest, learned = grid.nearest(weight), hard_weights(weight, v, grid)
-        errors = {name: float(reconstruction_error(act(forward(w, inputs)), goal))
-                  for name, w in (("nearest", nearest), ("learned", learned))}
+        nearest = [grid.nearest(w) for w, grid in zip(weights, grids)]
+        learned = [hard_weights(w, v, grid) for w, v, grid in zip(weights, vs, grids)]
+        errors = {name: float(reconstruction_error(forward(candidate, inputs), goal))
+                  for name, candidate in (("nearest", nearest), ("learned", learned))}
+        flipped = torch.cat([(a != b).flatten() for a, b in zip(learned, nearest)]).float().mean()
     kept = "learned" if errors["learned"] <= errors["nearest"] else "nearest"
     report = {"error_nearest": errors["nearest"], "error_learned": errors["learned"], "kept": kept,
-              "flipped": float((learned != nearest).float().mean())}
+              "flipped": float(flipped)}
     return (learned if kept == "learned" else nearest), report
 
 
@@ -267,3 +289,69 @@ def round_model(
             layer.weight.copy_(rounded)
         rows.append({"layer": name, "w_bits": grid_spec.bit_width, **report})
     return pd.DataFrame(rows)
+
+
+def round_blocks(
+    quantized: nn.Module,
+    reference: nn.Module,
+    spec: QuantSpec,
+    calib: torch.Tensor,
+    *,
+    first_last_8bit: bool = True,
+    config: AdaRoundConfig = AdaRoundConfig(),
+) -> pd.DataFrame:
+    """Block reconstruction (BRECQ, Li et al., ICLR 2021, arXiv 2102.05426, §3.3): as
+    :func:`round_model`, but the rounding of every layer of one block (:func:`robustq.models.
+    reconstruction_blocks`: a residual block, or a network's layers up to a pooling) is learned
+    together, against the block's float output (its activations and pooling included) from the
+    block's input with the blocks below already rounded. Blocks in module order, each layer on
+    :class:`Grid.of` ``spec``'s grid (with ``first_last_8bit`` the stem and the classifier at 8 bits).
+
+    Deviations from BRECQ, stated: the block output's error is the plain squared error of
+    :func:`reconstruction_error` (BRECQ weighs it by the diagonal Fisher information, the squared
+    gradients of the task loss), and, as in :func:`round_model`, a block keeps rounding to nearest
+    where its learned rounding reconstructs the calibration batch worse. QDrop's dropping of
+    activation quantization (Wei et al., ICLR 2022) acts only with quantized activations, which this
+    weight-only deployment has none of. Returns one row per block: its layers, their bit-widths and
+    :func:`learn_joint_rounding`'s report."""
+    edges = edge_layers(quantized, first_last_8bit)
+    layers = weighted_layers(quantized)
+    rows = []
+    for quantized_block, float_block in zip(reconstruction_blocks(quantized), reconstruction_blocks(reference)):
+        members = [(name, layer) for name, layer in layers if any(layer is m for m in quantized_block.modules())]
+        if not members:
+            continue
+        inputs = _block_input(quantized, quantized_block, calib)
+        targets = _block_output(reference, float_block, calib)
+        parameters = _weight_names(quantized_block, [layer for _, layer in members])
+        grids = [Grid.of(layer.weight, layer_spec(spec, name in edges)) for name, layer in members]
+        rounded, report = learn_joint_rounding(
+            lambda weights, x, block=quantized_block, names=parameters: functional_call(block, dict(zip(names, weights)),
+                                                                                        (x,)),
+            [layer.weight for _, layer in members], grids, inputs, targets, config)
+        with torch.no_grad():
+            for (_, layer), weight in zip(members, rounded):
+                layer.weight.copy_(weight)
+        rows.append({"block": ", ".join(name for name, _ in members),
+                     "w_bits": ", ".join(str(layer_spec(spec, name in edges).bit_width) for name, _ in members),
+                     **report})
+    return pd.DataFrame(rows)
+
+
+def _weight_names(block: nn.Module, layers: list[nn.Module]) -> list[str]:
+    """Each layer's weight as a parameter name of ``block`` (for ``functional_call``)."""
+    names = {id(module): name for name, module in block.named_modules()}
+    return [f"{names[id(layer)]}.weight" for layer in layers]
+
+
+@torch.no_grad()
+def _block_input(model: nn.Module, block: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """The input of ``block`` (a view of ``model``'s modules) on ``x``, as the layers below compute it."""
+    return _layer_inputs(model, block[0], x)
+
+
+@torch.no_grad()
+def _block_output(model: nn.Module, block: nn.Sequential, x: torch.Tensor) -> torch.Tensor:
+    """The output of ``block`` (a view of ``model``'s modules) on ``x`` in ``model`` (a copy: the
+    modules above may act in place)."""
+    return block(_block_input(model, block, x)).clone()

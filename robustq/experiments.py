@@ -257,15 +257,15 @@ def sweep(result: Result, split: str = "test", **settings: Any) -> pd.DataFrame:
     that asks for an evaluation another chapter already ran reads it instead of re-evaluating.
     ``split="val"`` scores a selection run on its validation split instead (the choices' rule).
     The calibration batch (activations, bias correction, learned rounding) has the profile's size
-    unless ``calib_size`` is given, and learned rounding the profile's steps per layer unless
-    ``rounding_iterations`` is.
+    unless ``calib_size`` is given, and learned rounding the profile's steps per layer and step size
+    unless ``rounding_iterations`` and ``rounding_lr`` are.
 
     Keyed by the settings, the package version and a fingerprint of the evaluation code; an
     unreadable entry is reported on stderr and recomputed."""
     check_choice("split", split, ("test", "val"))
     profile = profiles.get(result.experiment.profile)
-    if "adaround" in settings.get("rounding", ()):
-        settings = {"rounding_iterations": profile.rounding_iterations, **settings}
+    if any(rounding in ptq.LEARNED_ROUNDINGS for rounding in settings.get("rounding", ())):
+        settings = {"rounding_iterations": profile.rounding_iterations, "rounding_lr": profile.rounding_lr, **settings}
     settings = {"calib_size": profile.calibration_images, **settings}
     path = _evaluation_path(result, "ptq", split, {"settings": settings})
     frame = None
@@ -318,13 +318,13 @@ def _scored_on(data, split: str):
     return dataclasses.replace(data, test=data.val)
 
 
-EVALUATION_KINDS = ("plain", "activations", "mse", "bias_corrected", "adaround")
+EVALUATION_KINDS = ("plain", "activations", "mse", "bias_corrected", "adaround", "block")
 
 
 def evaluation_kinds(frame: pd.DataFrame) -> dict[str, int]:
     """How many rows of an evaluation cost what (the run plan's kinds, :mod:`robustq.manifest`):
     bias-corrected (a calibration pass per layer), MSE ranges (a search over clipping ratios),
-    calibrated activations, learned rounding (an optimisation per layer), or plain (a quantized
+    calibrated activations, learned rounding (an optimisation per layer, or per block), or plain (a quantized
     copy and one pass over the test subset)."""
     kind = pd.Series("plain", index=frame.index)
     if "a_bits" in frame:
@@ -334,7 +334,8 @@ def evaluation_kinds(frame: pd.DataFrame) -> dict[str, int]:
     if "bias_correction" in frame:
         kind[frame["bias_correction"].astype(bool)] = "bias_corrected"
     if "rounding" in frame:
-        kind[frame["rounding"] == "adaround"] = "adaround"
+        for rounding in ptq.LEARNED_ROUNDINGS:
+            kind[frame["rounding"] == rounding] = rounding
     counts = kind.value_counts()
     return {name: int(counts.get(name, 0)) for name in EVALUATION_KINDS}
 

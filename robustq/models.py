@@ -311,6 +311,28 @@ def edge_layers(model: nn.Module, kept: bool = True) -> set[str | None]:
     return set(stem_and_classifier(model)) if kept else set()
 
 
+def reconstruction_blocks(model: nn.Module) -> list[nn.Sequential]:
+    """The blocks block reconstruction (BRECQ, Li et al. 2021, arXiv 2102.05426, §3.3) learns one at a
+    time, in order: views (``nn.Sequential`` of the model's own modules, nothing copied) whose
+    composition is the model. The CNN: its ConvBN-ReLU layers up to each pooling, then the
+    classifier; ResNet-20 and MobileNetV2: the stem with its activation, each residual block, the
+    head (MobileNetV2) and the classifier with its pooling. Any other model: one weighted layer a
+    block, for which block reconstruction is AdaRound."""
+    if isinstance(model, SmallCNN):
+        blocks, current = [], []
+        for module in model:
+            current.append(module)
+            if isinstance(module, (nn.MaxPool2d, nn.AdaptiveMaxPool2d)):
+                blocks.append(current)
+                current = []
+        return [nn.Sequential(*block) for block in (*blocks, current)]
+    if isinstance(model, (ResNet20, MobileNetV2)):
+        head = [[model.head, model.head_relu]] if isinstance(model, MobileNetV2) else []
+        return [nn.Sequential(*block) for block in ([model.stem, model.stem_relu], *([b] for b in model.blocks),
+                                                     *head, [model.pool, model.flatten, model.fc])]
+    return [nn.Sequential(layer) for _, layer in weighted_layers(model)]
+
+
 def count_parameters(model: nn.Module) -> int:
     """Number of parameters (trainable or frozen; buffers such as BN running stats excluded)."""
     return sum(p.numel() for p in model.parameters())

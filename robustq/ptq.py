@@ -32,7 +32,8 @@ from robustq.quant import QuantSpec
 from robustq.train import EVAL_BATCH_SIZE, evaluate
 
 FLOAT_BITS = 32  # how tidy frames label an unquantized tensor
-ROUNDINGS = ("nearest", "adaround")  # how quantize_model rounds each weight onto its grid
+ROUNDINGS = ("nearest", "adaround", "block")  # how quantize_model rounds each weight onto its grid
+LEARNED_ROUNDINGS = {"adaround": adaround.round_model, "block": adaround.round_blocks}
 TRAINED = "trained"  # bit_sweep's policy name for a QAT model's own quantizer
 
 
@@ -167,14 +168,16 @@ def quantize_model(
       2019, arXiv 1906.04721). Both are the PTQ fixes a training-time method must beat.
     * ``rounding="adaround"`` learns each weight's rounding, layer by layer, on ``calib`` instead
       of rounding to nearest (AdaRound, Nagel et al. 2020, arXiv 2004.10568:
-      :func:`robustq.adaround.round_model` with ``rounding_config``), on ``w_spec``'s grid; not
-      for a QAT model's own quantizers.
+      :func:`robustq.adaround.round_model` with ``rounding_config``), on ``w_spec``'s grid;
+      ``rounding="block"`` learns it block by block against each block's output (BRECQ, Li et al.
+      2021, arXiv 2102.05426: :func:`robustq.adaround.round_blocks`). Neither for a QAT model's own
+      quantizers.
     """
     check_choice("rounding", rounding, ROUNDINGS)
-    learned = rounding == "adaround" and w_spec is not None
+    learned = rounding in LEARNED_ROUNDINGS and w_spec is not None
     if (a_spec is not None or bias_correction or bn_reestimate or learned) and calib is None:
         raise ValueError(
-            "a_spec, bias_correction, bn_reestimate and rounding='adaround' need calib: pass a batch "
+            "a_spec, bias_correction, bn_reestimate and a learned rounding need calib: pass a batch "
             "of normalised training images, e.g. calib=calibration_batch(data)"
         )
     if learned and trained_quantizers:
@@ -189,8 +192,8 @@ def quantize_model(
         qat.requantize(quantized, trained_quantizers, _edge_rule(quantized, w_spec.bit_width, first_last_8bit))
     elif learned:
         device = next(quantized.parameters()).device
-        adaround.round_model(quantized, reference, w_spec, calib.to(device), first_last_8bit=first_last_8bit,
-                             config=rounding_config or adaround.AdaRoundConfig())
+        LEARNED_ROUNDINGS[rounding](quantized, reference, w_spec, calib.to(device), first_last_8bit=first_last_8bit,
+                                    config=rounding_config or adaround.AdaRoundConfig())
     elif w_spec is not None:
         _quantize_weights(quantized, w_spec, first_last_8bit)
     if bn_reestimate:
@@ -353,6 +356,7 @@ def bit_sweep(
     rounding: Iterable[str] = ("nearest",),
     calib_size: int = 512,
     rounding_iterations: int = adaround.AdaRoundConfig.iterations,
+    rounding_lr: float = adaround.AdaRoundConfig.lr,
     fp_acc: Mapping[bool, float] | None = None,
 ) -> pd.DataFrame:
     """Test accuracy of ``model`` quantized at every combination of the arguments.
@@ -364,8 +368,9 @@ def bit_sweep(
     classifier at 8 bits. One tidy row per combination, with ``acc`` and the float model's
     ``fp_acc`` (same deployment, unquantized); ``a_bits`` of ``FLOAT_BITS`` means float
     activations, else an asymmetric min-max spec calibrated on the float model. ``rounding``
-    ``"adaround"`` learns the weights' rounding on the calibration batch (:func:`quantize_model`,
-    ``rounding_iterations`` per layer); a QAT model's own quantizer rounds to nearest only.
+    ``"adaround"`` (layer by layer) or ``"block"`` (block by block) learns the weights' rounding on
+    the calibration batch (:func:`quantize_model`, ``rounding_iterations`` Adam steps of size
+    ``rounding_lr`` per layer or block); a QAT model's own quantizer rounds to nearest only.
     ``fp_acc`` gives :func:`float_accuracy` per ``fold`` where the caller has it (cached per model:
     :func:`robustq.experiments.sweep`); a missing one is computed.
     """
@@ -375,7 +380,7 @@ def bit_sweep(
         raise ValueError("policy 'trained' needs a QAT-trained Result (experiments.run of a QAT method)")
     _check_bits(w_bits, a_bits)
     roundings = tuple(check_choice("rounding", r, ROUNDINGS) for r in rounding)
-    rounding_config = adaround.AdaRoundConfig(iterations=rounding_iterations)
+    rounding_config = adaround.AdaRoundConfig(iterations=rounding_iterations, lr=rounding_lr)
     calib = calibration_batch(data, calib_size)
     rows = []
     known = dict(fp_acc or {})

@@ -1,6 +1,7 @@
-"""Learned rounding (AdaRound, Nagel et al., arXiv 2004.10568): its equations on fixed cases, exact
-agreement of its grid with torch's fake-quant kernels, and never worse than nearest rounding on the
-reconstruction error it optimises."""
+"""Learned rounding (AdaRound, Nagel et al., arXiv 2004.10568) and block reconstruction (BRECQ, Li et
+al., arXiv 2102.05426): their equations on fixed cases, exact agreement of the grid with torch's
+fake-quant kernels, a block of one layer learning exactly what AdaRound learns, and never worse than
+nearest rounding on the reconstruction error they optimise."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from robustq import ptq
+from robustq import models, ptq
 from robustq.adaround import (
     AdaRoundConfig,
     Grid,
@@ -24,6 +25,7 @@ from robustq.adaround import (
     learn_rounding,
     reconstruction_error,
     rectified_sigmoid,
+    round_blocks,
     round_model,
     rounding_regularizer,
     soft_weights,
@@ -117,6 +119,61 @@ def test_a_model_is_rounded_layer_by_layer_onto_its_grid_with_the_edges_at_8_bit
         codes = weight / grid.scale
         assert torch.allclose(codes, codes.round(), atol=1e-4), name
     assert torch.equal(reference[0].weight, model[0].weight)  # the float model is left alone
+
+
+@pytest.mark.parametrize("name", models.available())
+def test_the_reconstruction_blocks_compose_to_the_model_and_hold_each_layer_once(name):
+    torch.manual_seed(0)
+    model = models.make_model(name, 1, 10).eval()
+    x = torch.randn(4, 1, 28, 28)
+    blocks = models.reconstruction_blocks(model)
+    out = x
+    with torch.no_grad():
+        for block in blocks:
+            out = block(out)
+        assert torch.equal(out, model(x))
+    held = [id(m) for block in blocks for m in block.modules() if isinstance(m, models.WEIGHTED_TYPES)]
+    assert sorted(held) == sorted(id(layer) for _, layer in models.weighted_layers(model))
+
+
+def _toy_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(4 * 4 * 4, 10)).eval()
+
+
+def test_block_reconstruction_with_one_layer_a_block_learns_exactly_what_adaround_learns():
+    reference = ptq.materialize(_toy_model())  # not a book network: one weighted layer a block
+    calib = torch.randn(48, 1, 8, 8)
+    config = AdaRoundConfig(iterations=40)
+    by_layer, by_block = copy.deepcopy(reference), copy.deepcopy(reference)
+    layers = round_model(by_layer, reference, QuantSpec(2), calib, config=config)
+    blocks = round_blocks(by_block, reference, QuantSpec(2), calib, config=config)
+    for (name, a), b in zip(by_layer.state_dict().items(), by_block.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert blocks["block"].tolist() == layers["layer"].tolist()
+    assert blocks["error_learned"].tolist() == layers["error_learned"].tolist()
+
+
+@settings(max_examples=4, deadline=None)
+@given(seed=st.integers(0, 2**16), bits=st.sampled_from([2, 3]))
+def test_block_reconstruction_keeps_each_block_no_worse_than_nearest_and_every_weight_on_its_grid(seed, bits):
+    torch.manual_seed(seed)
+    reference = ptq.materialize(models.make_model("cnn", 1, 10).eval())
+    calib = torch.randn(32, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
+    quantized = copy.deepcopy(reference)
+    report = round_blocks(quantized, reference, QuantSpec(bits), calib, config=AdaRoundConfig(iterations=10, seed=seed))
+    assert len(report) == len(models.reconstruction_blocks(reference))
+    kept = report[["error_learned", "error_nearest"]].min(axis=1)
+    assert (kept <= report["error_nearest"]).all()
+    assert report["w_bits"].tolist()[0].startswith("8") and report["w_bits"].tolist()[-1] == "8"
+    edges = models.edge_layers(reference)
+    for name, layer in models.weighted_layers(quantized):
+        float_weight = reference.get_submodule(name).weight
+        grid = Grid.of(float_weight, QuantSpec(8 if name in edges else bits))
+        codes = layer.weight / grid.scale
+        assert torch.allclose(codes, codes.round(), atol=1e-4), name
+        assert ((layer.weight - grid.nearest(float_weight)).abs() <= grid.scale * 1.0001).all(), name
 
 
 def test_a_bad_config_or_layer_is_named():

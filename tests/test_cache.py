@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
-from robustq import cache, experiments
+from robustq import cache, experiments, profiles
 from robustq.experiments import Experiment, run
 
 TINY = dict(dataset="synthetic", epochs=1, batch_size=128)
@@ -305,6 +305,20 @@ def test_the_sweeps_of_a_model_share_one_cached_float_pass_equal_to_a_fresh_one(
     monkeypatch.setattr(experiments.ptq, "float_accuracy", lambda *a, **k: pytest.fail("a float pass was repeated"))
     again = experiments.sweep(result, w_bits=(3,), fold=(True, False))
     assert again.set_index("fold")["fp_acc"].to_dict() == first.set_index("fold")["fp_acc"].to_dict()
+
+
+def test_a_learned_rounding_sweep_takes_the_profiles_steps_and_step_size(isolated_cache, monkeypatch):
+    result = run(Experiment(**TINY), progress=False)
+    seen = {}
+
+    def bit_sweep(*_args, **settings):
+        seen.update(settings)
+        return pd.DataFrame({"w_bits": [2], "rounding": ["block"], "acc": [0.5], "fp_acc": [0.9]})
+
+    monkeypatch.setattr(experiments.ptq, "bit_sweep", bit_sweep)
+    experiments.sweep(result, w_bits=(2,), rounding=("block",))
+    profile = profiles.get(result.experiment.profile)
+    assert (seen["rounding_iterations"], seen["rounding_lr"]) == (profile.rounding_iterations, profile.rounding_lr)
 
 
 def test_a_damaged_float_accuracy_is_named_and_recomputed(isolated_cache, capsys):

@@ -146,11 +146,11 @@ def test_evaluation_kinds_counts_each_row_by_its_costliest_setting():
     import pandas as pd
 
     frame = pd.DataFrame({
-        "a_bits": [32, 4, 32, 32, 32],
-        "policy": ["minmax", "minmax", "mse", "minmax", "minmax"],
-        "bias_correction": [False, False, False, True, False],
-        "rounding": ["nearest", "nearest", "nearest", "nearest", "adaround"],
+        "a_bits": [32, 4, 32, 32, 32, 32],
+        "policy": ["minmax", "minmax", "mse", "minmax", "minmax", "minmax"],
+        "bias_correction": [False, False, False, True, False, False],
+        "rounding": ["nearest", "nearest", "nearest", "nearest", "adaround", "block"],
     })
     assert experiments.evaluation_kinds(frame) == {
-        "plain": 1, "activations": 1, "mse": 1, "bias_corrected": 1, "adaround": 1,
+        "plain": 1, "activations": 1, "mse": 1, "bias_corrected": 1, "adaround": 1, "block": 1,
     }

@@ -176,7 +176,7 @@ def test_first_last_8bit_keeps_the_edges_at_8_bits(trained):
 
 
 def test_activation_spec_needs_calibration_data(trained):
-    with pytest.raises(ValueError, match="a_spec, bias_correction, bn_reestimate and rounding='adaround' need calib"):
+    with pytest.raises(ValueError, match="a_spec, bias_correction, bn_reestimate and a learned rounding need calib"):
         ptq.quantize_model(trained[0].model, QuantSpec(4), QuantSpec(8))
 
 
@@ -195,7 +195,7 @@ def test_learned_rounding_puts_every_weight_on_its_grid_within_a_level_of_neares
 
 def test_learned_rounding_needs_calib_and_a_ptq_model_and_a_known_name(trained):
     model = trained[0].model
-    with pytest.raises(ValueError, match="rounding='adaround' need calib"):
+    with pytest.raises(ValueError, match="a learned rounding need calib"):
         ptq.quantize_model(model, QuantSpec(3), rounding="adaround")
     with pytest.raises(ValueError, match="rounding must be one of"):
         ptq.quantize_model(model, QuantSpec(3), rounding="stochastic")
