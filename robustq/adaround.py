@@ -22,6 +22,10 @@ default; the iterations are the caller's budget (the paper: 10⁴ per layer).
 Our safeguard, not the paper's: a layer keeps rounding to nearest where its learned rounding
 reconstructs the calibration batch worse (possible after few iterations), so learned rounding never
 does worse than nearest on the loss it optimises.
+
+:func:`round_blocks` is block reconstruction (BRECQ, Li et al., ICLR 2021, arXiv 2102.05426): the
+same variables and loop (:func:`learn_joint_rounding`), for all the layers of a block at once,
+against the block's output.
 """
 
 from __future__ import annotations

@@ -337,8 +337,10 @@ CALIBRATED_PROFILE = "book"  # the profile whose chapter times the constants bel
 # 400 passes a build that the plan never counted, which put the cold build of 7f99028 3 minutes over
 # it). The unit is fitted to the cold build of c513878 (nothing else running but a 97-s test during
 # chapters 00 and 01): 37.8 minutes of notebooks against 38.0 estimated, every chapter within 10%
-# (08: 211 s against 235) but 00 (15.1 s against 12, the test beside it). Chapter times of one commit
-# move by 10-20% between cold builds on the same machine.
+# (08: 211 s against 235) but 00 (15.1 s against 12, the test beside it). The cold build of ba18b60
+# (nothing else running): 37.2 minutes, every chapter within 10% but 00 (9.6 s, 20% under) and 08
+# (191 s, 19% under). Chapter times of one commit move by 10-20% between cold builds on the same
+# machine.
 SECONDS_PER_UNIT = 10.3
 # A learned rounding (500 AdaRound steps per layer) took 8.3 s a model at W2 in the cold build of 7f99028
 # (chapter 08's bar cell: 41.6 s for five, float passes included).
