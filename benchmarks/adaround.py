@@ -68,13 +68,12 @@ CHOICE_LRS = (1e-3, 1e-2, 1e-1, 1.0)
 
 
 def choose_lr(profile: str, bits: int = 2) -> None:
+    runs = [experiments.run(book_settings.selection_experiment("baseline", profile, seed))
+            for seed in book_settings.SELECTION_SEEDS]
     values = {}
     for lr in CHOICE_LRS:
-        accuracies = []
-        for seed in book_settings.SELECTION_SEEDS:
-            result = experiments.run(book_settings.selection_experiment("baseline", profile, seed))
-            frame = experiments.sweep(result, split="val", w_bits=(bits,), rounding=("adaround",), rounding_lr=lr)
-            accuracies.append(100 * frame["acc"].item())
+        accuracies = [100 * experiments.sweep(result, split="val", w_bits=(bits,), rounding=("adaround",),
+                                              rounding_lr=lr)["acc"].item() for result in runs]
         values[lr] = sum(accuracies) / len(accuracies)
         print(f"step size {lr:g}: W{bits} validation accuracy {', '.join(f'{a:.2f}' for a in accuracies)}%"
               f" (mean {values[lr]:.2f}%)", flush=True)

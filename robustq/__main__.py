@@ -189,10 +189,10 @@ def readable_metrics(metrics: dict[str, float]) -> dict[str, float]:
 
 def _sweep(args: argparse.Namespace, exp: experiments.Experiment) -> None:
     result = experiments.run(exp, progress=not args.no_progress)
+    profile = profiles.get(result.experiment.profile)
     frame = ptq.bit_sweep(result.model, experiments.dataset_for(exp), w_bits=args.w_bits, a_bits=(None,),
-                          rounding=(args.rounding,),
-                          rounding_iterations=profiles.get(result.experiment.profile).rounding_iterations,
-                          rounding_lr=profiles.get(result.experiment.profile).rounding_lr)
+                          rounding=(args.rounding,), rounding_iterations=profile.rounding_iterations,
+                          rounding_lr=profile.rounding_lr)
     print(sweep_table(frame))
 
 

@@ -267,18 +267,13 @@ def sweep(result: Result, split: str = "test", **settings: Any) -> pd.DataFrame:
     if any(rounding in ptq.LEARNED_ROUNDINGS for rounding in settings.get("rounding", ())):
         settings = {"rounding_iterations": profile.rounding_iterations, "rounding_lr": profile.rounding_lr, **settings}
     settings = {"calib_size": profile.calibration_images, **settings}
-    path = _evaluation_path(result, "ptq", split, {"settings": settings})
-    frame = None
-    if path.exists():
-        try:
-            frame = evaluation_from_json(path.read_text())
-        except (ValueError, TypeError) as error:
-            cache.warn(f"recomputing unreadable evaluation {path} ({error})")
-    if frame is None:
+    def evaluate() -> pd.DataFrame:
         data = _scored_on(dataset_for(result.experiment), split)
-        fp_acc = {folded: float_accuracy(result, data, split, folded) for folded in settings.get("fold", (False,))}
-        frame = ptq.bit_sweep(result, data, fp_acc=fp_acc, **settings)
-        write_atomic(path, lambda tmp: tmp.write_text(evaluation_to_json(frame)))
+        return ptq.bit_sweep(result, data, fp_acc=lambda folded: float_accuracy(result, data, split, folded),
+                             **settings)
+
+    path = _evaluation_path(result, "ptq", split, {"settings": settings})
+    frame = _cached(path, "evaluation", evaluate, evaluation_to_json, evaluation_from_json)
     _record("sweep", result.experiment, evaluation=path.stem, **evaluation_kinds(frame))
     return frame
 
@@ -286,14 +281,21 @@ def sweep(result: Result, split: str = "test", **settings: Any) -> pd.DataFrame:
 def float_accuracy(result: Result, data, split: str, folded: bool) -> float:
     """:func:`robustq.ptq.float_accuracy` of a model on ``data`` (its ``split``), cached beside the
     model: every sweep of one model shares its float pass instead of repeating it."""
-    path = _evaluation_path(result, "float", split, {"folded": folded})
+    return _cached(_evaluation_path(result, "float", split, {"folded": folded}), "float accuracy",
+                   lambda: ptq.float_accuracy(result, data, folded),
+                   lambda value: json.dumps({"fp_acc": value}), lambda text: float(json.loads(text)["fp_acc"]))
+
+
+def _cached(path: Path, what: str, compute, dump, load):
+    """``load`` of the file at ``path``, or ``compute()`` written there atomically by ``dump``; an
+    unreadable file is reported on stderr (naming ``what`` and ``path``) and recomputed."""
     if path.exists():
         try:
-            return float(json.loads(path.read_text())["fp_acc"])
+            return load(path.read_text())
         except (ValueError, TypeError, KeyError) as error:
-            cache.warn(f"recomputing unreadable float accuracy {path} ({error})")
-    value = ptq.float_accuracy(result, data, folded)
-    write_atomic(path, lambda tmp: tmp.write_text(json.dumps({"fp_acc": value})))
+            cache.warn(f"recomputing unreadable {what} {path} ({error})")
+    value = compute()
+    write_atomic(path, lambda tmp: tmp.write_text(dump(value)))
     return value
 
 
@@ -318,7 +320,7 @@ def _scored_on(data, split: str):
     return dataclasses.replace(data, test=data.val)
 
 
-EVALUATION_KINDS = ("plain", "activations", "mse", "bias_corrected", "adaround", "block")
+EVALUATION_KINDS = ("plain", "activations", "mse", "bias_corrected", *ptq.LEARNED_ROUNDINGS)
 
 
 def evaluation_kinds(frame: pd.DataFrame) -> dict[str, int]:

@@ -15,7 +15,7 @@ import collections
 import copy
 import dataclasses
 import itertools
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import pandas as pd
 import torch
@@ -32,8 +32,8 @@ from robustq.quant import QuantSpec
 from robustq.train import EVAL_BATCH_SIZE, evaluate
 
 FLOAT_BITS = 32  # how tidy frames label an unquantized tensor
-ROUNDINGS = ("nearest", "adaround", "block")  # how quantize_model rounds each weight onto its grid
 LEARNED_ROUNDINGS = {"adaround": adaround.round_model, "block": adaround.round_blocks}
+ROUNDINGS = ("nearest", *LEARNED_ROUNDINGS)  # how quantize_model rounds each weight onto its grid
 TRAINED = "trained"  # bit_sweep's policy name for a QAT model's own quantizer
 
 
@@ -357,7 +357,7 @@ def bit_sweep(
     calib_size: int = 512,
     rounding_iterations: int = adaround.AdaRoundConfig.iterations,
     rounding_lr: float = adaround.AdaRoundConfig.lr,
-    fp_acc: Mapping[bool, float] | None = None,
+    fp_acc: Callable[[bool], float] | None = None,
 ) -> pd.DataFrame:
     """Test accuracy of ``model`` quantized at every combination of the arguments.
 
@@ -371,8 +371,8 @@ def bit_sweep(
     ``"adaround"`` (layer by layer) or ``"block"`` (block by block) learns the weights' rounding on
     the calibration batch (:func:`quantize_model`, ``rounding_iterations`` Adam steps of size
     ``rounding_lr`` per layer or block); a QAT model's own quantizer rounds to nearest only.
-    ``fp_acc`` gives :func:`float_accuracy` per ``fold`` where the caller has it (cached per model:
-    :func:`robustq.experiments.sweep`); a missing one is computed.
+    ``fp_acc(folded)`` gives :func:`float_accuracy` where the caller keeps it (cached per model:
+    :func:`robustq.experiments.sweep`); without it each deployment's float pass is computed here.
     """
     model, quantizers = _model_and_quantizers(model)
     policies = tuple(policy)
@@ -383,10 +383,9 @@ def bit_sweep(
     rounding_config = adaround.AdaRoundConfig(iterations=rounding_iterations, lr=rounding_lr)
     calib = calibration_batch(data, calib_size)
     rows = []
-    known = dict(fp_acc or {})
     for folded in fold:
         deployed = deployment(model, folded)
-        float_acc = known[folded] if folded in known else accuracy(deployed, data)
+        float_acc = fp_acc(folded) if fp_acc is not None else accuracy(deployed, data)
         act_qparams = {a: calibrate(deployed, calib, QuantSpec(a, symmetric=False)) for a in a_bits if a is not None}
         settings = itertools.product(symmetric, per_channel, policies, first_last_8bit, bias_correction, roundings,
                                      w_bits, a_bits)

@@ -163,9 +163,15 @@ def test_block_reconstruction_keeps_each_block_no_worse_than_nearest_and_every_w
     calib = torch.randn(32, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
     quantized = copy.deepcopy(reference)
     report = round_blocks(quantized, reference, QuantSpec(bits), calib, config=AdaRoundConfig(iterations=10, seed=seed))
-    assert len(report) == len(models.reconstruction_blocks(reference))
-    kept = report[["error_learned", "error_nearest"]].min(axis=1)
-    assert (kept <= report["error_nearest"]).all()
+    quantized_blocks, float_blocks = models.reconstruction_blocks(quantized), models.reconstruction_blocks(reference)
+    assert len(report) == len(quantized_blocks)
+    x_quantized, x_float = calib, calib
+    with torch.no_grad():
+        for quantized_block, float_block, row in zip(quantized_blocks, float_blocks, report.itertuples()):
+            x_quantized, x_float = quantized_block(x_quantized), float_block(x_float)
+            error = float(reconstruction_error(x_quantized, x_float))  # the rounding kept, measured again
+            assert error == pytest.approx(min(row.error_learned, row.error_nearest), rel=1e-4, abs=1e-9)
+            assert error <= row.error_nearest * (1 + 1e-4) + 1e-9
     assert report["w_bits"].tolist()[0].startswith("8") and report["w_bits"].tolist()[-1] == "8"
     edges = models.edge_layers(reference)
     for name, layer in models.weighted_layers(quantized):
