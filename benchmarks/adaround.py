@@ -16,6 +16,8 @@ alone: another process on the two cores slows it.
 for every open choice (``book_settings.best_on_endpoint``): the selection seeds' baselines with
 AdaRound at W2, the profile's steps per layer, each step size of ``CHOICE_LRS``, scored on their
 validation split; it prints the mean per step size, the validation noise and the choice.
+``--choose-iterations`` makes the profile's steps per layer (``Profile.rounding_iterations``) the
+same way, at the profile's step size, over ``CHOICE_ITERATIONS``.
 """
 
 from __future__ import annotations
@@ -35,9 +37,14 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, nargs="+", default=[100, 500])
     parser.add_argument("--rounding", nargs="+", default=list(ptq.LEARNED_ROUNDINGS), choices=ptq.LEARNED_ROUNDINGS)
     parser.add_argument("--choose-lr", action="store_true", help="choose the profile's step size (see above)")
+    parser.add_argument("--choose-iterations", action="store_true",
+                        help="choose the profile's steps per layer at its step size (see above)")
     args = parser.parse_args()
     if args.choose_lr:
-        choose_lr(args.profile)
+        choose(args.profile, "rounding_lr", CHOICE_LRS)
+        return
+    if args.choose_iterations:
+        choose(args.profile, "rounding_iterations", CHOICE_ITERATIONS)
         return
     result = book_settings.run("baseline", 0, args.profile)
     data = experiments.dataset_for(result.experiment)
@@ -65,21 +72,26 @@ def main() -> None:
 # AIMET's step size, then a decade apart; 1 extends the grid once, as the rule does where its first
 # grid's choice sits at an end (10⁻¹ did).
 CHOICE_LRS = (1e-3, 1e-2, 1e-1, 1.0)
+# Steps per layer at the chosen step size, fixed before they ran: the book's 500 and cheaper budgets.
+CHOICE_ITERATIONS = (100, 200, 300, 500)
 
 
-def choose_lr(profile: str, bits: int = 2) -> None:
+def choose(profile: str, setting: str, candidates, bits: int = 2) -> None:
+    """The book's rule for one of learned rounding's settings (``rounding_lr`` or
+    ``rounding_iterations``): each candidate on the selection seeds' baselines at W2, the profile's
+    value of the other setting, scored on their validation split."""
     runs = [experiments.run(book_settings.selection_experiment("baseline", profile, seed))
             for seed in book_settings.SELECTION_SEEDS]
     values = {}
-    for lr in CHOICE_LRS:
+    for candidate in candidates:
         accuracies = [100 * experiments.sweep(result, split="val", w_bits=(bits,), rounding=("adaround",),
-                                              rounding_lr=lr)["acc"].item() for result in runs]
-        values[lr] = sum(accuracies) / len(accuracies)
-        print(f"step size {lr:g}: W{bits} validation accuracy {', '.join(f'{a:.2f}' for a in accuracies)}%"
-              f" (mean {values[lr]:.2f}%)", flush=True)
+                                              **{setting: candidate})["acc"].item() for result in runs]
+        values[candidate] = sum(accuracies) / len(accuracies)
+        print(f"{setting} {candidate:g}: W{bits} validation accuracy {', '.join(f'{a:.2f}' for a in accuracies)}%"
+              f" (mean {values[candidate]:.2f}%)", flush=True)
     images = profiles.get(profile).validation_size * len(book_settings.SELECTION_SEEDS)
     noise = book_settings.validation_noise(max(values.values()), images)
-    print(f"validation noise {noise:.2f} points; chosen step size: {book_settings.best_on_endpoint(values, noise):g}")
+    print(f"validation noise {noise:.2f} points; chosen {setting}: {book_settings.best_on_endpoint(values, noise):g}")
 
 
 if __name__ == "__main__":

@@ -107,6 +107,10 @@ ENDPOINTS = {
         "w2_learned", "accuracy at W2 with learned rounding (AdaRound) on the symmetric per-tensor min-max grid",
         {"w_bits": (2,), "rounding": ("adaround",)},
     ),
+    "w3_learned": Endpoint(
+        "w3_learned", "accuracy at W3 with learned rounding (AdaRound) on the symmetric per-tensor min-max grid",
+        {"w_bits": (3,), "rounding": ("adaround",)},
+    ),
     "above_target": Endpoint(
         "above_target", "mean accuracy over W8, W6, W5, W4 (symmetric per-tensor min-max or own quantizer)",
         {"w_bits": (8, 6, 5, 4)},
@@ -127,21 +131,25 @@ ENDPOINTS = {
 # seeds over the two comparisons (SymReg and SatNL against the baseline) is smaller. On the book
 # recipe of 15,000 images at batch 128 it measured MDE 0.49 for variants43 and 3.99 for w432; on
 # today's recipe (8,000 images, batch 64: robustq.profiles) it printed 0.60 and 5.58 and the
-# same choice. PLANNING_SD is the standard deviation of paired per-seed differences that last run
+# same choice; on the 2,500-image test subset (protocol v2 change 13) it printed 1.78 and 4.24 and the
+# same choice again. PLANNING_SD is the standard deviation of paired per-seed differences that last run
 # measured, in the endpoint's units, per endpoint (the larger over its comparisons); chapters print
 # each claim's minimum detectable effect from it before the run. They are inputs of the plan, not
 # results: the graded numbers are computed in each build. The endpoints of chapters 05-07 were
 # measured on the SymReg and SatNL comparisons (there are no selection-seed runs of those chapters'
-# methods), a rough guide for their QAT-type comparisons; identity checks have none.
+# methods), a rough guide for their QAT-type comparisons; identity checks have none. "crossbit" is
+# large because LSQ on SymReg + SatNL sits at chance cross-bit on one selection seed (104: 9.7%
+# against LSQ's 86.8%): the spread a QAT comparison has where a seed collapses.
 # Since protocol v2 (issue #25), the core paper's claims on SymReg and SatNL (C3.1, C3.4, C4.4, C4.5)
 # are graded at W2 ("w2"), where the paper makes its claim and where the baseline has room to lose; the
 # primary endpoint grades chapter 08's comparison and summarises the rest, descriptive.
 ENDPOINT = "variants43"
 PLANNING_SD: dict[str, float] = {
-    "above_target": 0.58, "bias_drift_pct": 1.64, "crossbit": 2.44, "float": 0.55, "log_excess_pct": 4.44,
-    "quartile_contrast_points": 0.24, "sqnr_drop_db": 1.83, "symmetry_gain_contrast": 0.41, "target": 1.24,
-    "variants43": 0.49, "variants43_vs_bias_corrected": 0.37, "w432": 4.49, "w4_w2": 6.45,
-    "w6a6_w4a4": 1.57, "worst_policy43": 1.74, "worst_setting3": 3.57,
+    "above_target": 0.99, "bias_drift_pct": 1.09, "crossbit": 33.98, "float": 0.84, "log_excess_pct": 4.14,
+    "quartile_contrast_points": 0.19, "sqnr_drop_db": 1.79, "symmetry_gain_contrast": 0.62, "target": 2.76,
+    "variants43": 1.07, "variants43_vs_bias_corrected": 0.39, "w2": 5.34, "w2_learned": 0.98,
+    "w3_learned": 0.94, "w432": 2.55, "w4_w2": 2.81, "w6a6_w4a4": 1.07, "worst_policy43": 1.84,
+    "worst_setting3": 3.29,
 }
 # The unit of each graded endpoint that is not in accuracy points (the chapters define them).
 ENDPOINT_UNITS: dict[str, str] = {

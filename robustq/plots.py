@@ -89,6 +89,18 @@ def seed_lines(data: pd.DataFrame, x: str, y: str, hue: str, palette, ax: plt.Ax
     return ax
 
 
+def paired_points(data: pd.DataFrame, x: str, y: str, palette, ax: plt.Axes | None = None,
+                  units: str = "seed") -> plt.Axes:
+    """``y`` per category ``x`` (one model each): every seed (``units``) as a grey line joining its
+    models, so that a paired difference reads as a slope and a collapsed seed stays visible, and
+    each model's mean ± sd over seeds in its colour (``palette``, keyed by the values of ``x``)."""
+    ax = ax or plt.gca()
+    sns.lineplot(data=data, x=x, y=y, units=units, estimator=None, color="0.75", lw=1, ax=ax)
+    sns.pointplot(data=data, x=x, y=y, hue=x, palette=palette, errorbar="sd", linestyle="none", legend=False,
+                  ax=ax)
+    return ax
+
+
 ZOOM_ROW = "view"
 
 
