@@ -345,8 +345,10 @@ CALIBRATED_PROFILE = "book"  # the profile whose chapter times the constants bel
 # chapters 00 and 01): 37.8 minutes of notebooks against 38.0 estimated, every chapter within 10%
 # (08: 211 s against 235) but 00 (15.1 s against 12, the test beside it). The cold build of ba18b60
 # (nothing else running): 37.2 minutes, every chapter within 10% but 00 (9.6 s, 20% under) and 08
-# (191 s, 19% under). Chapter times of one commit move by 10-20% between cold builds on the same
-# machine.
+# (191 s, 19% under). The cold build of 8bd9e0c, with 24 learned roundings in chapters 03 and 04
+# (chapter 08's bar among them): 38.4 minutes against 39.3 estimated, every chapter within 10% but
+# 05 (348 s, 12% under), 07 (226 s, 16% over) and 08 (165 s, 15% under). Chapter times of one commit
+# move by 10-20% between cold builds on the same machine.
 SECONDS_PER_UNIT = 10.3
 # A learned rounding (500 AdaRound steps per layer) took 8.3 s a model at W2 in the cold build of 7f99028
 # (chapter 08's bar cell: 41.6 s for five, float passes included); at the book's 300 steps since

@@ -101,6 +101,14 @@ def paired_points(data: pd.DataFrame, x: str, y: str, palette, ax: plt.Axes | No
     return ax
 
 
+def ceiling_line(ax: plt.Axes, value: float, label: str = "baseline float") -> None:
+    """A dashed horizontal line at ``value`` (the float baseline's accuracy: the most a quantized
+    model could win back), named at its right end."""
+    ax.axhline(value, color="0.35", linestyle="--", linewidth=1)
+    ax.annotate(label, (1.0, value), xycoords=("axes fraction", "data"), xytext=(-2, 2), textcoords="offset points",
+                ha="right", va="bottom", fontsize="small", color="0.3")
+
+
 ZOOM_ROW = "view"
 
 
