@@ -4,7 +4,8 @@ book's seed-0 baseline (trained, or read from the cache).
 
 For each weight bit-width, the model is deployed as the book's primary setting (symmetric per-tensor
 min-max, BN unfolded, stem and classifier at 8 bits) with nearest rounding and with each learned
-rounding on the profile's calibration batch, for a few iteration budgets; the script prints the
+rounding on the profile's calibration batch at the profile's step size, for a few iteration budgets
+(the profile's among them by default); the script prints the
 seconds the learned rounding took (its own ratio to one nearest-rounding evaluation beside it), the
 test accuracy of both, and the share of weights that learned rounding rounds the other way. Run
 alone: another process on the two cores slows it.
@@ -34,7 +35,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="book")
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
-    parser.add_argument("--iterations", type=int, nargs="+", default=[100, 500])
+    parser.add_argument("--iterations", type=int, nargs="+", help="steps per layer or block (default: 100, "
+                        "the profile's and 500)")
     parser.add_argument("--rounding", nargs="+", default=list(ptq.LEARNED_ROUNDINGS), choices=ptq.LEARNED_ROUNDINGS)
     parser.add_argument("--choose-lr", action="store_true", help="choose the profile's step size (see above)")
     parser.add_argument("--choose-iterations", action="store_true",
@@ -46,9 +48,11 @@ def main() -> None:
     if args.choose_iterations:
         choose(args.profile, "rounding_iterations", CHOICE_ITERATIONS)
         return
+    profile = profiles.get(args.profile)
+    budgets = args.iterations or sorted({100, profile.rounding_iterations, 500})
     result = book_settings.run("baseline", 0, args.profile)
     data = experiments.dataset_for(result.experiment)
-    calib = ptq.calibration_batch(data, profiles.get(args.profile).calibration_images)
+    calib = ptq.calibration_batch(data, profile.calibration_images)
     reference = ptq.materialize(result.model)
     print(f"baseline seed 0, float {100 * result.test_acc:.2f}%, {len(calib)} calibration images")
     for bits in args.bits:
@@ -56,11 +60,12 @@ def main() -> None:
         start = time.perf_counter()
         nearest = 100 * ptq.accuracy(ptq.quantize_model(result.model, spec), data)
         evaluation = time.perf_counter() - start
-        for rounding, iterations in itertools.product(args.rounding, args.iterations):
+        for rounding, iterations in itertools.product(args.rounding, budgets):
             quantized = ptq.materialize(result.model)
             start = time.perf_counter()
             report = ptq.LEARNED_ROUNDINGS[rounding](quantized, reference, spec, calib,
-                                                     config=adaround.AdaRoundConfig(iterations=iterations))
+                                                     config=adaround.AdaRoundConfig(iterations=iterations,
+                                                                                    lr=profile.rounding_lr))
             seconds = time.perf_counter() - start
             learned = 100 * ptq.accuracy(quantized, data)
             print(f"W{bits} {rounding:8s} {iterations:5d} iterations: {seconds:6.1f} s "

@@ -189,10 +189,8 @@ def readable_metrics(metrics: dict[str, float]) -> dict[str, float]:
 
 def _sweep(args: argparse.Namespace, exp: experiments.Experiment) -> None:
     result = experiments.run(exp, progress=not args.no_progress)
-    profile = profiles.get(result.experiment.profile)
-    frame = ptq.bit_sweep(result.model, experiments.dataset_for(exp), w_bits=args.w_bits, a_bits=(None,),
-                          rounding=(args.rounding,), rounding_iterations=profile.rounding_iterations,
-                          rounding_lr=profile.rounding_lr)
+    # as the chapters evaluate: cached, with the profile's calibration batch and learned-rounding budget
+    frame = experiments.sweep(result, w_bits=tuple(args.w_bits), a_bits=(None,), rounding=(args.rounding,))
     print(sweep_table(frame))
 
 

@@ -328,7 +328,8 @@ def round_blocks(
         inputs = _block_input(quantized, quantized_block, calib)
         targets = _block_output(reference, float_block, calib)
         parameters = _weight_names(quantized_block, [layer for _, layer in members])
-        grids = [Grid.of(layer.weight, layer_spec(spec, name in edges)) for name, layer in members]
+        specs = [layer_spec(spec, name in edges) for name, _ in members]
+        grids = [Grid.of(layer.weight, grid_spec) for (_, layer), grid_spec in zip(members, specs)]
         rounded, report = learn_joint_rounding(
             lambda weights, x, block=quantized_block, names=parameters: functional_call(block, dict(zip(names, weights)),
                                                                                         (x,)),
@@ -337,7 +338,7 @@ def round_blocks(
             for (_, layer), weight in zip(members, rounded):
                 layer.weight.copy_(weight)
         rows.append({"block": ", ".join(name for name, _ in members),
-                     "w_bits": ", ".join(str(layer_spec(spec, name in edges).bit_width) for name, _ in members),
+                     "w_bits": ", ".join(str(grid_spec.bit_width) for grid_spec in specs),
                      **report})
     return pd.DataFrame(rows)
 
