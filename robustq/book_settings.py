@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
@@ -170,6 +170,8 @@ class MethodSettings:
     penalised_share: float = 1.0  # < 1: a warm start, the penalty only over this last share of the epochs
     compared: bool = False  # in chapter 08's comparison (its figures, tables and claims)
     endpoint: str | None = None  # its claim's endpoint there; None: its choice's, else the primary one
+    # Experiment fields other than the book recipe's (optimizer, lr, schedule, weight_decay, keep)
+    training: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.endpoint is not None:
@@ -187,6 +189,13 @@ class MethodSettings:
         penalised = max(1, round(epochs * self.penalised_share))
         return {**self.params, "warmup_epochs": epochs - penalised}
 
+    def training_for(self, profile: str | None = None) -> dict[str, Any]:
+        """The :class:`Experiment` fields this method trains with, on a graded seed: checkpoint
+        selection (``keep="best_target"``) holds out the profile's validation split."""
+        if self.training.get("keep", "last") == "last":
+            return dict(self.training)
+        return {**self.training, "val_size": profiles.get(profile).validation_size}
+
 
 # Every λ by its claim's own endpoint on quantized accuracy (protocol v2, issue #25): SymReg by C3.1's
 # (W2, where the core paper makes its claim), gradient-ℓ1 by C5.2's W6A6/W4A4, SinReQ and the
@@ -200,8 +209,8 @@ QAT_PARAMS = {"bit_width": QAT_BIT_WIDTH, "edge_bit_width": EDGE_BIT_WIDTH}
 # (protocol v2, issue #25: "an 8-bit grid scaled to the layer"); their 3-bit layers keep their own.
 FIXED_GRID_PARAMS = {**QAT_PARAMS, "edge_quantizer": "ste"}
 WRPN_PARAMS = {**FIXED_GRID_PARAMS, "init_to_grid": True}
-# Gradient-ℓ1 (book/methods.md §2): the [paper] bound's step weighting; one λ for the weight and the
-# activation terms, over two decades.
+# Gradient-ℓ1 (book/methods.md §2): the [paper] bound's step weighting of the weight and the activation
+# terms, so one λ scales the bound (protocol v2, change 16), over two decades.
 GRAD_L1_LAM = Choice("lam_w", (0.01, 0.1, 1.0), "w6a6_w4a4", tied=("lam_a",))
 # SinReQ: the released fixed-bit scripts' constant strength (book/methods.md §3), compared with the
 # QAT model it regularises; DoReFa's SinReQ reuses WRPN's λ.
@@ -294,9 +303,9 @@ def experiment(name: str, seed: int, profile: str | None = None, *, model: str =
     choice picked on the selection seed (:func:`choose`, memoised) and lazy regularization where
     :data:`LAZY_RULE` adopted it; ``overrides`` replace method parameters, ``model`` and
     ``train_size`` the recipe's (for checks on another network)."""
-    return Experiment(model=model, method=_settings(name).method,
-                      method_params={**settings_for(name, profile), **overrides}, seed=seed,
-                      train_size=train_size, profile=profile)
+    entry = _settings(name)
+    return Experiment(model=model, method=entry.method, method_params={**settings_for(name, profile), **overrides},
+                      seed=seed, train_size=train_size, profile=profile, **entry.training_for(profile))
 
 
 def run(name: str, seed: int, profile: str | None = None, *, progress: bool = False, **overrides: Any) -> Result:
@@ -316,8 +325,8 @@ def selection_experiment(name: str, profile: str | None = None, seed: int = SELE
     validation split (never graded)."""
     entry = _settings(name)
     return Experiment(
-        method=entry.method, method_params={**entry.params_for(profile), **params}, seed=seed,
-        val_size=profiles.get(profile).validation_size, profile=profile,
+        method=entry.method, method_params={**entry.params_for(profile), **params}, seed=seed, profile=profile,
+        **{**entry.training, "val_size": profiles.get(profile).validation_size},
     )
 
 

@@ -46,6 +46,11 @@ RECORD_ENV = "ROBUSTQ_RECORD"
 CHAPTER_ENV = "ROBUSTQ_CHAPTER"
 
 
+# Which epoch's model an experiment keeps: the last, or the one with the best validation accuracy at
+# its method's target bit-width as it deploys (checkpoint selection, the oscillation paper's protocol).
+KEEP_RULES = ("last", "best_target")
+
+
 @dataclass(frozen=True)
 class Experiment:
     """One training run. ``None`` fields are filled from the profile by :meth:`resolved`.
@@ -72,6 +77,7 @@ class Experiment:
     train_size: int | None = None
     test_size: int | None = None
     val_size: int = 0
+    keep: str = "last"  # which epoch's model: the last, or the best at the target (KEEP_RULES)
     profile: str | None = None
 
     def __post_init__(self) -> None:
@@ -82,6 +88,9 @@ class Experiment:
             check_int(name, getattr(self, name), minimum=1, example=example, none_means="the profile's")
         check_int("val_size", self.val_size, example=1000)
         check_int("seed", self.seed)
+        check_choice("keep", self.keep, KEEP_RULES)
+        if self.keep == "best_target":
+            _check_selectable(self.method, self.method_params, self.val_size)
 
     def __hash__(self) -> int:
         return hash(json.dumps(self.config(), sort_keys=True))
@@ -390,11 +399,36 @@ def prepared(exp: Experiment):
     return data, method, method.prepare(model)
 
 
+def _check_selectable(method: str, method_params: dict[str, Any], val_size: int) -> None:
+    """``keep="best_target"`` needs a validation split and a method with a target bit-width."""
+    if val_size == 0:
+        raise ValueError("keep='best_target' selects the epoch on validation accuracy: give the experiment a "
+                         "validation split (val_size > 0, e.g. 1000), or keep='last'")
+    if "bit_width" not in methods.make(method, **method_params).params():
+        raise ValueError(f"keep='best_target' scores each epoch at the method's target bit-width, and {method!r} "
+                         "has none (no bit_width parameter): use keep='last'")
+
+
+def _target_score(exp: Experiment, data):
+    """Checkpoint selection's score (``keep="best_target"``): validation accuracy at the method's
+    ``bit_width`` as the model deploys, with its own quantizer for a QAT model (as it trains),
+    after post-training quantization in the primary setting for a float model."""
+    bit_width = exp.config()["method_params"]["bit_width"]
+
+    def score(model: nn.Module) -> float:
+        if qat.describe_quantizers(model):
+            return accuracy(model, data, "val")
+        return ptq.target_accuracy(model, data, bit_width, "val")
+
+    return score
+
+
 def _train_and_store(exp: Experiment, entry: Path, progress: bool, device) -> Result:
     data, method, model = prepared(exp)
     outcome = train(
         model, data, exp.train_config(), method.extensions(model), checkpoint=entry / "checkpoint.pt",
         device=device, progress=progress, desc=f"{exp.method} (seed {exp.seed})",
+        select=_target_score(exp, data) if exp.keep == "best_target" else None,
     )
     trained = outcome.model.eval()
     quantizers = qat.describe_quantizers(trained)

@@ -268,11 +268,14 @@ class GradL1(Part):
     * ``weighting="none"`` (default: the behaviour from before these options): ``c_l = 1``.
       For a conv followed by BN, ``dL/dW`` scales as ``1/||W||``, so this penalty can be lowered by
       growing the conv's norm without changing the network [recon].
-    * ``weighting="step"``: ``c_l = Delta_l / 2``, the [paper] bound's weighting, with
-      ``Delta_l = max|W_l| / (2^(b-1) - 1)`` at ``b = reference_bit_width`` for every layer, detached
-      (:func:`robustq.regularizers.grad_l1_half_steps`); invariant to that rescaling. ``b`` only
-      rescales the whole weight term by ``1 / (2^(b-1) - 1)``, i.e. it sets the unit of ``lam_w``.
-      Activation terms stay unweighted: their steps would need calibration.
+    * ``weighting="step"``: the [paper] bound's weighting of every term by its half-step, each
+      weight term by ``c_l = Delta_l / 2`` with ``Delta_l = max|W_l| / (2^(b-1) - 1)`` at
+      ``b = reference_bit_width``, detached (:func:`robustq.regularizers.grad_l1_half_steps`),
+      invariant to that rescaling; each activation term by ``Delta_a / 2``, the step of the
+      asymmetric min-max grid at ``b`` over the batch's activations, detached
+      (:func:`robustq.regularizers.grad_l1_activation_half_steps`). ``b`` sets the unit of
+      ``lam_w`` and ``lam_a``. With both terms weighted the penalty is ``lam`` times the bound
+      itself when ``lam_w = lam_a``.
     * ``lazy_every=k`` (lazy regularization): the penalty is applied only on global steps
       ``0, k, 2k, ...`` (``StepContext.step``), ``k`` times as strong, so its mean over ``k``
       consecutive steps equals the full penalty while the double backward runs on 1 step in ``k``.
@@ -305,8 +308,7 @@ class GradL1(Part):
         weights = [m.weight for _, m in weighted_layers(model)]
         acts = [a for a in context.activations if a.requires_grad]
         # k times as strong on 1 step in k: the same penalty in expectation over the run
-        scales = [self.lazy_every * c for c in self._weight_strengths(weights)]
-        scales += [self.lazy_every * self.lam_a] * len(acts)
+        scales = [self.lazy_every * c for c in self._weight_strengths(weights) + self._activation_strengths(acts)]
         # weight gradients of the global batch under DDP; activation terms are per sample
         transforms = [distributed.mean_across_ranks] * len(weights) + [None] * len(acts)
         return regularizers.grad_l1(context.loss, weights + acts, scales=scales, transforms=transforms)
@@ -323,6 +325,12 @@ class GradL1(Part):
             return [self.lam_w] * len(weights)
         half_steps = regularizers.grad_l1_half_steps(weights, self.reference_bit_width)
         return [self.lam_w * h for h in half_steps]
+
+    def _activation_strengths(self, activations: list[torch.Tensor]) -> list[float]:
+        if self.weighting == "none":
+            return [self.lam_a] * len(activations)
+        half_steps = regularizers.grad_l1_activation_half_steps(activations, self.reference_bit_width)
+        return [self.lam_a * h for h in half_steps]
 
 
 @dataclass(frozen=True)

@@ -408,6 +408,13 @@ def bit_sweep(
     return pd.DataFrame(rows)
 
 
+def target_accuracy(model: nn.Module, data: Dataset, bit_width: int, split: str = "test") -> float:
+    """Accuracy in [0, 1] on ``data.<split>`` at one weight bit-width in the book's primary setting
+    (book/methods.md §0: symmetric per-tensor min-max, BN unfolded, stem and classifier at 8 bits):
+    the score of checkpoint selection for a float-trained model (:mod:`robustq.experiments`)."""
+    return accuracy(quantize_model(deployment(model, False), QuantSpec(bit_width)), data, split)
+
+
 def deployment(model: nn.Module, folded: bool) -> nn.Module:
     """The float model as :func:`bit_sweep` deploys it: BN folded into the convs, or an eval-mode
     copy with plain weights."""

@@ -28,7 +28,7 @@ SYM_SCOPES = ("layer", "channel", "kernel")
 SINREQ_GRIDS = ("wrpn", "dorefa")
 SINREQ_SCHEDULES = ("constant", "tanh")
 SINREQ_DOMAINS = ("raw", "normalized")  # the latent weights, or what the QAT quantizer rounds
-GRAD_L1_WEIGHTINGS = ("none", "step")  # weight terms: unweighted, or by Delta_l / 2 as in the bound
+GRAD_L1_WEIGHTINGS = ("none", "step")  # every term unweighted, or by its half-step as in the bound
 KURTOSIS_OF_UNIFORM = 1.8
 SYM_REG_EPS = 1e-12
 
@@ -316,6 +316,30 @@ def grad_l1_half_steps(weights: Iterable[torch.Tensor], bit_width: int) -> list[
     _, qmax = qrange(bit_width)
     peaks = torch.stack([w.detach().abs().max().to(torch.float64) for w in weights])
     return (peaks / (2 * qmax)).tolist()
+
+
+def grad_l1_activation_half_steps(activations: Iterable[torch.Tensor], bit_width: int) -> list[float]:
+    """Each activation tensor's factor ``Delta_a / 2`` in the [paper] bound of Alizadeh et al. (ICLR
+    2020, arXiv 2002.07520, eq. 7; book/methods.md §2), for the activation terms as
+    :func:`grad_l1_half_steps` gives it for the weight terms.
+
+    ``Delta_a = (max(a, 0) - min(a, 0)) / (2^b - 1)`` is the step of the asymmetric min-max grid at
+    bit-width ``b`` (with 0 on the grid) that the book calibrates activations with
+    (book/methods.md §0), here on the batch itself [recon]: the paper gives no calibration for
+    training. Detached, one device sync for all tensors.
+
+    >>> grad_l1_activation_half_steps([torch.tensor([0.0, 3.0])], bit_width=2)  # 3 / 3 / 2
+    [0.5]
+    """
+    activations = list(activations)
+    if any(a.numel() == 0 for a in activations):
+        raise ValueError("every activation tensor must have at least one element; drop the empty ones")
+    if not activations:
+        return []
+    _, qmax = qrange(bit_width, signed=False)
+    spans = torch.stack([(a.detach().max().clamp(min=0) - a.detach().min().clamp(max=0)).to(torch.float64)
+                         for a in activations])
+    return (spans / (2 * qmax)).tolist()
 
 
 def sym_reg_seconds(weights: list[torch.Tensor], pairing: str, scope: str, repeats: int = 20) -> float:

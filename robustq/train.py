@@ -142,9 +142,15 @@ def train(
     device: torch.device | str | None = None,
     progress: bool = True,
     desc: str = "train",
+    select: Callable[[nn.Module], float] | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``data.train`` with ``config``; resume from ``checkpoint`` if it holds an
     earlier epoch of the same run, and save one after every epoch (atomically).
+
+    ``select`` keeps the best epoch instead of the last (checkpoint selection, as the oscillation
+    paper's protocol selects by quantized validation accuracy at its target): it scores the model
+    after every epoch, in eval mode (``selection_score`` in the history), and the model returned is
+    the one after the highest-scoring epoch (the earliest of equal scores; ``kept`` marks it).
 
     In a process group (torchrun, :mod:`robustq.distributed`) the model trains wrapped in
     ``DistributedDataParallel``, each rank on its shard of every global batch of
@@ -160,7 +166,7 @@ def train(
     trainable = [p for p in model.parameters() if p.requires_grad]
     stepper = extensions.wrap_optimizer(trainable, optimizer) if extensions.wrap_optimizer else None
     scheduler = _make_scheduler(optimizer, config, len(loader))
-    history, start_epoch = _resume(checkpoint, model, optimizer, scheduler, device)
+    history, start_epoch, best_state = _resume(checkpoint, model, optimizer, scheduler, device)
     val_loader = eval_loader(data, "val", EVAL_BATCH_SIZE, device) if data.val is not None else None
 
     bar = _progress_bar(config, len(loader), start_epoch, progress, desc)
@@ -173,16 +179,41 @@ def train(
         if val_loader is not None:
             stats["val_acc"] = evaluate(model, val_loader)
         stats.update(_epoch_hooks(model, extensions.on_epoch_end, epoch, stats))
+        if select is not None:
+            stats["selection_score"] = _score(model, select)
+            if stats["selection_score"] > max((h["selection_score"] for h in history), default=-math.inf):
+                best_state = {name: value.detach().clone() for name, value in model.state_dict().items()}
         history.append(stats)
         if progress:
             _log_epoch(stats, config.epochs, desc, bar)
         if checkpoint is not None and distributed.is_main():
-            _save_checkpoint(checkpoint, model, optimizer, scheduler, history)
+            _save_checkpoint(checkpoint, model, optimizer, scheduler, history, best_state)
     bar.close()
+    if select is not None:
+        _keep_best(model, history, best_state)
     model.to(memory_format=torch.contiguous_format).eval()
     wall = sum(h["wall_time_s"] for h in history)
     images = sum(h["images"] for h in history)
     return TrainResult(model, history, wall, images / wall if wall > 0 else 0.0)
+
+
+def _score(model: nn.Module, select: Callable[[nn.Module], float]) -> float:
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            return float(select(model.eval()))
+    finally:
+        model.train(was_training)
+
+
+def _keep_best(model: nn.Module, history: list[dict], best_state: dict | None) -> None:
+    """Load the highest-scoring epoch's weights into ``model`` and mark that epoch ``kept``."""
+    scores = [h["selection_score"] for h in history]
+    best = scores.index(max(scores))
+    for epoch, entry in enumerate(history):
+        entry["kept"] = epoch == best
+    if best_state is not None:
+        model.load_state_dict(best_state)
 
 
 def _layout(extensions: Extensions, epoch: int) -> torch.memory_format:
@@ -396,13 +427,15 @@ def _memory_format(model: nn.Module) -> torch.memory_format:
 # --- checkpoints ---------------------------------------------------------------------------------
 
 
-def _save_checkpoint(path: Path, model, optimizer, scheduler, history) -> None:
+def _save_checkpoint(path: Path, model, optimizer, scheduler, history, best_state=None) -> None:
     state = {
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "history": history,
     }
+    if best_state is not None:  # checkpoint selection's best epoch so far, for a resumed run
+        state["best"] = best_state
     save_atomic(state, path)
 
 
@@ -411,19 +444,19 @@ def save_atomic(obj, path: Path) -> None:
     write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
-def _resume(path: Path | None, model, optimizer, scheduler, device) -> tuple[list[dict], int]:
+def _resume(path: Path | None, model, optimizer, scheduler, device) -> tuple[list[dict], int, dict | None]:
     if path is None or not Path(path).exists():
-        return [], 0
+        return [], 0, None
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as error:  # a truncated or corrupt file: start over rather than crash
         print(f"robustq: ignoring unreadable checkpoint {path} ({type(error).__name__}: {error}); training from scratch",
               file=sys.stderr, flush=True)
-        return [], 0
+        return [], 0, None
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    return list(state["history"]), len(state["history"])
+    return list(state["history"]), len(state["history"]), state.get("best")
 
 
 __all__ = [

@@ -38,7 +38,10 @@ def test_unknown_profile_names_the_known_ones():
     "kwargs, match",
     [({"method": "magic"}, "method must be one of .*, got 'magic'"), ({"model": "vgg"}, "model must be one of .*, got 'vgg'"),
      ({"dataset": "mnist"}, "dataset must be one of .*, got 'mnist'"), ({"method": "kure", "method_params": {"lam": -1.0}}, "lam"),
-     ({"method": "qat_ste", "method_params": {"bit_width": 1}}, "bit_width")],
+     ({"method": "qat_ste", "method_params": {"bit_width": 1}}, "bit_width"),
+     ({"keep": "best"}, "keep must be one of"),
+     ({"method": "qat_ste", "keep": "best_target"}, r"validation split \(val_size > 0"),
+     ({"method": "symreg", "keep": "best_target", "val_size": 100}, "'symreg' has none")],
 )
 def test_bad_experiments_are_rejected_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -154,3 +157,22 @@ def test_evaluation_kinds_counts_each_row_by_its_costliest_setting():
     assert experiments.evaluation_kinds(frame) == {
         "plain": 1, "activations": 1, "mse": 1, "bias_corrected": 1, "adaround": 1, "block": 1,
     }
+
+
+@pytest.mark.parametrize("method", ["oscillation", "qat_ste"])
+def test_best_target_keeps_the_epoch_with_the_best_validation_accuracy_at_the_target(method, isolated_cache):
+    from robustq import ptq
+
+    exp = Experiment(method=method, method_params={"bit_width": 3}, val_size=200, keep="best_target",
+                     **{**TINY, "epochs": 2})
+    result = run(exp, progress=False)
+    history = result.history
+    assert history["kept"].sum() == 1
+    kept = history.loc[history["kept"], "selection_score"].item()
+    assert kept == history["selection_score"].max()
+    data = experiments.dataset_for(exp)
+    if result.quantizers:  # a QAT model: its own quantizer at the target
+        score = ptq.bit_sweep(result, experiments._scored_on(data, "val"), w_bits=(3,), policy=("trained",)).acc.item()
+    else:
+        score = ptq.target_accuracy(result.model, data, 3, "val")
+    assert score == kept

@@ -160,7 +160,7 @@ def test_symreg_satnl_lsq_trains_a_step_and_finalizes_to_f_theta(synthetic):
     assert {d["quantizer"] for d in record.values()} == {"lsq"}
 
 
-# --- gradient-ℓ1: weighting of the weight terms and lazy regularization -------------------------
+# --- gradient-ℓ1: weighting of its terms and lazy regularization ---------------------------------
 
 
 def _conv_bn_net():
@@ -197,6 +197,18 @@ def test_grad_l1_step_weighting_is_the_papers_bound_by_hand():
     half_steps = [float(w.detach().abs().max()) / 7 / 2 for w in (model[0].weight, model[4].weight)]  # qmax(4)=7
     expected = 0.5 * sum(h * g for h, g in zip(half_steps, _weight_grad_l1s(model)))
     assert torch.allclose(part.penalty(model, _grad_l1_context(model)), expected, rtol=1e-12)
+
+
+def test_grad_l1_step_weighting_weighs_each_activation_term_by_its_half_step_by_hand():
+    model = _conv_bn_net()
+    x = torch.randn(8, 1, 6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    hidden = model[:4](x)  # the linear layer's input, a captured activation
+    loss = F.cross_entropy(model[4](hidden), torch.arange(8) % 3)
+    context = StepContext(loss=loss, activations=[hidden], epoch=0, epochs=1, step=0)
+    part = methods.GradL1(lam_w=0.0, lam_a=0.5, weighting="step", reference_bit_width=4)
+    half_step = float(hidden.max() - min(float(hidden.min()), 0.0)) / 15 / 2  # 2^4 - 1 = 15 codes
+    (grad,) = torch.autograd.grad(loss, [hidden], retain_graph=True)
+    assert torch.allclose(part.penalty(model, context), 0.5 * half_step * grad.abs().sum(), rtol=1e-12)
 
 
 def test_grad_l1_step_weighting_removes_the_conv_bn_scaling_exploit():

@@ -211,3 +211,45 @@ def test_a_warm_start_trains_in_channels_last_until_double_backprop_begins():
     train(model, load_dataset("synthetic", train_size=64), TrainConfig(epochs=2, batch_size=32), extensions,
           progress=False)
     assert layouts == [(False, True), (True, False)]
+
+
+# --- checkpoint selection ------------------------------------------------------------------------
+
+
+def test_selection_keeps_the_best_scoring_epoch_and_marks_it(synthetic):
+    config = TrainConfig(epochs=3, batch_size=128, seed=0)
+    snapshots, scores = [], iter([0.2, 0.9, 0.5])
+
+    def score(model):
+        assert not model.training  # scored in eval mode, then trained on
+        snapshots.append(_weights(model).clone())
+        return next(scores)
+
+    result = train(_fresh_model(0, synthetic), synthetic, config, select=score, progress=False)
+    assert [h["selection_score"] for h in result.history] == [0.2, 0.9, 0.5]
+    assert [h["kept"] for h in result.history] == [False, True, False]
+    assert torch.equal(_weights(result.model), snapshots[1])
+    last = train(_fresh_model(0, synthetic), synthetic, config, progress=False).model
+    assert torch.equal(snapshots[2], _weights(last))  # scoring does not change the trajectory
+
+
+def test_selection_keeps_the_earliest_of_equal_scores_across_a_resume(synthetic, tmp_path):
+    config = TrainConfig(epochs=2, batch_size=128, seed=0)
+    checkpoint, snapshots = tmp_path / "ckpt.pt", []
+
+    def score(model):
+        snapshots.append(_weights(model).clone())
+        return 0.5
+
+    def interrupt_in_second_epoch(model, context):
+        if context.epoch == 1:
+            raise _Interrupt
+        return context.loss.new_zeros(())
+
+    with pytest.raises(_Interrupt):
+        train(_fresh_model(0, synthetic), synthetic, config, Extensions(penalty=interrupt_in_second_epoch),
+              checkpoint=checkpoint, select=score, progress=False)
+    resumed = train(_fresh_model(5, synthetic), synthetic, config, checkpoint=checkpoint, select=score,
+                    progress=False)
+    assert [h["kept"] for h in resumed.history] == [True, False]
+    assert torch.equal(_weights(resumed.model), snapshots[0])
