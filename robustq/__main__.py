@@ -250,6 +250,10 @@ def book_methods() -> list[str]:
             line += f"; penalty over the last {entry.penalised_share:.0%} of the epochs"
         if entry.lazy_every > 1:
             line += f"; lazy (every {entry.lazy_every} steps) if the lazy rule adopts it"
+        if entry.training:
+            line += f"; trained with {', '.join(f'{key}={value!r}' for key, value in entry.training.items())}"
+        if entry.holdout:
+            line += "; the validation split held out"
         lines.append(line)
     return lines
 

@@ -126,7 +126,7 @@ def step_seconds(exp: Experiment, steps: int = 30, warmup: int = 5) -> float:
     exp = exp.resolved()
     params = {**exp.method_params, **({"warmup_epochs": 0} if "warmup_epochs" in exp.method_params else {})}
     short = dataclasses.replace(exp, epochs=1, train_size=(warmup + steps) * exp.batch_size, val_size=0,
-                                method_params=params)
+                                keep="last", method_params=params)  # steps only: no epoch to keep
     stamps: list[float] = []
 
     def stamp(model, epoch, step):

@@ -169,7 +169,7 @@ CHAPTERS: dict[str, Chapter] = {
         *_evaluations("symreg", "seed 0", "learned rounding at W3", adaround=1),
     )),
     "04": Chapter(("baseline", "symreg", "satnl", "symreg_satnl_asam", "qat_lsq", "symreg_satnl_lsq"),
-                  ("asam", "satnl_asam"), extras=(Extra("the three SatNL forms on the selection seed", 3),),
+                  ("asam", "satnl_asam"),
                   evaluations=(
         *_evaluations("satnl", "graded", "W8-W2 (C4.5 at W2), the primary endpoint", plain=GRID + 8),
         *_evaluations("symreg_satnl_asam", "graded", "W8-W2 (C4.4 at W2), the primary endpoint", plain=GRID + 8),
@@ -193,7 +193,6 @@ CHAPTERS: dict[str, Chapter] = {
     "06": Chapter(("baseline", "wrpn", "sinreq_wrpn", "dorefa", "sinreq_dorefa"), extras=(
         Extra("WRPN and SinReQ-WRPN retraced with a grid-distance hook", 2, kind="retrace"),
         Extra("WRPN with the default init, seed 0", 1),
-        Extra("DoReFa's sinusoid on raw and on normalised weights, selection seed", 2, cost=1.1),
         # C6.1's τ is a share of the room on the selection seeds: the float baseline (chapter 01
         # trained it) less WRPN (the choice's reference) and DoReFa (trained here)
         Extra("the float baseline on the selection seeds, read for C6.1's room", 2, cost=0.0),
@@ -201,16 +200,18 @@ CHAPTERS: dict[str, Chapter] = {
     ), evaluations=(
         *(row for name in ("wrpn", "sinreq_wrpn", "dorefa", "sinreq_dorefa")
           for row in _evaluations(name, "graded", "own quantizer, W8-W2 (W3 graded)", plain=GRID)),
-        *_evaluations("sinreq_dorefa", "selection", "the two sinusoid domains at W3", plain=2),
         *_evaluations("dorefa", "selection", "C6.1b's room: W3 on validation", plain=2),
     )),
-    "07": Chapter(("baseline", "qat_ste", "oscillation"), extras=(
+    "07": Chapter(("baseline", "qat_ste_adam", "oscillation"), extras=(
         Extra("three models retraced with an oscillation tracker", 3, kind="retrace"),
+        # chapter 01 trained them; read beside the Adam-trained float model (the choice's reference)
+        Extra("the float baseline on the selection seeds", 2, cost=0.0),
     ), evaluations=(
         *_evaluations("oscillation", "graded", "W8-W2, unfolded and folded", plain=2 * GRID),
         *_evaluations("baseline", "graded", "W8-W2 folded", plain=GRID),
+        *_evaluations("qat_ste_adam", "graded", "own quantizer, W8-W2", plain=GRID),
     )),
-    "08": Chapter(("baseline", "kure"), ("symreg_satnl_asam_kure",), extras=(
+    "08": Chapter(("baseline", "kure"), extras=(
         # 12.7-13.9 s for the 11 methods (about 0.11 units each: setup and 35 steps), in a cell of
         # their own; the 72 and 67 s of that cell in the cold builds of 4b34db9 and ac9ee1d were
         # mostly the primary-endpoint evaluations it also ran
@@ -219,7 +220,6 @@ CHAPTERS: dict[str, Chapter] = {
     ), evaluations=(
         *_comparison_evaluations(),
         *_evaluations("baseline", "graded", "the bias-corrected baseline's grid", bias_corrected=GRID),
-        *_evaluations("symreg_satnl_asam_kure", "seed 0", "with KURE, descriptive", plain=GRID + PRIMARY),
     )),
 }
 

@@ -147,10 +147,12 @@ def train(
     """Train ``model`` on ``data.train`` with ``config``; resume from ``checkpoint`` if it holds an
     earlier epoch of the same run, and save one after every epoch (atomically).
 
-    ``select`` keeps the best epoch instead of the last (checkpoint selection, as the oscillation
-    paper's protocol selects by quantized validation accuracy at its target): it scores the model
-    after every epoch, in eval mode (``selection_score`` in the history), and the model returned is
-    the one after the highest-scoring epoch (the earliest of equal scores; ``kept`` marks it).
+    With a validation split, ``val_acc`` is recorded for the model returned (after the last epoch,
+    or the kept one). ``select`` keeps the best epoch instead of the last (checkpoint selection, as
+    the oscillation paper's protocol selects by quantized validation accuracy at its target): it
+    scores the model after every epoch, in eval mode (``selection_score`` in the history), and the
+    model returned is the one after the highest-scoring epoch (the earliest of equal scores;
+    ``kept`` marks it).
 
     In a process group (torchrun, :mod:`robustq.distributed`) the model trains wrapped in
     ``DistributedDataParallel``, each rank on its shard of every global batch of
@@ -176,7 +178,7 @@ def train(
         model.to(memory_format=memory_format)  # a no-op unless a warm start's penalty begins
         stats = _train_epoch(net, model, loader, optimizer, stepper, scheduler, extensions, epoch, config, bar,
                              memory_format, forward_dtype)
-        if val_loader is not None:
+        if val_loader is not None and epoch == config.epochs - 1:  # the model as trained
             stats["val_acc"] = evaluate(model, val_loader)
         stats.update(_epoch_hooks(model, extensions.on_epoch_end, epoch, stats))
         if select is not None:
@@ -191,6 +193,9 @@ def train(
     bar.close()
     if select is not None:
         _keep_best(model, history, best_state)
+        kept = next(entry for entry in history if entry["kept"])
+        if val_loader is not None and "val_acc" not in kept:  # the model as kept
+            kept["val_acc"] = evaluate(model, val_loader)
     model.to(memory_format=torch.contiguous_format).eval()
     wall = sum(h["wall_time_s"] for h in history)
     images = sum(h["images"] for h in history)

@@ -43,10 +43,13 @@ def test_the_run_plan_counts_each_model_once_under_the_first_chapter_that_needs_
     assert graded.groupby("name")["models"].sum().eq(5).all()  # five graded seeds, counted once
     assert plan.query("name == 'baseline' and seeds == 'graded'")["chapter"].tolist() == ["01"]
     selection = plan[plan["seeds"] == "selection"]
-    # every choice's candidates, its grid's one extension and the two references (baseline, WRPN) on
-    # each selection seed, and gradient-l1's lazy run
-    candidates = sum(len(entry.choice.candidates) + manifest.EXTENSIONS for entry in METHODS.values() if entry.choice)
-    assert selection["models"].sum() == (candidates + 2) * len(book_settings.SELECTION_SEEDS) + 1
+    # every choice's candidates, its grid's one extension and each choice reference (baseline, WRPN,
+    # the Adam-trained float model) on each selection seed, and gradient-l1's lazy run
+    choices = [entry.choice for entry in METHODS.values() if entry.choice]
+    candidates = sum(len(choice.candidates) + manifest.EXTENSIONS for choice in choices)
+    references = len({choice.reference for choice in choices})
+    assert references == 3
+    assert selection["models"].sum() == (candidates + references) * len(book_settings.SELECTION_SEEDS) + 1
 
 
 def test_the_run_plan_covers_every_chapter():
