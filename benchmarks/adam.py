@@ -23,7 +23,6 @@ from robustq import book_settings, experiments, profiles
 # The released example's step size, Adam's default (Kingma & Ba) and a step of 4x past it, fixed
 # before any ran; 4x apart, so one extension adds 6.25e-5 or 1.6e-2.
 CANDIDATES = (2.5e-4, 1e-3, 4e-3)
-STEP = 4.0
 
 
 def main() -> None:
@@ -35,7 +34,7 @@ def main() -> None:
                                            profiles.get(args.profile).validation_size * len(book_settings.SELECTION_SEEDS))
     chosen = book_settings.best_on_endpoint(values, noise)
     if chosen in (CANDIDATES[0], CANDIDATES[-1]):
-        beyond = chosen / STEP if chosen == CANDIDATES[0] else chosen * STEP
+        beyond = book_settings.extend_once(CANDIDATES, chosen)
         print(f"the choice sits at an end ({chosen:g}): the grid is extended once, to {beyond:g}")
         values[beyond] = validation_accuracy(args.profile, beyond)
         chosen = book_settings.best_on_endpoint(values, noise)

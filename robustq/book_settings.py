@@ -102,14 +102,24 @@ class Choice:
         >>> SYMREG_LAM.beyond(10.0), SYMREG_LAM.beyond(0.1), GRAD_L1_LAM.beyond(0.01)
         (100.0, 0.01, 0.001)
         """
-        low, high = self.candidates[0], self.candidates[-1]
-        if end == high:
-            step = high / self.candidates[-2]
-            return float(f"{high * step:.12g}")  # one decade in floats: 0.1 * (0.1 / 1) is 0.010000000000000002
-        if end == low:
-            step = self.candidates[1] / low
-            return float(f"{low / step:.12g}")
-        raise ValueError(f"{end!r} is not an end of the grid {self.candidates}")
+        return extend_once(self.candidates, end)
+
+
+def extend_once(candidates: tuple[float, ...], end: float) -> float:
+    """The candidate one grid step past ``end``, an end of the log-spaced grid ``candidates`` (the
+    rule's one extension, for :class:`Choice` and for the settings chosen outside a chapter).
+
+    >>> extend_once((2.5e-4, 1e-3, 4e-3), 4e-3), extend_once((2.5e-4, 1e-3, 4e-3), 2.5e-4)
+    (0.016, 6.25e-05)
+    """
+    low, high = candidates[0], candidates[-1]
+    if end == high:
+        step = high / candidates[-2]
+        return float(f"{high * step:.12g}")  # one decade in floats: 0.1 * (0.1 / 1) is 0.010000000000000002
+    if end == low:
+        step = candidates[1] / low
+        return float(f"{low / step:.12g}")
+    raise ValueError(f"{end!r} is not an end of the grid {candidates}")
 
 
 BOUNDARY_POINTS = 1e-9  # float rounding of a difference of accuracies, in points; not an image

@@ -192,8 +192,7 @@ def train(
             _save_checkpoint(checkpoint, model, optimizer, scheduler, history, best_state)
     bar.close()
     if select is not None:
-        _keep_best(model, history, best_state)
-        kept = next(entry for entry in history if entry["kept"])
+        kept = _keep_best(model, history, best_state)
         if val_loader is not None and "val_acc" not in kept:  # the model as kept
             kept["val_acc"] = evaluate(model, val_loader)
     model.to(memory_format=torch.contiguous_format).eval()
@@ -211,14 +210,16 @@ def _score(model: nn.Module, select: Callable[[nn.Module], float]) -> float:
         model.train(was_training)
 
 
-def _keep_best(model: nn.Module, history: list[dict], best_state: dict | None) -> None:
-    """Load the highest-scoring epoch's weights into ``model`` and mark that epoch ``kept``."""
+def _keep_best(model: nn.Module, history: list[dict], best_state: dict | None) -> dict:
+    """Load the highest-scoring epoch's weights into ``model``, mark that epoch ``kept`` and return
+    its history entry."""
     scores = [h["selection_score"] for h in history]
     best = scores.index(max(scores))
     for epoch, entry in enumerate(history):
         entry["kept"] = epoch == best
     if best_state is not None:
         model.load_state_dict(best_state)
+    return history[best]
 
 
 def _layout(extensions: Extensions, epoch: int) -> torch.memory_format:
