@@ -2,8 +2,11 @@
 
     python book/execute.py --profile book [notebooks/01_x.ipynb ...]
 
-Executed copies land in book/notebooks/ (git-ignored). All notebooks run even if one fails, so one
-broken chapter does not hide the others; the exit status is non-zero if any failed.
+First the book's models (every model of the book settings the chapters' manifest lists) are
+trained by :mod:`robustq.grid`'s worker pool, two at a time on two cores (``--workers``); the
+notebooks then find them in the experiment cache, and train only the few models they run outside
+the book settings. Executed copies land in book/notebooks/ (git-ignored). All notebooks run even if
+one fails, so one broken chapter does not hide the others; the exit status is non-zero if any failed.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from pathlib import Path
 import pandas as pd
 import papermill
 
-from robustq import endpoints, kernels, manifest, profiles, reference, verdicts
+from robustq import endpoints, grid, kernels, manifest, profiles, reference, verdicts
 from robustq.files import write_atomic
 
 BOOK = Path(__file__).resolve().parent
@@ -49,6 +52,30 @@ def execute(notebook: Path, profile: str) -> tuple[bool, float, str]:
     collapse_injected_parameters(partial)
     os.replace(partial, out)
     return True, _papermill_duration(out), ""
+
+
+GRID_ROW = "models (grid)"  # the status page's row for the training before the notebooks
+
+
+def default_workers() -> int:
+    """Training jobs at once: one per pinned thread group of this machine's cores, and at least two
+    (two workers of two threads that wait passively share two cores faster than one alone)."""
+    return max(2, (os.cpu_count() or 1) // kernels.REFERENCE_THREADS)
+
+
+def train_models(notebooks: list[Path], profile: str, workers: int) -> tuple[bool, float, str]:
+    """Train every book-settings model the notebooks' chapters need (:func:`robustq.grid.run_grid`,
+    ``workers`` pool workers); return (ok, seconds, failures). A failed job is retrained, and its
+    error shown, by the notebook that needs it."""
+    chapters = [name for name in dict.fromkeys(notebook.name[:2] for notebook in notebooks)
+                if name in grid.CHAPTERS]
+    settings = grid.configure(chapters, profile, executor="pool", parallel=workers)
+    start = time.perf_counter()
+    reports = grid.run_grid(settings, progress=False)
+    for report in reports:
+        print(f"  phase {report.phase}: {report.ran} of {report.needed} trained", flush=True)
+    failures = [str(failure) for report in reports for failure in report.failures]
+    return not failures, time.perf_counter() - start, "; ".join(failures)[:300]
 
 
 def collapse_injected_parameters(executed: Path) -> None:
@@ -79,8 +106,10 @@ def write_status(rows: list[tuple[str, bool, float, str]], profile: str) -> None
         "# Build status",
         "",
         f"Executed by papermill on {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC with profile "
-        f"`{profile}`. Times are papermill's own measurement of each notebook's execution, "
-        "training included (a model found in the experiment cache is not retrained).",
+        f"`{profile}`. The first row is the training of the book's models before the notebooks, by "
+        "`robustq.grid`'s pool of workers (two at a time on two cores); the notebooks then load them "
+        "from the experiment cache and train only the models they run outside the book settings. "
+        "A notebook's time is papermill's own measurement of its execution.",
         "",
     ]
     if environment["reference kernels"] != "yes":
@@ -98,13 +127,13 @@ def write_status(rows: list[tuple[str, bool, float, str]], profile: str) -> None
          "one commit vary between builds and between machines of the same kind (the README gives "
          "measured builds), more when other work runs beside them."),
         "",
-        "| notebook | status | execution time (s) | run plan (s) | measured / plan |",
+        "| step | status | execution time (s) | run plan (s) | measured / plan |",
         "| --- | --- | ---: | ---: | ---: |",
     ]
     planned_total = 0.0
     for name, ok, seconds, error in rows:
         status = "ok" if ok else f"failed: {error}".replace("|", "\\|")
-        estimate = estimates.get(name.split("_", 1)[0])
+        estimate = estimates.get("grid" if name == GRID_ROW else name.split("_", 1)[0])
         planned = f"{estimate:.0f} | {seconds / estimate:.2f}" if estimate else "— | —"
         planned_total += estimate or 0.0
         lines.append(f"| {name} | {status} | {seconds:.1f} | {planned} |")
@@ -336,19 +365,27 @@ def main() -> int:
     parser.add_argument("--reference", choices=reference.MODES, default=None,
                         help=f"write the reference numbers, compare with them, or neither "
                              f"(default: ${reference.MODE_ENV}, else compare under CI, else write)")
+    parser.add_argument("--workers", type=int, default=default_workers(),
+                        help="training jobs at once before the notebooks run (default: %(default)s on this "
+                             "machine); 0 leaves the training to the notebooks")
     parser.add_argument("notebooks", nargs="*", type=Path)
     args = parser.parse_args()
     mode = args.reference or reference.mode()
     notebooks = args.notebooks or sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
     shutil.rmtree(verdicts.findings_dir(args.profile), ignore_errors=True)  # only this build's records
     rows = []
+    if args.workers:
+        print(f"training the chapters' models, {args.workers} at a time (profile {args.profile}) ...", flush=True)
+        ok, seconds, error = train_models(notebooks, args.profile, args.workers)
+        print(f"  {'ok' if ok else 'FAILED'} in {seconds:.1f} s {error}", flush=True)
+        rows.append((GRID_ROW, ok, seconds, error))
     for notebook in notebooks:
         print(f"executing {notebook.name} (profile {args.profile}) ...", flush=True)
         ok, seconds, error = execute(notebook.resolve(), args.profile)
         print(f"  {'ok' if ok else 'FAILED'} in {seconds:.1f} s {error}", flush=True)
         rows.append((notebook.stem, ok, seconds, error))
     write_status(rows, args.profile)
-    executed = [name for name, ok, _, _ in rows if ok]
+    executed = [name for name, ok, _, _ in rows if ok and name != GRID_ROW]
     write_findings(args.profile, executed)
     if not all(ok for _, ok, _, _ in rows):
         print("reference: left as it is, since a chapter failed", flush=True)

@@ -170,6 +170,7 @@ _READABLE = {
     "test_acc": ("test accuracy (%)", 100, 2), "quantized_acc": ("own-quantizer accuracy (%)", 100, 2),
     "train_time_s": ("training time (s)", 1, 1), "images_per_s": ("images per second", 1, 0),
     "final_loss": ("final training loss", 1, 4), "final_train_acc": ("final training accuracy (%)", 100, 2),
+    "jobs_at_once": ("training jobs at once", 1, 0),
 }
 
 
@@ -285,7 +286,9 @@ def _add_grid_parser(commands) -> None:
                       f"(default: ${profiles.PROFILE_ENV} or {profiles.DEFAULT_PROFILE})")
     jobs.add_argument("--chapters", nargs="+", metavar="NN", help=f"default: all ({', '.join(grid.CHAPTERS)})")
     jobs.add_argument("--executor", default="auto", help="auto (SLURM where srun is on the PATH, else local), "
-                      "local (subprocesses here), slurm (one sbatch job each) or debug (in this process)")
+                      "local (a subprocess here each), pool (--parallel worker processes here, each training one "
+                      "job after another: what the book's build uses), slurm (one sbatch job each) or debug (in "
+                      "this process)")
     jobs.add_argument("--parallel", type=int, help="jobs at once (default: 1 on a CPU, --per-gpu per visible GPU, "
                       "no limit on SLURM)")
     jobs.add_argument("--per-gpu", type=int, help="local jobs packed onto each visible GPU (default 1)")

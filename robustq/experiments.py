@@ -44,6 +44,7 @@ CACHE_ENV = "ROBUSTQ_CACHE"
 # tests/test_manifest.py compares what each notebook asked for with its manifest entry.
 RECORD_ENV = "ROBUSTQ_RECORD"
 CHAPTER_ENV = "ROBUSTQ_CHAPTER"
+JOBS_AT_ONCE_ENV = "ROBUSTQ_JOBS_AT_ONCE"  # training jobs sharing the CPU (robustq.grid's pool workers)
 
 
 # Which epoch's model an experiment keeps: the last, or the one with the best validation accuracy at
@@ -444,6 +445,7 @@ def _train_and_store(exp: Experiment, entry: Path, progress: bool, device) -> Re
         "images_per_s": outcome.images_per_s,
         "final_loss": outcome.history[-1]["loss"],
         "final_train_acc": outcome.history[-1]["train_acc"],
+        "jobs_at_once": jobs_at_once(),
     }
     save_atomic(model.state_dict(), entry / "model.pt")
     record = {
@@ -454,6 +456,13 @@ def _train_and_store(exp: Experiment, entry: Path, progress: bool, device) -> Re
     write_atomic(entry / "result.json", lambda tmp: tmp.write_text(json.dumps(record, indent=1, sort_keys=True)))
     (entry / "checkpoint.pt").unlink(missing_ok=True)
     return Result(exp, model, metrics, pd.DataFrame(outcome.history), cached=False, quantizers=quantizers)
+
+
+def jobs_at_once() -> int:
+    """How many training jobs share this machine's CPU with this one (``$ROBUSTQ_JOBS_AT_ONCE``, set
+    by :func:`robustq.grid.worker_pool` for its workers; 1 otherwise): a model's ``train_time_s`` is
+    its time beside them."""
+    return int(os.environ.get(JOBS_AT_ONCE_ENV) or 1)
 
 
 def _load_entry(entry: Path, exp: Experiment, device) -> Result | None:

@@ -31,6 +31,17 @@ one in this process (a failure opens pdb there, as submitit's debug executor doe
 SLURM where ``srun`` is on the PATH, else local. Each job logs to
 ``<cache>/grid-logs/<job id>_0_log.err`` (and ``.out``).
 
+``pool`` keeps :attr:`Grid.parallel` worker processes alive for the whole grid
+(:class:`concurrent.futures.ProcessPoolExecutor`), each training one experiment after another: no
+interpreter start, torch import and dataset load per job, and no per-job log (a failure's traceback
+comes back as the job's error). It is what ``book/execute.py`` trains the book's models with, two
+workers on two cores. Each worker keeps the pinned thread count, so its models are the notebooks'
+to the last bit, and waits for work passively (``OMP_WAIT_POLICY=PASSIVE``, read by OpenMP when the
+worker loads torch): two workers of two threads that spin while they wait, as OpenMP's threads do by
+default, slow each other several-fold on two cores, while two that sleep trained eight book models
+in 0.90 times the time of one process alone, with the same weights (``benchmarks/workers.py
+--models 8``: 7.9 s a model against 8.8, the workers' start included).
+
 At most :attr:`Grid.parallel` jobs run at once: locally one on a CPU (each with the pinned thread
 count of :mod:`robustq.kernels`, so that its models are the notebooks'; split between the jobs only
 under ``ROBUSTQ_NATIVE_KERNELS``) and :attr:`Grid.per_gpu` per visible GPU, each job pinned to one
@@ -40,8 +51,10 @@ cache keys include the device type, so the jobs' must be this machine's).
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
+import multiprocessing
 import os
 import shutil
 import sys
@@ -56,12 +69,15 @@ from tqdm.auto import tqdm
 from robustq import cache, experiments, kernels, manifest, params, profiles
 from robustq.experiments import Experiment
 
-EXECUTORS = ("auto", "local", "slurm", "debug")
+EXECUTORS = ("auto", "local", "pool", "slurm", "debug")
 LOG_FOLDER = "grid-logs"
 # Generous: a paper-profile model sees 75 times the book recipe's images, about 9 minutes for the
 # baseline and 27 for gradient-l1 (3 units) at the book's measured speed on 2 CPU cores.
 DEFAULT_TIMEOUT_MIN = 240
 POLL_S = 0.5
+# OpenMP's threads sleep while they wait for work instead of spinning (GNU libgomp and LLVM libomp
+# read it once, when torch loads them): several pool workers then share the cores
+WAIT_POLICY = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 CHAPTERS = tuple(manifest.CHAPTERS)
 
@@ -262,14 +278,19 @@ def run_experiment(exp: Experiment, env: dict[str, str], threads: int | None = N
     return {"key": result.experiment.key(), "test_acc": result.test_acc, "cached": result.cached}
 
 
-def run_jobs(exps: Sequence[Experiment], grid: Grid, desc: str = "jobs", progress: bool = True) -> list[Failure]:
+def run_jobs(exps: Sequence[Experiment], grid: Grid, desc: str = "jobs", progress: bool = True,
+             executor=None) -> list[Failure]:
     """Run each experiment as one job, at most as many at once as :func:`slots` allows, with a
-    progress bar on stderr; returns the failed ones (a failure does not stop the others)."""
+    progress bar on stderr; returns the failed ones (a failure does not stop the others). Without
+    ``executor``, one is opened for these jobs (:func:`opened`)."""
     if not exps:
         return []
-    executor = executor_for(grid)
+    if executor is None:
+        with opened(grid) as executor:
+            return run_jobs(exps, grid, desc, progress, executor)
     free = slots(grid, len(exps))
-    split = grid.executor == "local" and len(free) > 1 and kernels.opted_out()  # pinned: thread count in the key
+    # pinned: the thread count is in the key
+    split = grid.executor in ("local", "pool") and len(free) > 1 and kernels.opted_out()
     threads = max(1, (os.cpu_count() or 1) // len(free)) if split else None
     env = {experiments.CACHE_ENV: str(experiments.cache_dir().resolve()), profiles.PROFILE_ENV: grid.profile}
     pending, running, failures = list(exps), {}, []
@@ -307,14 +328,29 @@ def slots(grid: Grid, n_jobs: int) -> list[int | None]:
     if grid.executor == "slurm":
         return [None] * min(n_jobs, grid.parallel or n_jobs)
     gpus = visible_gpus()
-    if not gpus:
+    if not gpus or grid.executor == "pool":
         return [None] * (grid.parallel or 1)
     packed = [gpu for _ in range(grid.per_gpu) for gpu in gpus]  # round robin: spread before stacking
     return packed[: grid.parallel] if grid.parallel else packed
 
 
+@contextlib.contextmanager
+def opened(grid: Grid):
+    """The executor of ``grid`` (:func:`executor_for`) for the ``with`` block; a pool's workers are
+    stopped when it ends."""
+    executor = executor_for(grid)
+    try:
+        yield executor
+    finally:
+        if isinstance(executor, concurrent.futures.Executor):
+            executor.shutdown(wait=True, cancel_futures=True)
+
+
 def executor_for(grid: Grid):
-    """The submitit executor of ``grid``, its time limit (and on SLURM its sbatch parameters) set."""
+    """The executor of ``grid``: a pool of worker processes (:func:`worker_pool`), or submitit's,
+    its time limit (and on SLURM its sbatch parameters) set."""
+    if grid.executor == "pool":
+        return worker_pool(grid.parallel or 1)
     import submitit  # only running jobs needs it (a notebook-only install such as Colab's lacks it)
 
     folder = experiments.cache_dir() / LOG_FOLDER  # files are named after the job id
@@ -330,6 +366,23 @@ def executor_for(grid: Grid):
     return executor
 
 
+def worker_pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
+    """``workers`` started processes (spawned, so that each loads torch afresh) that train one job
+    after another, their OpenMP threads waiting passively (:data:`WAIT_POLICY`, unless this
+    environment sets it)."""
+    pool = concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    added = {name: value for name, value in {**WAIT_POLICY, experiments.JOBS_AT_ONCE_ENV: str(workers)}.items()
+             if name not in os.environ}
+    os.environ.update(added)  # a spawned worker copies this process's environment (torch is loaded here already)
+    try:
+        for started in [pool.submit(os.getpid) for _ in range(workers)]:  # one each, so that all start now
+            started.result()
+    finally:
+        for name in added:
+            del os.environ[name]
+    return pool
+
+
 def _submit(executor, grid: Grid, exp: Experiment, gpu: int | None, env: dict[str, str], threads: int | None):
     if grid.executor == "local":
         pinned = () if gpu is None else (gpu,)  # submitit sets the job's CUDA_VISIBLE_DEVICES to it
@@ -341,7 +394,8 @@ def _failure(job, exp: Experiment) -> Failure | None:
     try:
         job.result()
     except Exception as error:  # noqa: BLE001 (raised in the job, killed, timed out): one failed experiment
-        return Failure(describe(exp), _reason(error), str(job.paths.stderr))
+        paths = getattr(job, "paths", None)  # a submitit job's; a pool's future has no log file
+        return Failure(describe(exp), _reason(error), str(paths.stderr) if paths else None)
     return None
 
 
@@ -363,21 +417,22 @@ def run_grid(grid: Grid, progress: bool = True) -> list[PhaseReport]:
     a failure (the next phase's list reads this one's results). One report per phase run."""
     cache.ensure_usable(experiments.cache_dir())
     reports = []
-    for number, (phase, needed_runs) in enumerate(PHASES, 1):
-        needed = needed_runs(grid.chapters, grid.profile)
-        ran, failures = run_missing(needed, grid, f"phase {number}/{len(PHASES)} ({phase})", progress)
-        reports.append(PhaseReport(phase, len(needed), ran, tuple(failures)))
-        if failures:
-            break
+    with opened(grid) as executor:  # one pool for every phase
+        for number, (phase, needed_runs) in enumerate(PHASES, 1):
+            needed = needed_runs(grid.chapters, grid.profile)
+            ran, failures = run_missing(needed, grid, f"phase {number}/{len(PHASES)} ({phase})", progress, executor)
+            reports.append(PhaseReport(phase, len(needed), ran, tuple(failures)))
+            if failures:
+                break
     return reports
 
 
 def run_missing(needed: Sequence[Experiment], grid: Grid, desc: str = "jobs",
-                progress: bool = True) -> tuple[int, list[Failure]]:
+                progress: bool = True, executor=None) -> tuple[int, list[Failure]]:
     """Run the experiments of ``needed`` that are not in the cache (:func:`run_jobs`); returns how
     many ran and what failed, including a job that finished without leaving its result."""
     missing = [exp for exp in needed if not in_cache(exp)]
-    failures = run_jobs(missing, grid, desc, progress)
+    failures = run_jobs(missing, grid, desc, progress, executor)
     if not failures:  # the next phase would train in this process what is missing here
         failures = [Failure(describe(exp), "its job finished, but its result is not in the cache", None)
                     for exp in missing if not in_cache(exp)]

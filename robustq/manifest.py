@@ -363,6 +363,11 @@ SECONDS_PER_UNIT = 10.3
 SECONDS_PER_EVALUATION = {"plain": 0.25, "activations": 0.5, "mse": 0.25, "bias_corrected": 1.0, "adaround": 5.0,
                           "block": 7.0, "passes": 0.4}
 SECONDS_PER_CHAPTER = 5.0
+# The grid before the notebooks (book/execute.py): two pool workers on the two cores, one unit a
+# baseline model with its test evaluation and cache writes (7.4 s a model of pure training,
+# benchmarks/workers.py), and a model the notebooks then load from the cache, its checksum checked.
+SECONDS_PER_GRID_UNIT = 7.8
+SECONDS_PER_CACHED_MODEL = 0.3
 
 
 def run_plan(profile: str = "book") -> pd.DataFrame:
@@ -378,9 +383,11 @@ def run_plan(profile: str = "book") -> pd.DataFrame:
             new = [model for model in models if model not in seen]
             seen.update(new)
             if new:
-                rows.append(_row(number, name, seeds, note, models=len(new), units=len(new) * METHODS[name].cost))
+                rows.append(_row(number, name, seeds, note, models=len(new), units=len(new) * METHODS[name].cost,
+                                 runs_in="grid"))
         for extra in entry.extras:
-            rows.append(_row(number, "(extra)", "", extra.note, models=extra.models, units=extra.models * extra.cost))
+            rows.append(_row(number, "(extra)", "", extra.note, models=extra.models, units=extra.models * extra.cost,
+                             runs_in="notebook"))
         for evaluations in evaluations_of(number):
             rows.append(_row(number, evaluations.name, evaluations.seeds, evaluations.note,
                              evaluations=evaluations.count(n), kind=evaluations.kind))
@@ -390,9 +397,9 @@ def run_plan(profile: str = "book") -> pd.DataFrame:
 
 
 def _row(chapter: str, name: str, seeds: str, note: str, *, models: int = 0, units: float = 0.0, seconds: float = 0.0,
-         evaluations: int = 0, kind: str = "") -> dict:
+         evaluations: int = 0, kind: str = "", runs_in: str = "notebook") -> dict:
     return {"chapter": chapter, "name": name, "seeds": seeds, "models": models, "units": units,
-            "evaluations": evaluations, "kind": kind, "seconds": seconds, "note": note}
+            "evaluations": evaluations, "kind": kind, "seconds": seconds, "runs_in": runs_in, "note": note}
 
 
 def _chapter_models(number: str, n: int):
@@ -416,18 +423,33 @@ def _chapter_models(number: str, n: int):
 
 def estimate_minutes(plan: pd.DataFrame, seconds_per_unit: float = SECONDS_PER_UNIT,
                      seconds_per_evaluation: dict[str, float] | None = None,
-                     seconds_per_chapter: float = SECONDS_PER_CHAPTER) -> float:
-    """Estimated build time of a plan, in minutes: training units × seconds per unit, evaluations ×
-    their kind's seconds, each chapter's fixed cost (a kernel, imports, figures) and the measured
-    seconds of work outside models and evaluations (:attr:`Chapter.seconds`)."""
-    costs = SECONDS_PER_EVALUATION if seconds_per_evaluation is None else seconds_per_evaluation
-    evaluations = (plan["evaluations"] * plan["kind"].map(costs).fillna(0.0)).sum()
-    chapters = plan["chapter"].nunique()
-    fixed = plan["seconds"].sum() + chapters * seconds_per_chapter
-    return (plan["units"].sum() * seconds_per_unit + evaluations + fixed) / 60
+                     seconds_per_chapter: float = SECONDS_PER_CHAPTER,
+                     seconds_per_grid_unit: float = SECONDS_PER_GRID_UNIT) -> float:
+    """Estimated build time of a plan, in minutes: the grid's training units (``runs_in == "grid"``,
+    trained before the notebooks by two workers, ``book/execute.py``) × their seconds each, the
+    notebooks' own training units × seconds per unit, each grid model's loading in the chapter that
+    first needs it, evaluations × their kind's seconds, each chapter's fixed cost (a kernel,
+    imports, figures) and the measured seconds of work outside models and evaluations
+    (:attr:`Chapter.seconds`)."""
+    return sum(_seconds(plan, seconds_per_unit, seconds_per_evaluation, seconds_per_chapter,
+                                 seconds_per_grid_unit).values()) / 60
 
 
 def chapter_seconds(plan: pd.DataFrame) -> pd.Series:
-    """The plan's estimate for each chapter, in seconds (:func:`estimate_minutes` of its rows),
+    """The plan's estimate in seconds for the grid (``"grid"``) and for each chapter's notebook,
     indexed by chapter number; the build's status page prints it beside each measured time."""
-    return pd.Series({number: 60 * estimate_minutes(rows) for number, rows in plan.groupby("chapter")})
+    by_chapter = {number: _seconds(rows)["notebooks"] for number, rows in plan.groupby("chapter")}
+    return pd.Series({"grid": _seconds(plan)["grid"], **by_chapter})
+
+
+def _seconds(plan: pd.DataFrame, seconds_per_unit: float = SECONDS_PER_UNIT,
+             seconds_per_evaluation: dict[str, float] | None = None,
+             seconds_per_chapter: float = SECONDS_PER_CHAPTER,
+             seconds_per_grid_unit: float = SECONDS_PER_GRID_UNIT) -> dict[str, float]:
+    costs = SECONDS_PER_EVALUATION if seconds_per_evaluation is None else seconds_per_evaluation
+    in_grid = plan["runs_in"] == "grid"
+    evaluations = (plan["evaluations"] * plan["kind"].map(costs).fillna(0.0)).sum()
+    fixed = plan["seconds"].sum() + plan["chapter"].nunique() * seconds_per_chapter
+    loads = plan.loc[in_grid, "models"].sum() * SECONDS_PER_CACHED_MODEL
+    notebooks = plan.loc[~in_grid, "units"].sum() * seconds_per_unit + loads + evaluations + fixed
+    return {"grid": plan.loc[in_grid, "units"].sum() * seconds_per_grid_unit, "notebooks": notebooks}

@@ -37,11 +37,13 @@ def test_offline_check_flags_cdn_scripts_and_passes_local_ones(tmp_path):
 def test_status_page_lists_each_notebook_time_and_the_environment(tmp_path, monkeypatch):
     execute = _load("execute")
     monkeypatch.setattr(execute, "BOOK", tmp_path)
-    monkeypatch.setattr(execute.manifest, "chapter_seconds", lambda plan: pd.Series({"00": 10.0}))
-    execute.write_status([("00_primer", True, 12.34, ""), ("01_x", False, 3.0, "ValueError: boom | x")], "book")
+    monkeypatch.setattr(execute.manifest, "chapter_seconds", lambda plan: pd.Series({"grid": 20.0, "00": 10.0}))
+    execute.write_status([(execute.GRID_ROW, True, 30.0, ""), ("00_primer", True, 12.34, ""),
+                          ("01_x", False, 3.0, "ValueError: boom | x")], "book")
     text = (tmp_path / "status.md").read_text()
+    assert f"| {execute.GRID_ROW} | ok | 30.0 | 20 | 1.50 |" in text
     assert "| 00_primer | ok | 12.3 | 10 | 1.23 |" in text and "failed: ValueError: boom \\| x | 3.0 | — | — |" in text
-    assert "**15.3**" in text and "**10**" in text and "| torch |" in text and "| CPU count |" in text
+    assert "**45.3**" in text and "**30**" in text and "| torch |" in text and "| CPU count |" in text
     execute.write_status([("00_primer", True, 12.34, "")], "smoke")  # the plan is measured on the book profile
     assert "| 00_primer | ok | 12.3 | — | — |" in (tmp_path / "status.md").read_text()
     assert re.search(r"\| commit \| `[0-9a-f]{40}`( \+ local changes)? \|", text)

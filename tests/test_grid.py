@@ -2,6 +2,7 @@
 and its argument checks."""
 
 import json
+import multiprocessing
 import os
 import re
 import types
@@ -153,12 +154,30 @@ def test_local_jobs_fill_the_cache_once_and_failures_are_reported(isolated_cache
     assert sorted((isolated_cache / grid.LOG_FOLDER).glob("*_log.err")) == logs  # nothing started
 
 
+def test_a_pool_trains_in_long_lived_workers_and_reports_failures(isolated_cache):
+    good, other, diverging = Experiment(**TINY), Experiment(**TINY, seed=1), Experiment(**TINY, lr=1e30)
+    settings = grid.Grid(executor="pool", parallel=2, profile="smoke")
+    environment = dict(os.environ)
+    with grid.opened(settings) as pool:
+        workers = {child.pid for child in multiprocessing.active_children()}
+        ran, failures = grid.run_missing([good, diverging, other], settings, progress=False, executor=pool)
+        assert {child.pid for child in multiprocessing.active_children()} == workers  # the same two processes
+    assert len(workers) == 2 and not multiprocessing.active_children()
+    assert dict(os.environ) == environment  # the passive wait is the workers' alone
+    assert ran == 3 and grid.in_cache(good) and grid.in_cache(other) and not grid.in_cache(diverging)
+    (failure,) = failures
+    assert "loss became nan" in failure.error and failure.log is None
+    record = json.loads((isolated_cache / good.resolved().key() / "result.json").read_text())
+    assert record["metrics"]["jobs_at_once"] == 2
+    assert experiments.run(Experiment(**TINY, seed=2)).metrics["jobs_at_once"] == 1
+
+
 # --- the command line ----------------------------------------------------------------------------
 
 BAD_ARGUMENTS = [
     (["--chapters", "09"], "--chapters", "00, 01, 02"),
     (["--chapters", "5"], "--chapters", "two digits"),
-    (["--executor", "ray"], "--executor", "auto, local, slurm, debug"),
+    (["--executor", "ray"], "--executor", "auto, local, pool, slurm, debug"),
     (["--executor", "slurm"], "--executor", "--executor local"),
     (["--parallel", "0"], "--parallel", "positive int"),
     (["--per-gpu", "0"], "--per-gpu", "positive int"),

@@ -58,11 +58,17 @@ def test_the_run_plan_covers_every_chapter():
     assert set(plan.query("models > 0 and name != '(extra)'")["name"]) <= set(METHODS)
 
 
-@pytest.mark.xfail(strict=True, reason="the plan is over its budget: 39.1 minutes estimated with chapter 07's "
-                   "Adam-trained regularizer and STE-QAT (protocol v2, change 17), 39.4 of notebooks measured in "
-                   "the cold build of 31e772f (cap 40, plan budget 36: 10% of headroom); issues #25 and #26")
 def test_the_run_plan_fits_the_budget():
     assert manifest.estimate_minutes(manifest.run_plan("book")) <= manifest.BUDGET_MINUTES
+
+
+def test_the_grid_trains_every_book_settings_model_and_the_notebooks_the_rest():
+    plan = manifest.run_plan("book").query("models > 0")
+    assert set(plan.query("runs_in == 'grid'")["name"]) <= set(METHODS)
+    assert set(plan.query("runs_in == 'notebook'")["name"]) == {"(extra)"}
+    seconds = manifest.chapter_seconds(manifest.run_plan("book"))
+    assert seconds.index[0] == "grid" and list(seconds.index[1:]) == list(manifest.CHAPTERS)
+    assert seconds.sum() == pytest.approx(60 * manifest.estimate_minutes(manifest.run_plan("book")))
 
 
 @pytest.fixture
