@@ -42,7 +42,7 @@ data: $(STAMP)  ## Fashion-MNIST: the Debian package (installed when root with a
 	@# and ROBUSTQ_DATA, download through torchvision first; offline, one line with the fix
 	$(PY) -m robustq.data
 
-book: setup  ## execute every notebook (profile book), write (under CI: compare) book/reference/, build the HTML book, check its pages (also in a browser)
+book: setup  ## train the book's models (two at a time), execute every notebook (profile book), write (under CI: compare) book/reference/, build the HTML book, check its pages (also in a browser)
 	$(PY) book/execute.py --profile book
 	$(VENV)/bin/jupyter-book build book --warningiserror --nitpick --keep-going
 	$(PY) book/check_offline.py book/_build/html

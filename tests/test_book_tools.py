@@ -150,9 +150,18 @@ def test_a_build_drops_stale_records_lists_failed_chapters_and_keeps_the_referen
         verdicts.record_claims(notebook.stem, [record], folder)
         return True, 2.0, ""
 
+    trained = []
+
+    def fake_train_models(notebooks, profile, workers):  # the grid's pool, without its training
+        trained.append(([notebook.name for notebook in notebooks], profile, workers))
+        return True, 3.0, ""
+
     monkeypatch.setattr(execute, "execute", fake_execute)
+    monkeypatch.setattr(execute, "train_models", fake_train_models)
     monkeypatch.setattr(sys, "argv", ["execute.py", "--reference", "write", "01_passing.ipynb", "02_failing.ipynb"])
     assert execute.main() == 1
+    assert trained == [(["01_passing.ipynb", "02_failing.ipynb"], "book", execute.default_workers())]
+    assert f"| {execute.GRID_ROW} | ok | 3.0 |" in (tmp_path / "status.md").read_text()
     assert sorted(path.stem for path in folder.glob("*.json")) == ["01_passing"]  # the stale record is gone
     findings = (tmp_path / "findings.md").read_text()
     assert "C1.1" in findings and "C2.9" not in findings
