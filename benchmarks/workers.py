@@ -59,7 +59,7 @@ def pooled(exps, environment: dict[str, str]) -> tuple[float, str]:
         try:
             settings = grid.Grid(executor="pool", parallel=WORKERS, profile="book")
             start = time.perf_counter()
-            ran, failures = grid.run_missing(exps, settings, progress=False)
+            _, failures = grid.run_missing(exps, settings, progress=False)
             seconds = (time.perf_counter() - start) / len(exps)
         finally:
             for name, value in saved.items():

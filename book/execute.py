@@ -55,6 +55,9 @@ def execute(notebook: Path, profile: str) -> tuple[bool, float, str]:
 
 
 GRID_ROW = "models (grid)"  # the status page's row for the training before the notebooks
+GRID_SENTENCE = ("The first row is the training of the book's models before the notebooks, by "
+                 "`robustq.grid`'s pool of workers (two at a time on two cores); the notebooks then load them "
+                 "from the experiment cache and train only the models they run outside the book settings. ")
 
 
 def default_workers() -> int:
@@ -105,11 +108,9 @@ def write_status(rows: list[tuple[str, bool, float, str]], profile: str) -> None
     lines = [
         "# Build status",
         "",
-        f"Executed by papermill on {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC with profile "
-        f"`{profile}`. The first row is the training of the book's models before the notebooks, by "
-        "`robustq.grid`'s pool of workers (two at a time on two cores); the notebooks then load them "
-        "from the experiment cache and train only the models they run outside the book settings. "
-        "A notebook's time is papermill's own measurement of its execution.",
+        (f"Executed by papermill on {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC with profile `{profile}`. "
+         + (GRID_SENTENCE if rows and rows[0][0] == GRID_ROW else "")
+         + "A notebook's time is papermill's own measurement of its execution."),
         "",
     ]
     if environment["reference kernels"] != "yes":

@@ -286,8 +286,8 @@ def run_jobs(exps: Sequence[Experiment], grid: Grid, desc: str = "jobs", progres
     if not exps:
         return []
     if executor is None:
-        with opened(grid) as executor:
-            return run_jobs(exps, grid, desc, progress, executor)
+        with opened(grid) as own:
+            return run_jobs(exps, grid, desc, progress, own)
     free = slots(grid, len(exps))
     # pinned: the thread count is in the key
     split = grid.executor in ("local", "pool") and len(free) > 1 and kernels.opted_out()

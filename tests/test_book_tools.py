@@ -44,8 +44,10 @@ def test_status_page_lists_each_notebook_time_and_the_environment(tmp_path, monk
     assert f"| {execute.GRID_ROW} | ok | 30.0 | 20 | 1.50 |" in text
     assert "| 00_primer | ok | 12.3 | 10 | 1.23 |" in text and "failed: ValueError: boom \\| x | 3.0 | — | — |" in text
     assert "**45.3**" in text and "**30**" in text and "| torch |" in text and "| CPU count |" in text
+    assert execute.GRID_SENTENCE in text
     execute.write_status([("00_primer", True, 12.34, "")], "smoke")  # the plan is measured on the book profile
     assert "| 00_primer | ok | 12.3 | — | — |" in (tmp_path / "status.md").read_text()
+    assert execute.GRID_SENTENCE not in (tmp_path / "status.md").read_text()  # --workers 0: no grid ran
     assert re.search(r"\| commit \| `[0-9a-f]{40}`( \+ local changes)? \|", text)
 
 
