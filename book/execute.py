@@ -60,6 +60,11 @@ GRID_SENTENCE = ("The first row is the training of the book's models before the 
                  "from the experiment cache and train only the models they run outside the book settings. ")
 
 
+def chapter_of(notebook: str) -> str:
+    """The chapter number a notebook's name starts with (``"05"`` for ``05_gradient_l1``)."""
+    return notebook.split("_", 1)[0]
+
+
 def default_workers() -> int:
     """Training jobs at once: one per pinned thread group of this machine's cores, and at least two
     (two workers of two threads that wait passively share two cores faster than one alone)."""
@@ -70,7 +75,7 @@ def train_models(notebooks: list[Path], profile: str, workers: int) -> tuple[boo
     """Train every book-settings model the notebooks' chapters need (:func:`robustq.grid.run_grid`,
     ``workers`` pool workers); return (ok, seconds, failures). A failed job is retrained, and its
     error shown, by the notebook that needs it."""
-    chapters = [name for name in dict.fromkeys(notebook.name[:2] for notebook in notebooks)
+    chapters = [name for name in dict.fromkeys(chapter_of(notebook.stem) for notebook in notebooks)
                 if name in grid.CHAPTERS]
     settings = grid.configure(chapters, profile, executor="pool", parallel=workers)
     start = time.perf_counter()
@@ -134,7 +139,7 @@ def write_status(rows: list[tuple[str, bool, float, str]], profile: str) -> None
     planned_total = 0.0
     for name, ok, seconds, error in rows:
         status = "ok" if ok else f"failed: {error}".replace("|", "\\|")
-        estimate = estimates.get("grid" if name == GRID_ROW else name.split("_", 1)[0])
+        estimate = estimates.get("grid" if name == GRID_ROW else chapter_of(name))
         planned = f"{estimate:.0f} | {seconds / estimate:.2f}" if estimate else "— | —"
         planned_total += estimate or 0.0
         lines.append(f"| {name} | {status} | {seconds:.1f} | {planned} |")

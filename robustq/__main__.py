@@ -170,7 +170,7 @@ _READABLE = {
     "test_acc": ("test accuracy (%)", 100, 2), "quantized_acc": ("own-quantizer accuracy (%)", 100, 2),
     "train_time_s": ("training time (s)", 1, 1), "images_per_s": ("images per second", 1, 0),
     "final_loss": ("final training loss", 1, 4), "final_train_acc": ("final training accuracy (%)", 100, 2),
-    "jobs_at_once": ("training jobs at once", 1, 0),
+    "jobs_at_once": ("training workers at once", 1, 0),
 }
 
 

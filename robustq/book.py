@@ -108,7 +108,7 @@ def test_batch(data: Dataset, n_images: int) -> tuple[torch.Tensor, torch.Tensor
 
 def runs_table(runs: Mapping[str, Mapping[int, Result]]) -> pd.DataFrame:
     """One row per method: seeds, float test accuracy (mean ± sd over seeds), training time, how
-    many models came from the cache and how many other training jobs shared the CPU with them."""
+    many models came from the cache and how many other training workers shared the CPU with them."""
     rows = []
     for name, by_seed in runs.items():
         acc = endpoints.float_values(by_seed)
@@ -118,14 +118,15 @@ def runs_table(runs: Mapping[str, Mapping[int, Result]]) -> pd.DataFrame:
             "float test accuracy (%)": _mean_sd(acc),
             "training time per model (s)": round(sum(r.metrics["train_time_s"] for r in by_seed.values()) / len(by_seed), 1),
             "from cache": f"{sum(r.cached for r in by_seed.values())} of {len(by_seed)}",
-            "other jobs training at once": _beside(by_seed.values()),
+            "other training workers": _beside(by_seed.values()),
         })
     return pd.DataFrame(rows).set_index("method")
 
 
 def _beside(results) -> str:
-    """How many other training jobs shared the CPU while these models trained (the build trains the
-    book's models two at a time, robustq.grid's pool): their training time is per model, beside them."""
+    """How many other training jobs could share the CPU while these models trained (the other workers
+    of the pool the build trains the book's models in, robustq.grid): their training time is per
+    model, beside them."""
     return " or ".join(map(str, sorted({int(r.metrics.get("jobs_at_once", 1)) - 1 for r in results})))
 
 

@@ -459,9 +459,10 @@ def _train_and_store(exp: Experiment, entry: Path, progress: bool, device) -> Re
 
 
 def jobs_at_once() -> int:
-    """How many training jobs share this machine's CPU with this one (``$ROBUSTQ_JOBS_AT_ONCE``, set
-    by :func:`robustq.grid.worker_pool` for its workers; 1 otherwise): a model's ``train_time_s`` is
-    its time beside them."""
+    """How many training jobs may share this machine's CPU with this one: the size of the pool it
+    trains in (``$ROBUSTQ_JOBS_AT_ONCE``, set by :func:`robustq.grid.worker_pool` for its workers,
+    whose others may sit idle at a phase's end), 1 otherwise. A model's ``train_time_s`` is its time
+    beside them."""
     return int(os.environ.get(JOBS_AT_ONCE_ENV) or 1)
 
 

@@ -397,11 +397,10 @@ def run_plan(profile: str = "book") -> pd.DataFrame:
             rows.append(_row(number, "(extra)", "", extra.note, models=extra.models, units=extra.models * extra.cost,
                              runs_in="notebook"))
         # a choice's evaluations run in the grid, between its phases (robustq.book_settings.choose)
-        for evaluations, runs_in in ((evaluations, runs_in) for group, runs_in in
-                                     ((entry.evaluations, "notebook"), (choice_evaluations(number), "grid"))
-                                     for evaluations in group):
-            rows.append(_row(number, evaluations.name, evaluations.seeds, evaluations.note,
-                             evaluations=evaluations.count(n), kind=evaluations.kind, runs_in=runs_in))
+        for group, runs_in in ((entry.evaluations, "notebook"), (choice_evaluations(number), "grid")):
+            rows += [_row(number, evaluations.name, evaluations.seeds, evaluations.note,
+                          evaluations=evaluations.count(n), kind=evaluations.kind, runs_in=runs_in)
+                     for evaluations in group]
         if entry.seconds or not any(row["chapter"] == number for row in rows):
             rows.append(_row(number, "", "", "synthetic tensors only", seconds=entry.seconds))
     return pd.DataFrame(rows)
@@ -442,8 +441,8 @@ def estimate_minutes(plan: pd.DataFrame, seconds_per_unit: float = SECONDS_PER_U
     first needs it, evaluations × their kind's seconds, each chapter's fixed cost (a kernel,
     imports, figures) and the measured seconds of work outside models and evaluations
     (:attr:`Chapter.seconds`)."""
-    return sum(_seconds(plan, seconds_per_unit, seconds_per_evaluation, seconds_per_chapter,
-                                 seconds_per_grid_unit).values()) / 60
+    parts = _seconds(plan, seconds_per_unit, seconds_per_evaluation, seconds_per_chapter, seconds_per_grid_unit)
+    return sum(parts.values()) / 60
 
 
 def chapter_seconds(plan: pd.DataFrame) -> pd.Series:
