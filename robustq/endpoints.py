@@ -103,6 +103,17 @@ ENDPOINTS = {
     "w2": Endpoint(
         "w2", "accuracy at W2, the core paper's low-bit PTQ setting (symmetric per-tensor min-max)", {"w_bits": (2,)}
     ),
+    # candidates of the core paper's claims (PTQ_CLAIM_CANDIDATES) that no claim grades
+    "w4": Endpoint("w4", "accuracy at W4 (symmetric per-tensor min-max)", {"w_bits": (4,)}),
+    "w3": Endpoint("w3", "accuracy at W3 (symmetric per-tensor min-max)", {"w_bits": (3,)}),
+    "w3_folded": Endpoint(
+        "w3_folded", "accuracy at W3 with BatchNorm folded into the convolutions first (symmetric per-tensor "
+        "min-max)", {"w_bits": (3,), "fold": (True,)}
+    ),
+    "w4a4": Endpoint(
+        "w4a4", "accuracy at W4A4 (weights symmetric per-tensor min-max, activations asymmetric per-tensor "
+        "min-max calibrated on the float model)", {"w_bits": (4,), "a_bits": (4,)}
+    ),
     "w2_learned": Endpoint(
         "w2_learned", "accuracy at W2 with learned rounding (AdaRound) on the symmetric per-tensor min-max grid",
         {"w_bits": (2,), "rounding": ("adaround",)},
@@ -151,6 +162,40 @@ PLANNING_SD: dict[str, float] = {
     "w3_learned": 0.94, "w432": 2.55, "w4_w2": 2.81, "w6a6_w4a4": 1.07, "worst_policy43": 1.84,
     "worst_setting3": 3.29,
 }
+# --- a claim's endpoint, chosen by standardised effect (protocol v2, issue #25) -------------------
+
+# The candidate endpoints of the core paper's post-training claims on SymReg and SatNL (C3.1, C4.4,
+# C4.5; chapter 08 grades those methods where they are): low-bit weights-only PTQ at each of W4, W3
+# and W2 and their mean, the quantizer variants at W4 and W3, W3 deployed with BatchNorm folded, and
+# W4 with 4-bit activations (the settings issue #25 names: W4, W3, W2, with activations, folded).
+# benchmarks/endpoint_choice.py applies :func:`choose_by_effect` to them on the selection seeds.
+PTQ_CLAIM_CANDIDATES = ("w4", "w3", "w2", "w432", "variants43", "w3_folded", "w4a4")
+
+
+def choose_by_effect(effects: pd.DataFrame, headroom: pd.Series, tau: float) -> str:
+    """The book's rule for a claim's endpoint (issue #25: "choose among candidate endpoints by
+    standardised effect, not by noise alone"): among the candidate endpoints (``effects``' index;
+    one column per comparison, each its :func:`~robustq.verdicts.standardised_effect` on the
+    selection seeds) whose ``headroom`` (the baseline's float accuracy less its endpoint value on
+    the same seeds, points) is at least ``tau``, so that the claim has room to be won, the one
+    whose smallest effect over the comparisons is largest. A comparison without an effect (NaN)
+    counts as none.
+
+    >>> effects = pd.DataFrame({"a": [3.0, 5.0, 1.0], "b": [2.0, 1.5, 9.0]}, index=["w3", "w2", "w4"])
+    >>> choose_by_effect(effects, pd.Series({"w3": 1.5, "w2": 70.0, "w4": 0.4}), tau=1.0)
+    'w3'
+    >>> choose_by_effect(effects, pd.Series({"w3": 1.5, "w2": 70.0, "w4": 0.4}), tau=2.0)
+    'w2'
+    """
+    eligible = headroom.reindex(effects.index) >= tau
+    if not eligible.any():
+        raise ValueError(f"no candidate endpoint has a headroom of at least tau = {tau:g} points "
+                         f"(headroom: {headroom.round(2).to_dict()}); add a harsher candidate or grade the "
+                         "claim as not gradable at this scale")
+    weakest = effects.loc[eligible].min(axis=1, skipna=False).fillna(-math.inf)
+    return str(weakest.idxmax())
+
+
 # The unit of each graded endpoint that is not in accuracy points (the chapters define them).
 ENDPOINT_UNITS: dict[str, str] = {
     "sqnr_drop_db": "dB", "bias_drift_pct": "% of a std. dev.", "log_excess_pct": "% extra error",

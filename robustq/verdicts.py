@@ -82,6 +82,28 @@ def minimum_detectable_effect(sd: float, n: int) -> float:
     return math.inf if n < 2 else _power_factor(n) * sd / math.sqrt(n)
 
 
+def standardised_effect(differences: Sequence[float] | pd.Series) -> float:
+    """``mean(d) / sd(d)`` of paired per-seed differences (``sd`` with ``ddof=1``): an effect in
+    units of its own seed-to-seed spread, by which issue #25 ("choose among candidate endpoints by
+    standardised effect, not by noise alone") has the book choose a claim's endpoint on the
+    selection seeds. An endpoint where the effect is large but every seed disagrees scores low, and
+    so does one where the seeds agree on nothing. NaN for fewer than 2 differences; ±inf when they
+    are all equal and not 0.
+
+    >>> standardised_effect([2.0, 3.0, 4.0])
+    3.0
+    >>> standardised_effect([1.0, 1.0])
+    inf
+    """
+    d = pd.Series(differences, dtype=float)
+    if len(d) < 2:
+        return math.nan
+    mean, sd = float(d.mean()), float(d.std(ddof=1))
+    if sd == 0:
+        return math.copysign(math.inf, mean) if mean else math.nan
+    return mean / sd
+
+
 def _power_factor(n: int) -> float:
     return t_quantile(n) + float(stats.t.ppf(POWER, n - 1))
 

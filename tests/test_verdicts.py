@@ -242,3 +242,23 @@ def test_a_relative_claims_tau_is_half_its_share_of_the_room_and_a_bad_share_is_
     claim = verdicts.Claim("06", "C", "s", "target", "paired", verdicts.relative_tau(0.5, 4.0))
     verdict = claim.grade([86.0, 86.5, 86.2], [85.5, 85.8, 86.0], ceiling=[86.0, 86.3, 86.5])
     assert verdict.grade == verdicts.NOT_GRADABLE
+
+
+@given(st.lists(st.floats(-50, 50, allow_nan=False), min_size=2, max_size=8),
+       st.floats(0.1, 10), st.floats(-20, 20))
+def test_a_standardised_effect_ignores_the_unit_and_tracks_the_mean(d, scale, shift):
+    assume(np.std(d) > 1e-3)
+    effect = verdicts.standardised_effect(d)
+    assert verdicts.standardised_effect([scale * x for x in d]) == pytest.approx(effect, rel=1e-9, abs=1e-9)
+    assert np.sign(effect) == np.sign(np.mean(d))
+    assert verdicts.standardised_effect(d[:1]) != verdicts.standardised_effect(d[:1])  # NaN for one seed
+
+
+def test_an_endpoint_is_chosen_among_those_with_room_by_its_weakest_effect():
+    from robustq.endpoints import choose_by_effect
+
+    effects = pd.DataFrame({"symreg": [4.0, 1.2, 9.0], "satnl": [0.5, 1.0, float("nan")]}, index=["w3", "w2", "w4"])
+    room = pd.Series({"w3": 3.0, "w2": 70.0, "w4": 0.4})
+    assert choose_by_effect(effects, room, tau=2.0) == "w2"  # w3's weakest effect is 0.5; w4 has no room
+    with pytest.raises(ValueError, match="no candidate endpoint has a headroom of at least tau = 80"):
+        choose_by_effect(effects, room, tau=80.0)
