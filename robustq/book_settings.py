@@ -31,6 +31,7 @@ from robustq import experiments, profiles
 from robustq.analysis import gradients
 from robustq.data import Dataset, first_batch
 from robustq.endpoints import (  # noqa: F401 (re-exported: the chapters read every endpoint here)
+    CORE_PTQ_ENDPOINT,
     ENDPOINT,
     ENDPOINT_UNITS,
     ENDPOINTS,
@@ -214,10 +215,10 @@ class MethodSettings:
 
 
 # Every λ by its claim's own endpoint on quantized accuracy (protocol v2, issue #25): SymReg by C3.1's
-# (W2, where the core paper makes its claim), gradient-ℓ1 by C5.2's W6A6/W4A4, SinReQ and the
+# (CORE_PTQ_ENDPOINT, chosen by standardised effect), gradient-ℓ1 by C5.2's W6A6/W4A4, SinReQ and the
 # oscillation regularizer by their 3-bit target (C6.1a, C7.2). Protocol v1 chose the largest λ within
 # 0.5 point of the reference's float validation accuracy, blind to the benefit each method claims.
-SYMREG_LAM = Choice("lam", (0.1, 1.0, 10.0), "w2")
+SYMREG_LAM = Choice("lam", (0.1, 1.0, 10.0), CORE_PTQ_ENDPOINT)
 QAT_PARAMS = {"bit_width": QAT_BIT_WIDTH, "edge_bit_width": EDGE_BIT_WIDTH}
 # WRPN's and DoReFa's grids are fixed to [-1, 1] (book/methods.md §6): at 8 bits a classifier's weights
 # of about ±0.03 would use a handful of the 255 levels. The book deploys every model with 8-bit edges,
@@ -255,10 +256,10 @@ METHODS: dict[str, MethodSettings] = {
     # The descriptive scopes reuse the channel scope's λ (the penalty is normalised per set).
     "symreg_layer": MethodSettings("symreg", {"scope": "layer"}, "01", 1.1, inherits="symreg"),
     "symreg_kernel": MethodSettings("symreg", {"scope": "kernel"}, "01", 1.1, inherits="symreg"),
-    "satnl": MethodSettings("satnl", {}, "02", 1.03, compared=True, endpoint="w2"),
+    "satnl": MethodSettings("satnl", {}, "02", 1.03, compared=True, endpoint=CORE_PTQ_ENDPOINT),
     # The combinations reuse SymReg's λ as chapter 1 chose it: one SymReg in the whole book.
     "symreg_satnl_asam": MethodSettings("symreg_satnl_asam", {"scope": "channel"}, "04", 2.7, inherits="symreg",
-                                        compared=True, endpoint="w2"),
+                                        compared=True, endpoint=CORE_PTQ_ENDPOINT),
     "symreg_satnl_lsq": MethodSettings("symreg_satnl_lsq", {**QAT_PARAMS, "scope": "channel"}, "04", 1.34,
                                        inherits="symreg"),
     "asam": MethodSettings("asam", {}, "04", 2.4),
@@ -320,7 +321,7 @@ def claim_endpoint(name: str) -> str:
     choice's (a method is chosen on the endpoint it is graded on), else the primary endpoint.
 
     >>> claim_endpoint("symreg"), claim_endpoint("kure"), claim_endpoint("qat_lsq"), claim_endpoint("baseline")
-    ('w2', 'w2', 'target', 'variants43')
+    ('w432', 'w2', 'target', 'variants43')
     """
     entry = _settings(name)
     return entry.endpoint or (entry.choice.endpoint if entry.choice else ENDPOINT)

@@ -107,8 +107,9 @@ CHECKS: dict[str, Callable[[str, Any], Any]] = {
 SUFFIXES: dict[str, Callable[[str, Any], Any]] = {
     "_bit_widths": _bit_widths, "bit_widths": _bit_widths, "_bits": _bit_width,
     "_size": partial(check_int, minimum=1, example=4096, none_means="the profile's default"),
-    **{suffix: partial(check_int, minimum=1, example=20) for suffix in ("_repeats", "_draws", "_steps", "resamples")},
-    "_iterations": partial(check_int, minimum=1, example=20, none_means="the profile's default"),
+    **{suffix: partial(check_int, minimum=1, example=20) for suffix in ("_repeats", "_draws", "resamples")},
+    **{suffix: partial(check_int, minimum=1, example=20, none_means="the profile's default")
+       for suffix in ("_iterations", "_steps")},
 }
 
 
@@ -116,8 +117,8 @@ def check(name: str, value: Any, label: str | None = None) -> Any:
     """The validated value of parameter ``name`` (a profile name is resolved); ``ValueError``
     naming the parameter (or ``label``, e.g. a command-line flag) and the fix otherwise. Names
     ending in ``bit_widths`` take a list of bit-widths, names ending in ``_bits`` one bit-width,
-    ``_size`` a positive int or None, ``_repeats``, ``_iterations``, ``_draws``, ``_steps`` and
-    ``resamples`` a positive int."""
+    ``_size``, ``_iterations`` and ``_steps`` a positive int or None (the profile's), ``_repeats``,
+    ``_draws`` and ``resamples`` a positive int."""
     if name in CHECKS:
         return CHECKS[name](label or name, value)
     for suffix, checker in SUFFIXES.items():

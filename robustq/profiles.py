@@ -51,6 +51,7 @@ class Profile:
     hessian_iterations: int
     mobilenet_train_size: int  # training images of chapter 03's MobileNetV2 (depthwise) check
     synthetic_samples: int  # draws per synthetic distribution (chapter 00)
+    overhead_steps: int  # training steps timed per method for chapter 08's overhead figure (after 5 of warm-up)
 
     def recipe(self) -> dict[str, Any]:
         """The training recipe's fields, as a new dict."""
@@ -66,11 +67,14 @@ PROFILES: dict[str, Profile] = {
     # batch 32 (32 steps) stayed at chance, and so did 384 or 256 images at batch 16 (48 or 32
     # steps: 17-33% on seeds 0-2). So the recipe stays and the passes shrink: a 128-image test
     # subset, 64 images for the analysis passes (the propagation passes took 9 of chapter 01's 33 s
-    # at 256) and the Hessian, a 32-image calibration batch.
+    # at 256) and the Hessian, a 32-image calibration batch. For the 20 s a notebook (issue #24), 10
+    # steps of learned rounding per layer (50 took 3.4 s of chapters 03's and 04's) and 5 timed steps
+    # per method in chapter 08's overhead figure (30 took 4.3 s).
     "smoke": Profile("smoke", epochs=2, train_size=512, test_size=128, batch_size=16, seeds=(0, 1),
-                     validation_size=256, analysis_images=64, calibration_images=32, rounding_iterations=50,
+                     validation_size=256, analysis_images=64, calibration_images=32, rounding_iterations=10,
                      rounding_lr=0.1,
-                     hessian_images=64, hessian_iterations=5, mobilenet_train_size=128, synthetic_samples=2_000),
+                     hessian_images=64, hessian_iterations=5, mobilenet_train_size=128, synthetic_samples=2_000,
+                     overhead_steps=5),
     # the published book: five graded seeds of a short recipe (8,000 images, 3 epochs, batch 64,
     # 375 steps: 87.1-87.5% float on selection seeds 100-102, about 7 s a model on 2 cores;
     # benchmarks/power.py measured its seed spread), evaluated on one fixed 2,500-image test subset
@@ -95,12 +99,13 @@ PROFILES: dict[str, Profile] = {
     "book": Profile("book", epochs=3, train_size=8000, test_size=2500, batch_size=64, seeds=(0, 1, 2, 3, 4),
                     validation_size=5000, analysis_images=1000, calibration_images=512, rounding_iterations=300,
                     rounding_lr=0.1, hessian_images=512, hessian_iterations=20, mobilenet_train_size=2048,
-                    synthetic_samples=50_000),
+                    synthetic_samples=50_000, overhead_steps=30),
     # GPU or long runs: all data, more epochs
     "paper": Profile("paper", epochs=30, train_size=None, test_size=None, batch_size=256, seeds=(0, 1, 2, 3, 4),
                      validation_size=5000, analysis_images=1000, calibration_images=512, rounding_iterations=10_000,
                      rounding_lr=1e-3,
-                     hessian_images=512, hessian_iterations=20, mobilenet_train_size=2048, synthetic_samples=200_000),
+                     hessian_images=512, hessian_iterations=20, mobilenet_train_size=2048, synthetic_samples=200_000,
+                     overhead_steps=30),
 }
 
 

@@ -172,7 +172,7 @@ def test_choose_picks_by_the_mean_over_the_selection_seeds_of_the_validation_end
     assert chosen.reference_endpoint == 60.0 and chosen.trained_cost == pytest.approx(-0.5)
     assert [exp.seed for exp in recorded.runs] == [100] * 4 + [101] * 4
     assert all(exp.val_size > 0 for exp in recorded.runs)
-    assert chosen.outcome == "the best mean validation w2 over 2 selection seeds, +2.00 points over the runner-up"
+    assert chosen.outcome == "the best mean validation w432 over 2 selection seeds, +2.00 points over the runner-up"
 
 
 def test_a_tie_within_the_validation_noise_goes_to_the_smaller_strength(monkeypatch):
@@ -198,7 +198,7 @@ def test_a_choice_at_an_end_extends_the_grid_once_only(monkeypatch):
     assert [exp.method_params["lam"] for exp in book_settings.extension_runs("symreg", "book")] == [100.0, 100.0]
     chosen = book_settings.choose("symreg", "book")
     assert (chosen.value, chosen.extended, chosen.at_end) == (100.0, 100.0, True)
-    assert chosen.outcome == ("the best mean validation w2 over 2 selection seeds, +10.00 points over the runner-up, "
+    assert chosen.outcome == ("the best mean validation w432 over 2 selection seeds, +10.00 points over the runner-up, "
                               "at an end of the extended grid (extended once only); the first grid's choice sat at "
                               "its end, so the grid was extended to 100")
 
@@ -240,7 +240,9 @@ def test_each_compared_method_is_graded_where_its_paper_claims_and_chosen_there_
     """Protocol v2, change 12: chapter 08 grades a compared method at its claim's endpoint, which is
     its choice's where it has one (a method is chosen on the endpoint it is graded on)."""
     compared = {name: book_settings.claim_endpoint(name) for name, entry in METHODS.items() if entry.compared}
-    assert {compared[name] for name in ("symreg", "satnl", "symreg_satnl_asam", "kure")} == {"w2"}
+    # the core paper's three by standardised effect (change 18), KURE at W2
+    core = {compared[name] for name in ("symreg", "satnl", "symreg_satnl_asam")}
+    assert core == {book_settings.CORE_PTQ_ENDPOINT} and compared["kure"] == "w2"
     assert compared["grad_l1"] == "w6a6_w4a4"
     assert {compared[name] for name in ("oscillation", "wrpn", "sinreq_wrpn", "qat_ste", "qat_lsq")} == {"target"}
     for name, endpoint in compared.items():
