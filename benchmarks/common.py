@@ -1,12 +1,29 @@
-"""Helpers shared by the benchmark scripts: timing and model FLOP counting."""
+"""Helpers shared by the benchmark scripts: timing, model FLOP counting and the selection seeds'
+command line."""
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import time
 
 import torch
 from torch import nn
+
+from robustq import book_settings
+
+
+def selection_seed_arguments(description: str, measured: str) -> argparse.Namespace:
+    """``--profile`` (default ``book``) and ``--seeds`` (default the selection seeds 100-104), for a
+    script that measures ``measured`` on selection seeds; it stops if a graded seed is given, since
+    what it chooses must not have looked at one."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--profile", default="book")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[100, 101, 102, 103, 104])
+    args = parser.parse_args()
+    if set(args.seeds) & set(book_settings.graded_seeds(args.profile)):
+        raise SystemExit(f"{measured} on selection seeds only; graded seeds must not be looked at")
+    return args
 
 
 def median_time(fn, repeats: int = 5, warmup: int = 1) -> float:

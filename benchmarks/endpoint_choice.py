@@ -28,10 +28,10 @@ two cores slows it.
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pandas as pd
+from common import selection_seed_arguments
 
 from robustq import book_settings, endpoints, experiments
 from robustq.verdicts import standardised_effect
@@ -84,12 +84,7 @@ def comparisons(values: pd.DataFrame) -> pd.DataFrame:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", default="book")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[100, 101, 102, 103, 104])
-    args = parser.parse_args()
-    if set(args.seeds) & set(book_settings.graded_seeds(args.profile)):
-        raise SystemExit("endpoints are chosen on selection seeds only; graded seeds must not be looked at")
+    args = selection_seed_arguments(__doc__.splitlines()[0], "endpoints are chosen")
     values = per_seed_values(args.profile, args.seeds)
     room = headroom(values)
     table = comparisons(values)

@@ -14,12 +14,12 @@ the baseline) is smaller. ``endpoints.PLANNING_SD`` and ``ENDPOINT`` hold what i
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
 
 import pandas as pd
+from common import selection_seed_arguments
 
 from robustq import analysis, book, book_settings, endpoints, experiments, profiles
 from robustq.experiments import Experiment
@@ -107,12 +107,7 @@ def spreads(values: pd.DataFrame) -> pd.DataFrame:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", default="book")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[100, 101, 102, 103, 104])
-    args = parser.parse_args()
-    if set(args.seeds) & set(book_settings.graded_seeds(args.profile)):
-        raise SystemExit("power is measured on selection seeds only; graded seeds must not be looked at")
+    args = selection_seed_arguments(__doc__.splitlines()[0], "power is measured")
     values = per_seed_values(args.profile, args.seeds)
     table = spreads(values)
     pd.set_option("display.width", 160)
