@@ -41,8 +41,9 @@ class Endpoint:
     def frame(self, result: Result, split: str = "test") -> pd.DataFrame:
         """Every evaluation the endpoint averages, one row each (cached by :func:`evaluate`), on the
         test subset or (``split="val"``, a selection run's) the validation split. A sweep over
-        weight bit-widths alone is read from the model's :func:`weight_grid`, so the endpoints of
-        one model share one cached evaluation."""
+        weight bit-widths alone, plain or bias-corrected, is read from the model's
+        :func:`weight_grid` of that kind (:data:`SHARED_GRIDS`), so the endpoints of one model
+        share one cached evaluation."""
         sweeps = (self.sweep,) if isinstance(self.sweep, dict) else self.sweep
         return pd.concat([_evaluate_sweep(result, sweep, split) for sweep in sweeps], ignore_index=True)
 
@@ -290,11 +291,19 @@ def accuracy_table(runs: dict[str, dict[int, Result]], **sweep: Any) -> pd.DataF
 QUANTIZER_VARIANTS = ("symmetric", "per_channel", "policy")
 
 
+# The weight grids (:func:`weight_grid`) whose rows an endpoint over some of their bit-widths reads
+# instead of evaluating its own: the primary setting, and bias-corrected (chapter 03's C3.4, chapter
+# 08's bar). Each row of a sweep is computed on its own, so a row read from a grid is the row a
+# sweep of its own would give, bit for bit.
+SHARED_GRIDS = ({}, {"bias_correction": (True,)})
+
+
 def _evaluate_sweep(result: Result, sweep: dict[str, Any], split: str = "test") -> pd.DataFrame:
     varied = set(sweep) - (set(QUANTIZER_VARIANTS) if result.quantizers else set())
+    others = {key: tuple(sweep[key]) for key in varied - {"w_bits"}}
     # (a selection run's validation split is scored at the endpoint's bit-widths alone)
-    if split == "test" and varied == {"w_bits"} and set(sweep["w_bits"]) <= set(GRID_BITS):
-        grid = weight_grid(result)
+    if split == "test" and "w_bits" in varied and others in SHARED_GRIDS and set(sweep["w_bits"]) <= set(GRID_BITS):
+        grid = weight_grid(result, **others)
         return grid[grid["w_bits"].isin(sweep["w_bits"])].reset_index(drop=True)
     return evaluate(result, split=split, **sweep)
 

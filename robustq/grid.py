@@ -15,7 +15,14 @@ phases, because a graded run needs the λ its method's choice picked on the sele
    every graded seed, and the seed-0 models.
 
 A phase's list is computed once the phase before it is in the cache, so ``choose`` and
-``settings_for`` only read it; a phase with a failed job stops the grid after that phase. Models a
+``settings_for`` only read it; a phase with a failed job stops the grid after that phase. Two things
+keep both cores busy across the phases (:func:`phase_runs`): a graded run joins the first phase
+after which its method is decided (:func:`ready_graded_runs`: the baseline with the choices, a
+choice's graded runs with the lazy rule), and each phase runs its longest jobs first (their
+:attr:`~robustq.book_settings.MethodSettings.cost`), so that no long job is left alone at its end. A
+selection run's job also scores the model on its choice's validation endpoint
+(:func:`validation_endpoints`), cached, which the rule between the phases then reads instead of
+evaluating every model in this process while the workers wait (51 s of the cold book grid). Models a
 notebook trains outside the book settings (the manifest's ``Extra`` rows: MobileNetV2,
 SatNL's forms, the unweighted gradient-ℓ1 penalty, DoReFa's sinusoid domains, SymReg's 2:2 pairing,
 WRPN's default initialisation, retraced trajectories, timed steps) are not run here: the notebook
@@ -66,7 +73,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from robustq import cache, experiments, kernels, manifest, params, profiles
+from robustq import book_settings, cache, experiments, kernels, manifest, params, profiles
+from robustq.book_settings import METHODS
+from robustq.endpoints import ENDPOINTS
 from robustq.experiments import Experiment
 
 EXECUTORS = ("auto", "local", "pool", "slurm", "debug")
@@ -255,6 +264,71 @@ def _unique(runs: Iterable[Experiment]) -> list[Experiment]:
     return list(dict.fromkeys(runs))  # Experiment hashes and compares by its configuration
 
 
+def ready_graded_runs(chapters: Iterable[str], profile: str) -> list[Experiment]:
+    """The graded and seed-0 runs (phase 4's) of every method the cache already decides
+    (:func:`decided`): they can train beside an earlier phase's jobs."""
+    graded, seed0 = chapter_methods(chapters)
+    seeds = book_settings.graded_seeds(profile)
+    sources: dict[str, bool] = {}  # a choice's state, once for all the methods that inherit it
+    runs = []
+    for name in (*graded, *seed0):
+        if decided(name, profile, sources):
+            runs += [book_settings.experiment(name, seed, profile) for seed in (seeds if name in graded else seeds[:1])]
+    return _unique(runs)
+
+
+def decided(name: str, profile: str, sources: dict[str, bool] | None = None) -> bool:
+    """Whether book method ``name``'s settings follow from the cache alone: its choice (own or
+    inherited) has its selection runs and, where the first grid's choice sits at an end, the runs
+    that extend it; its lazy rule, if it has one, its runs. Checked in that order, so that nothing
+    is asked of ``choose`` before its runs exist (it would train them here). ``sources`` memoises
+    each choice's state."""
+    sources = {} if sources is None else sources
+    entry = METHODS[name]
+    source = entry.inherits or name
+    if source not in sources:
+        sources[source] = METHODS[source].choice is None or (
+            all(map(in_cache, book_settings.selection_runs(source, profile)))
+            and all(map(in_cache, book_settings.extension_runs(source, profile))))
+    if not sources[source]:
+        return False
+    return entry.lazy_every <= 1 or all(map(in_cache, book_settings.lazy_rule_runs(name, profile)))
+
+
+def phase_runs(number: int, chapters: Iterable[str], profile: str) -> list[Experiment]:
+    """What phase ``number`` (1-based, of :data:`PHASES`) trains: its own runs and, before the
+    last phase, the graded runs already decided (:func:`ready_graded_runs`), the most costly first."""
+    chapters = tuple(chapters)
+    runs = PHASES[number - 1][1](chapters, profile)
+    if number < len(PHASES):
+        runs = _unique([*runs, *ready_graded_runs(chapters, profile)])
+    return sorted(runs, key=cost, reverse=True)  # stable: equal costs keep the book's order
+
+
+def cost(exp: Experiment) -> float:
+    """An experiment's training cost in baseline units: the largest of the book entries that run
+    its method with its training (the baseline with Adam costs more than with SGD), 1 for a method
+    no entry runs."""
+    return max((entry.cost for entry in METHODS.values() if entry.method == exp.method
+                and all(getattr(exp, name) == value for name, value in entry.training.items())), default=1.0)
+
+
+def validation_endpoints(number: int, chapters: Iterable[str], profile: str) -> dict[Experiment, tuple[str, ...]]:
+    """The endpoints each selection run of phase ``number`` is scored on, on its validation split,
+    by the rule of every choice it belongs to (a reference run may serve two choices): phase 1's
+    first grids, phase 2's extensions, nothing in the later phases."""
+    listing = {1: book_settings.selection_runs, 2: book_settings.extension_runs}.get(number)
+    scored: dict[Experiment, tuple[str, ...]] = {}
+    if listing is None:
+        return scored
+    sources = dict.fromkeys(source for chapter in chapters for source in manifest.choice_sources(chapter))
+    for source in sources:
+        endpoint = METHODS[source].choice.endpoint
+        for exp in listing(source, profile):
+            scored[exp] = tuple(dict.fromkeys([*scored.get(exp, ()), endpoint]))
+    return scored
+
+
 def in_cache(exp: Experiment) -> bool:
     """Whether ``exp`` has a finished entry (its ``result.json``) under this machine's device type."""
     return (experiments.cache_dir() / exp.resolved().key() / "result.json").exists()
@@ -269,25 +343,32 @@ def describe(exp: Experiment) -> str:
 # --- running: one job per experiment ------------------------------------------------------------
 
 
-def run_experiment(exp: Experiment, env: dict[str, str], threads: int | None = None) -> dict[str, Any]:
-    """One job: :func:`robustq.experiments.run` in the job's process; returns its key and metrics."""
+def run_experiment(exp: Experiment, env: dict[str, str], threads: int | None = None,
+                   endpoints: Sequence[str] = ()) -> dict[str, Any]:
+    """One job: :func:`robustq.experiments.run` in the job's process, then the model's value of each
+    of ``endpoints`` on its validation split (cached for the choices' rule); returns its key and
+    metrics."""
     os.environ.update(env)  # the cache and profile of the grid, whatever environment the job got
     if threads is not None:
         torch.set_num_threads(threads)  # jobs that share the CPU split its cores
     result = experiments.run(exp, progress=False)
+    for endpoint in endpoints:
+        ENDPOINTS[endpoint].value(result, split="val")
     return {"key": result.experiment.key(), "test_acc": result.test_acc, "cached": result.cached}
 
 
 def run_jobs(exps: Sequence[Experiment], grid: Grid, desc: str = "jobs", progress: bool = True,
-             executor=None) -> list[Failure]:
+             executor=None, endpoints: dict[Experiment, tuple[str, ...]] | None = None) -> list[Failure]:
     """Run each experiment as one job, at most as many at once as :func:`slots` allows, with a
     progress bar on stderr; returns the failed ones (a failure does not stop the others). Without
-    ``executor``, one is opened for these jobs (:func:`opened`)."""
+    ``executor``, one is opened for these jobs (:func:`opened`). ``endpoints`` lists, per
+    experiment, the validation endpoints its job scores (:func:`run_experiment`)."""
     if not exps:
         return []
     if executor is None:
         with opened(grid) as own:
-            return run_jobs(exps, grid, desc, progress, own)
+            return run_jobs(exps, grid, desc, progress, own, endpoints)
+    endpoints = endpoints or {}
     free = slots(grid, len(exps))
     # pinned: the thread count is in the key
     split = grid.executor in ("local", "pool") and len(free) > 1 and kernels.opted_out()
@@ -308,7 +389,7 @@ def run_jobs(exps: Sequence[Experiment], grid: Grid, desc: str = "jobs", progres
             while pending and free:
                 exp, gpu = pending.pop(0), free.pop(0)
                 try:
-                    running[_submit(executor, grid, exp, gpu, env, threads)] = (exp, gpu)
+                    running[_submit(executor, grid, exp, gpu, env, threads, endpoints.get(exp, ()))] = (exp, gpu)
                 except Exception as error:  # noqa: BLE001 (e.g. sbatch refusing a partition): reported like a failed job
                     finish(gpu, Failure(describe(exp), f"not submitted: {_reason(error)}", None))
             finished = [job for job in running if job.done()]
@@ -383,11 +464,12 @@ def worker_pool(workers: int) -> concurrent.futures.ProcessPoolExecutor:
     return pool
 
 
-def _submit(executor, grid: Grid, exp: Experiment, gpu: int | None, env: dict[str, str], threads: int | None):
+def _submit(executor, grid: Grid, exp: Experiment, gpu: int | None, env: dict[str, str], threads: int | None,
+            endpoints: tuple[str, ...] = ()):
     if grid.executor == "local":
         pinned = () if gpu is None else (gpu,)  # submitit sets the job's CUDA_VISIBLE_DEVICES to it
         executor.update_parameters(gpus_per_node=len(pinned), visible_gpus=pinned)
-    return executor.submit(run_experiment, exp, env, threads)
+    return executor.submit(run_experiment, exp, env, threads, endpoints)
 
 
 def _failure(job, exp: Experiment) -> Failure | None:
@@ -413,26 +495,28 @@ def _reason(error: BaseException) -> str:
 
 
 def run_grid(grid: Grid, progress: bool = True) -> list[PhaseReport]:
-    """Run the phases in order, each phase's missing experiments as jobs; stops after a phase with
-    a failure (the next phase's list reads this one's results). One report per phase run."""
+    """Run the phases in order, each phase's missing experiments as jobs (:func:`phase_runs`); stops
+    after a phase with a failure (the next phase's list reads this one's results). One report per
+    phase run."""
     cache.ensure_usable(experiments.cache_dir())
     reports = []
     with opened(grid) as executor:  # one pool for every phase
-        for number, (phase, needed_runs) in enumerate(PHASES, 1):
-            needed = needed_runs(grid.chapters, grid.profile)
-            ran, failures = run_missing(needed, grid, f"phase {number}/{len(PHASES)} ({phase})", progress, executor)
+        for number, (phase, _) in enumerate(PHASES, 1):
+            needed = phase_runs(number, grid.chapters, grid.profile)
+            ran, failures = run_missing(needed, grid, f"phase {number}/{len(PHASES)} ({phase})", progress, executor,
+                                        validation_endpoints(number, grid.chapters, grid.profile))
             reports.append(PhaseReport(phase, len(needed), ran, tuple(failures)))
             if failures:
                 break
     return reports
 
 
-def run_missing(needed: Sequence[Experiment], grid: Grid, desc: str = "jobs",
-                progress: bool = True, executor=None) -> tuple[int, list[Failure]]:
+def run_missing(needed: Sequence[Experiment], grid: Grid, desc: str = "jobs", progress: bool = True,
+                executor=None, endpoints: dict[Experiment, tuple[str, ...]] | None = None) -> tuple[int, list[Failure]]:
     """Run the experiments of ``needed`` that are not in the cache (:func:`run_jobs`); returns how
     many ran and what failed, including a job that finished without leaving its result."""
     missing = [exp for exp in needed if not in_cache(exp)]
-    failures = run_jobs(missing, grid, desc, progress, executor)
+    failures = run_jobs(missing, grid, desc, progress, executor, endpoints)
     if not failures:  # the next phase would train in this process what is missing here
         failures = [Failure(describe(exp), "its job finished, but its result is not in the cache", None)
                     for exp in missing if not in_cache(exp)]
@@ -444,12 +528,12 @@ def dry_run(grid: Grid) -> list[str]:
     cache (a phase's list needs the phase before it cached) and its missing experiments."""
     lines = []
     blocked = None
-    for number, (phase, needed_runs) in enumerate(PHASES, 1):
+    for number, (phase, _) in enumerate(PHASES, 1):
         title = f"phase {number}/{len(PHASES)} ({phase})"
         if blocked is not None:
             lines.append(f"{title}: listed once phase {blocked} is in the cache")
             continue
-        needed = needed_runs(grid.chapters, grid.profile)
+        needed = phase_runs(number, grid.chapters, grid.profile)
         missing = [exp for exp in needed if not in_cache(exp)]
         lines.append(f"{title}: {len(missing)} of {len(needed)} experiments to run")
         lines += [f"  {describe(exp)}" for exp in missing]

@@ -133,6 +133,13 @@ def test_weight_only_endpoints_read_one_shared_grid(monkeypatch, quantizers):
     book_settings.ENDPOINTS["variants43"].value(run)
     # a QAT model has one quantizer: its variants are the grid's rows; a float model's are not
     assert (calls == [{"w_bits": book_settings.GRID_BITS}]) == bool(quantizers)
+    calls.clear()
+    # bias-corrected W4-W2 reads the bias-corrected grid (chapter 08's bar), activations their own sweep
+    corrected = book_settings.ENDPOINTS["w432"].with_settings("corrected", bias_correction=(True,))
+    assert corrected.value(run) == pytest.approx(30.0)
+    book_settings.ENDPOINTS["w4a4"].value(run)
+    assert calls == [{"w_bits": book_settings.GRID_BITS, "bias_correction": (True,)},
+                     {"split": "test", "w_bits": (4,), "a_bits": (4,)}]
 
 
 class _Recorded:

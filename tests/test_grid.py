@@ -65,8 +65,16 @@ def test_chapter_05_starts_with_the_grad_l1_candidates_and_the_baseline_referenc
           for lam in GRAD_L1_LAM.candidates))]
     assert all(exp.seed in book_settings.SELECTION_SEEDS and exp.val_size > 0 for exp in first)
     lines = grid.dry_run(grid.Grid(chapters=("05",), profile="smoke"))
-    assert lines[0] == "phase 1/4 (choices): 8 of 8 experiments to run"
-    assert lines[1] == "  baseline {} seed 100 (selection, validation split)"
+    # the choice's runs, and beside them the graded runs no choice decides (the baseline, STE-QAT),
+    # the costliest first
+    independent = [book_settings.experiment(name, seed, "smoke") for name in ("baseline", "qat_ste")
+                   for seed in book_settings.graded_seeds("smoke")]
+    assert grid.phase_runs(1, ["05"], "smoke") == sorted([*first, *independent], key=grid.cost, reverse=True)
+    assert lines[0] == "phase 1/4 (choices): 12 of 12 experiments to run"
+    assert lines[1] == f"  {grid.describe(first[1])}"  # gradient-l1 (1.6 units) before STE-QAT and the baseline
+    assert lines[-4] == f"  {grid.describe(independent[1])}"  # the baseline (1 unit) last
+    assert [grid.cost(exp) for exp in independent] == [1.0, 1.0, METHODS["qat_ste"].cost, METHODS["qat_ste"].cost]
+    assert grid.cost(book_settings.experiment("baseline_adam", 0, "smoke")) == METHODS["baseline_adam"].cost
     assert lines[-3:] == ["phase 2/4 (grid extensions): listed once phase 1 is in the cache",
                           "phase 3/4 (lazy rule): listed once phase 1 is in the cache",
                           "phase 4/4 (graded): listed once phase 1 is in the cache"]
@@ -95,6 +103,46 @@ def test_the_phases_list_what_book_settings_trains(recorded_runs):
     graded_by_book = {exp for exp in recorded_runs if exp.seed not in book_settings.SELECTION_SEEDS}
     assert set(grid.graded_runs(["05"], "smoke")) == graded_by_book
     assert any(exp.method_params.get("lazy_every") == 4 for exp in graded_by_book)  # the rule adopted it
+
+
+def test_a_method_is_decided_once_its_choice_and_lazy_rule_are_in_the_cache(recorded_runs, monkeypatch):
+    cached = set()
+    monkeypatch.setattr(grid, "in_cache", lambda exp: exp in cached)
+    chapters = ["01", "05"]
+    assert {exp.method for exp in grid.ready_graded_runs(chapters, "smoke")} == {"baseline", "qat_ste"}
+    assert not recorded_runs  # nothing was asked of the choices' runs
+    cached.update(grid.choice_runs(chapters, "smoke"))
+    cached.update(grid.extension_runs(chapters, "smoke"))
+    ready = {exp.method for exp in grid.ready_graded_runs(chapters, "smoke")}
+    assert ready == {"baseline", "qat_ste", "symreg"}  # gradient-l1 waits for its lazy rule
+    cached.update(grid.lazy_rule_runs(chapters, "smoke"))
+    assert set(grid.ready_graded_runs(chapters, "smoke")) == set(grid.graded_runs(chapters, "smoke"))
+    assert grid.phase_runs(4, chapters, "smoke") == sorted(grid.graded_runs(chapters, "smoke"), key=grid.cost,
+                                                           reverse=True)
+
+
+def test_each_selection_run_is_scored_on_the_endpoint_of_every_choice_it_serves(nothing_trains):
+    scored = grid.validation_endpoints(1, ["05", "07"], "smoke")
+    reference = book_settings.selection_experiment("baseline", "smoke", book_settings.SELECTION_SEEDS[0])
+    assert scored[reference] == (METHODS["grad_l1"].choice.endpoint,)
+    assert set(scored) == set(grid.choice_runs(["05", "07"], "smoke"))
+    assert all(scored[exp] == (METHODS["oscillation"].choice.endpoint,) for exp in scored
+               if exp.method == "oscillation")
+    assert grid.validation_endpoints(3, ["05"], "smoke") == {}
+
+
+def test_a_job_leaves_its_validation_endpoint_in_the_evaluation_cache(isolated_cache, monkeypatch):
+    exp = Experiment(**TINY, val_size=128)
+    env = {experiments.CACHE_ENV: str(isolated_cache), "ROBUSTQ_PROFILE": "smoke"}
+    assert grid.run_experiment(exp, env, endpoints=("w2",))["cached"] is False
+
+    def evaluated(*_args, **_kwargs):
+        raise AssertionError("the endpoint was evaluated again")
+
+    monkeypatch.setattr(grid.experiments.ptq, "bit_sweep", evaluated)
+    assert 0 <= book_settings.ENDPOINTS["w2"].value(experiments.run(exp), split="val") <= 100  # read, not evaluated
+    with pytest.raises(AssertionError, match="evaluated again"):  # an endpoint the job did not score
+        book_settings.ENDPOINTS["target"].value(experiments.run(exp), split="val")
 
 
 def test_the_chapter_table_names_the_methods_each_notebook_trains():
@@ -203,7 +251,7 @@ def test_a_bad_grid_argument_is_one_line_naming_it(argv, flag, fix, nothing_trai
 def test_the_dry_run_lists_phase_1_and_runs_nothing(nothing_trains, capsys):
     assert main(["grid", "--profile", "smoke", "--chapters", "05", "--dry-run"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == "phase 1/4 (choices): 8 of 8 experiments to run" and len(out) == 12
+    assert out[0] == "phase 1/4 (choices): 12 of 12 experiments to run" and len(out) == 16
     assert not any(nothing_trains.glob("*/result.json"))
 
 
