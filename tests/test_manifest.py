@@ -58,9 +58,6 @@ def test_the_run_plan_covers_every_chapter():
     assert set(plan.query("models > 0 and name != '(extra)'")["name"]) <= set(METHODS)
 
 
-@pytest.mark.xfail(strict=True, reason="the plan is over its budget: 37.4 minutes estimated with the book's models "
-                   "trained two at a time before the notebooks, 35.5 and 39.1 measured in two cold builds of the "
-                   "same numbers (d071d97, 46a3525; cap 40, plan budget 36: 10% of headroom); issues #24 and #25")
 def test_the_run_plan_fits_the_budget():
     assert manifest.estimate_minutes(manifest.run_plan("book")) <= manifest.BUDGET_MINUTES
 
