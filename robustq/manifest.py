@@ -375,8 +375,8 @@ SECONDS_PER_CHAPTER = 5.0
 # against 115 estimated). SECONDS_PER_UNIT above prices only the models a notebook trains itself
 # (the Extra rows). Since the grid keeps both workers busy across its phases (graded runs beside the
 # choices' runs, the costliest jobs first, the choices' validation endpoints scored by the workers:
-# robustq.grid), the cold CI-mode build of b5449df (reference numbers) took 1,213 s for the grid,
-# 8.1 s a unit; the schedule before it took 1,282 and 1,333 s in the builds of b673211 and 6f3b33a
+# robustq.grid), the cold CI-mode builds of b5449df and 7b07a08 (reference numbers) took 1,213 and
+# 1,188 s for the grid, 8.1 s a unit; the schedule before it took 1,282 and 1,333 s in the builds of b673211 and 6f3b33a
 # (8.6 and 8.9 s a unit) and 1,274 s alone, timed job by job: 92% of the workers' time busy, 51 s
 # of it waiting on the choices' evaluations in the main process.
 SECONDS_PER_GRID_UNIT = 8.1
