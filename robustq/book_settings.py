@@ -497,7 +497,13 @@ def _noise_of(validation: dict[Any, float], profile: str | None) -> float:
 
 def _first_grid(name: str, profile: str | None, progress: bool) -> tuple[pd.DataFrame, float | None]:
     """The scores of method ``name``'s first grid (:func:`selection_runs`), and the candidate past
-    its end where the rule's choice on it sits there, else ``None``."""
+    its end where the rule's choice on it sits there, else ``None``; memoised as :func:`choose` is
+    (``extension_runs``, ``choose`` and the grid's phases all read it)."""
+    return _first_grid_in(name, profiles.resolve_profile(profile), str(experiments.cache_dir()), progress)
+
+
+@functools.cache
+def _first_grid_in(name: str, profile: str, cache: str, progress: bool) -> tuple[pd.DataFrame, float | None]:
     choice = _settings(name).choice
     scores = _selection_scores(choice, selection_runs(name, profile), ("reference", *choice.candidates), progress)
     validation = {value: float(scores.loc[value, "quantized"]) for value in choice.candidates}
@@ -511,7 +517,9 @@ def _extension_experiments(name: str, profile: str | None, value: float) -> list
 
 
 def forget_choices() -> None:
-    """Drop the memoised choices and lazy rules (after the cache under them changed)."""
+    """Drop the memoised choices, their first grids and the lazy rules (after the cache under them
+    changed)."""
+    _first_grid_in.cache_clear()
     _choose.cache_clear()
     _choose_lazy.cache_clear()
 

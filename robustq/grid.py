@@ -269,28 +269,23 @@ def ready_graded_runs(chapters: Iterable[str], profile: str) -> list[Experiment]
     (:func:`decided`): they can train beside an earlier phase's jobs."""
     graded, seed0 = chapter_methods(chapters)
     seeds = book_settings.graded_seeds(profile)
-    sources: dict[str, bool] = {}  # a choice's state, once for all the methods that inherit it
     runs = []
     for name in (*graded, *seed0):
-        if decided(name, profile, sources):
+        if decided(name, profile):
             runs += [book_settings.experiment(name, seed, profile) for seed in (seeds if name in graded else seeds[:1])]
     return _unique(runs)
 
 
-def decided(name: str, profile: str, sources: dict[str, bool] | None = None) -> bool:
+def decided(name: str, profile: str) -> bool:
     """Whether book method ``name``'s settings follow from the cache alone: its choice (own or
     inherited) has its selection runs and, where the first grid's choice sits at an end, the runs
     that extend it; its lazy rule, if it has one, its runs. Checked in that order, so that nothing
-    is asked of ``choose`` before its runs exist (it would train them here). ``sources`` memoises
-    each choice's state."""
-    sources = {} if sources is None else sources
+    is asked of ``choose`` before its runs exist (it would train them here)."""
     entry = METHODS[name]
     source = entry.inherits or name
-    if source not in sources:
-        sources[source] = METHODS[source].choice is None or (
+    if METHODS[source].choice is not None and not (
             all(map(in_cache, book_settings.selection_runs(source, profile)))
-            and all(map(in_cache, book_settings.extension_runs(source, profile))))
-    if not sources[source]:
+            and all(map(in_cache, book_settings.extension_runs(source, profile)))):
         return False
     return entry.lazy_every <= 1 or all(map(in_cache, book_settings.lazy_rule_runs(name, profile)))
 

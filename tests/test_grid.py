@@ -115,6 +115,10 @@ def test_a_method_is_decided_once_its_choice_and_lazy_rule_are_in_the_cache(reco
     cached.update(grid.extension_runs(chapters, "smoke"))
     ready = {exp.method for exp in grid.ready_graded_runs(chapters, "smoke")}
     assert ready == {"baseline", "qat_ste", "symreg"}  # gradient-l1 waits for its lazy rule
+    recorded_runs.clear()
+    grid.ready_graded_runs(chapters, "smoke")
+    grid.validation_endpoints(2, chapters, "smoke")
+    assert not recorded_runs  # each choice's runs were scored once, and the rule remembers them
     cached.update(grid.lazy_rule_runs(chapters, "smoke"))
     assert set(grid.ready_graded_runs(chapters, "smoke")) == set(grid.graded_runs(chapters, "smoke"))
     assert grid.phase_runs(4, chapters, "smoke") == sorted(grid.graded_runs(chapters, "smoke"), key=grid.cost,
